@@ -1,0 +1,201 @@
+"""Attention kernels against their peers, on this machine, in one run.
+
+    python benchmarks/attention.py [--quick] [--reps 5] [--threads 2] [--json out.json]
+
+Rows: prefill (causal, T = S = n) and decode (T = 1 against S keys), for two shapes:
+SmolLM2-135M (H 9, H_kv 3, D 64) and Llama-3-8B (H 32, H_kv 8, D 128), float32.
+Columns: selfattn, a plain NumPy implementation (per head: scores, softmax, @ v) and
+torch.nn.functional.scaled_dot_product_attention (CPU, enable_gqa=True), all on the same threads;
+the machine's limits (NumPy BLAS matmul GFLOP/s, read bandwidth) measured in the same run.
+Times are medians over --reps after one warm-up call (which also compiles); raw samples go to
+--json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike.
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, pin OpenBLAS to an older kernel; this script
+re-executes itself without them (its own process only) unless --keep-blas-env, and prints the
+BLAS kernel that ran.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+if __name__ == "__main__" and "--keep-blas-env" not in sys.argv and (
+        "OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ):
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+import selfattn  # noqa: E402
+from selfattn.measure.roofline import blas_description, matmul_gflops, read_gbs  # noqa: E402
+
+SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
+PREFILL_N = [512, 1024, 2048, 4096, 8192]
+DECODE_S = [1024, 4096, 16384, 32768, 65536]
+
+
+def numpy_plain(q, k, v, causal):
+    """The textbook formula in float32 NumPy, one head at a time (T x S per head)."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    S = k.shape[2]
+    out = np.empty((B, H, T, v.shape[-1]), q.dtype)
+    allowed = np.arange(S)[None, :] <= np.arange(S - T, S)[:, None] if causal else None
+    for b in range(B):
+        for h in range(H):
+            s = (q[b, h] @ k[b, h // G].T) * np.float32(1 / np.sqrt(D))
+            if causal:
+                s = np.where(allowed, s, np.float32(-np.inf))
+            s = np.exp(s - s.max(-1, keepdims=True))
+            out[b, h] = (s / s.sum(-1, keepdims=True)) @ v[b, h // G]
+    return out
+
+
+def make_impl(name, causal):
+    if name == "selfattn":
+        return lambda q, k, v: selfattn.attention(q, k, v, causal=causal)
+    if name == "numpy":
+        return lambda q, k, v: numpy_plain(q, k, v, causal)
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def torch_sdpa(q, k, v):
+        with torch.inference_mode():
+            return sdpa(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                        is_causal=causal and q.shape[2] > 1, enable_gqa=True)
+
+    return torch_sdpa
+
+
+def time_it(fn, reps):
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+def worker(name, phase, H, H_kv, D, sizes, reps, threads):
+    """Runs in a fresh process: one implementation, one phase, one shape, every size.
+
+    Peers never share a process: OpenBLAS's, OpenMP's and numba's idle threads spin for a while
+    after each call and would slow whoever runs next in the same process.
+    """
+    selfattn.set_num_threads(threads)
+    if name == "sdpa":
+        import torch
+
+        torch.set_num_threads(threads)
+    fn = make_impl(name, causal=phase == "prefill")
+    rng = np.random.default_rng(0)
+    out = {}
+    with threadpool_limits(threads, user_api="blas"):
+        for size in sizes:
+            T = size if phase == "prefill" else 1
+            q = rng.standard_normal((1, H, T, D), np.float32)
+            k = rng.standard_normal((1, H_kv, size, D), np.float32)
+            v = rng.standard_normal((1, H_kv, size, D), np.float32)
+            out[size] = time_it(lambda: fn(q, k, v), reps)
+    return out
+
+
+def describe_torch():
+    import torch
+
+    return f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def torch_available():
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="n <= 2048, S <= 16384")
+    ap.add_argument("--numpy-max-n", type=int, default=4096,
+                    help="largest n for the plain NumPy peer (its T x S matrix per head)")
+    ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--keep-blas-env", action="store_true")
+    args = ap.parse_args()
+
+    console = Console(width=160)
+    torch_info = "torch: not installed"
+    if torch_available():
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as p:
+            torch_info = p.apply(describe_torch)
+    with threadpool_limits(args.threads, user_api="blas"):
+        peak_gflops = matmul_gflops(threads=args.threads)
+        blas = blas_description()
+    bandwidth = read_gbs(threads=args.threads)
+    console.print(f"threads {args.threads} · BLAS: {blas} · {torch_info}")
+    console.print(f"roofline: float32 matmul {peak_gflops:.0f} GFLOP/s (NumPy BLAS), "
+                  f"read bandwidth {bandwidth:.1f} GB/s")
+
+    prefill_n = [n for n in PREFILL_N if not args.quick or n <= 2048]
+    decode_s = [s for s in DECODE_S if not args.quick or s <= 16384]
+    names = ["selfattn", "numpy"] + (["sdpa"] if torch_available() else [])
+    if "sdpa" not in names:
+        console.print("torch not installed: `pip install torch==2.13.0` to add SDPA")
+    ctx = multiprocessing.get_context("spawn")
+    records = []
+    for shape, (H, H_kv, D) in SHAPES.items():
+        for phase, sizes in (("prefill", prefill_n), ("decode", decode_s)):
+            samples = {}
+            for name in names:
+                todo = [n for n in sizes
+                        if not (name == "numpy" and phase == "prefill" and n > args.numpy_max_n)]
+                with ctx.Pool(1) as p, console.status(f"{phase} {shape}: {name}"):
+                    samples[name] = p.apply(worker, (name, phase, H, H_kv, D, todo, args.reps,
+                                                     args.threads))
+            unit = "GFLOP/s" if phase == "prefill" else "GB/s"
+            table = Table(title=f"{phase} · {shape} (H {H}, H_kv {H_kv}, D {D}) · float32 · "
+                                f"median of {args.reps}")
+            table.add_column("n" if phase == "prefill" else "S", justify="right")
+            for name in names:
+                table.add_column(f"{name} ms", justify="right")
+                table.add_column(f"{name} {unit}", justify="right")
+            table.add_column("selfattn vs sdpa", justify="right")
+            table.add_column("selfattn % of roofline", justify="right")
+            for size in sizes:
+                T = size if phase == "prefill" else 1
+                flops = 4.0 * T * size * D * H / (2 if phase == "prefill" else 1)
+                kv_bytes = 2.0 * H_kv * size * D * 4
+                row, rate = [str(size)], {}
+                for name in names:
+                    if size not in samples[name]:
+                        row += ["-", "-"]
+                        continue
+                    med = float(np.median(samples[name][size]))
+                    rate[name] = (flops if phase == "prefill" else kv_bytes) / med / 1e9
+                    row += [f"{med * 1e3:.2f}", f"{rate[name]:.1f}"]
+                    records.append(dict(shape=shape, phase=phase, size=size, impl=name,
+                                        samples_s=samples[name][size], median_s=med,
+                                        rate=rate[name], unit=unit))
+                roof = peak_gflops if phase == "prefill" else bandwidth
+                row.append(f"{rate['selfattn'] / rate['sdpa']:.2f}x" if "sdpa" in rate else "-")
+                row.append(f"{100 * rate['selfattn'] / roof:.0f}%")
+                table.add_row(*row)
+            console.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(blas=blas, torch=torch_info, threads=args.threads,
+                           matmul_gflops=peak_gflops, read_gbs=bandwidth, records=records), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

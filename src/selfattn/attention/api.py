@@ -1,0 +1,149 @@
+"""`attention`: one signature, validated once, dispatched to the reference or a fast path.
+
+Conventions (the same as FlashAttention >= 2.1 and MLX):
+- q (B, H, T, D) or (H, T, D); k (B, H_kv, S, D); v (B, H_kv, S, D_v); H a multiple of H_kv.
+- Query i of T sits at key position S - T + i: with a KV cache of S keys and T new queries, the
+  queries are the last T positions ("bottom-right" causal alignment).
+- `causal`: query at position p sees keys <= p. `window=w` (int): keys p-w+1 .. p. `window=(l, r)`:
+  keys p-l .. p+r. All visibility rules, and `mask`, are combined (a key must pass all of them).
+- A row that sees no key returns 0 (and lse -inf).
+"""
+
+import numbers
+
+import numpy as np
+
+from .decode import decode_attention
+from .flash import flash_attention
+from .reference import attention_reference
+
+IMPLS = ("auto", "reference", "flash", "decode")
+DECODE_MAX_T = 16  # "auto" sends T <= this to the split-K decode path
+_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_array(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)  # torch CPU tensors, memoryviews, ... (a view when possible)
+    except Exception as e:  # noqa: BLE001 - report what the caller passed, whatever failed
+        raise ValueError(f"{name}: cannot be read as an array ({type(x).__name__}): {e}") from e
+
+
+def _check_window(window):
+    """-> (left, right) with None for an open side."""
+    if window is None:
+        return None, None
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (keys a query sees, itself included), got {window}")
+        return int(window) - 1, 0
+    if isinstance(window, (tuple, list)) and len(window) == 2:
+        sides = []
+        for side, name in zip(window, ("left", "right")):
+            if side is None or (isinstance(side, numbers.Integral) and side == -1):
+                sides.append(None)  # FlashAttention writes an open side as -1
+            elif isinstance(side, numbers.Integral) and not isinstance(side, bool) and side >= 0:
+                sides.append(int(side))
+            else:
+                raise ValueError(f"window {name} side must be an int >= 0 (or -1/None for "
+                                 f"unbounded), got {side!r}")
+        return sides[0], sides[1]
+    raise ValueError(f"window must be an int >= 1 or a pair (left, right), got {window!r}")
+
+
+def _validate(q, k, v, causal, mask, window, softcap, scale, impl):
+    q, k, v = _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q must be (B, H, T, D) or (H, T, D), got shape {q.shape}")
+    if k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError(f"q, k, v must have the same rank: q {q.shape}, k {k.shape}, v {v.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype must be float16, float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    batched = q.ndim == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    B, H, T, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must agree on (B, H_kv, S): k {k.shape}, v {v.shape}")
+    if k.shape[3] != D:
+        raise ValueError(f"q and k must share the head dim D: q {q.shape}, k {k.shape}")
+    H_kv = k.shape[1]
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"H ({H}) must be a multiple of H_kv ({H_kv}): q {q.shape}, k {k.shape}")
+    if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
+        raise ValueError(f"empty dimension: q {q.shape}, k {k.shape}, v {v.shape}")
+    S = k.shape[2]
+
+    left, right = _check_window(window)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+
+    if softcap is not None:
+        if not isinstance(softcap, numbers.Real) or not np.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
+        softcap = float(softcap)
+    if scale is None:
+        scale = 1.0 / np.sqrt(D)
+    elif not isinstance(scale, numbers.Real) or not np.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+    if mask is not None:
+        mask = _as_array(mask, "mask")
+        target = (B, H, T, S) if batched else (H, T, S)
+        try:
+            fits = np.broadcast_shapes(mask.shape, target) == target
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask of shape {mask.shape} does not broadcast to "
+                             f"{'(B, H, T, S)' if batched else '(H, T, S)'} = {target}")
+        if mask.dtype != bool and mask.dtype.kind != "f":
+            raise ValueError(f"mask must be bool (True = may attend) or an additive float, got "
+                             f"{mask.dtype}")
+        if mask.dtype.kind == "f" and (np.isnan(mask).any() or np.isposinf(mask).any()):
+            raise ValueError("additive mask must not contain NaN or +inf")
+    return q, k, v, (left, right), mask, softcap, float(scale)
+
+
+def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, scale=None,
+              return_lse=False, impl="auto"):
+    """Exact scaled dot-product attention; see the module docstring for the conventions.
+
+    Returns out (B, H, T, D_v) in q's dtype (no B axis if q had none), and with return_lse also
+    lse (B, H, T): the log-sum-exp of each row's scaled logits, float32 (float64 for float64 q).
+    float16 is computed in float32; float64 in float64.
+    """
+    batched = _as_array(q, "q").ndim == 4
+    q, k, v, band, mask, softcap, scale = _validate(q, k, v, causal, mask, window, softcap,
+                                                    scale, impl)
+    in_dtype = q.dtype
+    if impl == "auto":
+        impl = "decode" if q.shape[2] <= DECODE_MAX_T else "flash"
+
+    if impl == "reference":
+        out, lse = attention_reference(q, k, v, band=band, mask=mask, softcap=softcap, scale=scale)
+    else:
+        work = np.float64 if in_dtype == np.float64 else np.float32
+        q, k, v = (np.ascontiguousarray(x, work) for x in (q, k, v))
+        if mask is not None:
+            B, H, T, D = q.shape
+            if mask.dtype == bool:
+                mask = np.where(mask, work(0), work(-np.inf))
+            mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, k.shape[2]))
+        kernel = decode_attention if impl == "decode" else flash_attention
+        out, lse = kernel(q, k, v, band, mask, softcap, scale)
+
+    out = out.astype(in_dtype, copy=False)
+    lse = lse.astype(np.float64 if in_dtype == np.float64 else np.float32, copy=False)
+    if not batched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out

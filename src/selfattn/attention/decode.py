@@ -1,0 +1,155 @@
+"""Decode path: split-K attention for a few queries against a long K/V (flash-decoding).
+
+With T small (one new token, or a handful in speculative decoding), attention is a matrix-vector
+product: every key and value is read once and used for only G*T dot products, so the time is the
+time to stream K and V from memory. A tiled prefill kernel parallelises over queries, which leaves
+cores idle here; instead the keys of each (batch, kv head) are cut into chunks, the chunks run on
+all cores at once (numba prange), each keeps its own online-softmax state (`m_i`, `l_i`, `acc`),
+and the chunks are merged by their log-sum-exp at the end (Dao et al., "Flash-Decoding", 2023).
+
+All G = H/H_kv query heads that share a kv head, and all T queries, are scored against a key while
+it is in cache, so K/V cross the memory bus once per kv head, not once per query head.
+"""
+
+import math
+
+import numba as nb
+import numpy as np
+
+from .merge import merge_stacked
+from .softmax import FASTMATH, _exp_f32, _exp_f64, finalize
+from .threads import num_threads
+
+KEY_TILE = 64  # keys scored per online-softmax step inside a chunk
+MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
+
+
+def _make_decode_kernel(exp_fn):
+    @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+    def decode_chunks(q, k, v, j_base, chunk, lo_key, hi_key, softcap, mask, has_mask,
+                      acc, m_i, l_i):
+        """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S, D|Dv).
+
+        Row r may see keys lo_key[r] .. hi_key[r]; mask is additive, (B, H_kv, G, T, S) (a
+        broadcast view). Fills acc (B, H_kv, C, R, Dv), m_i and l_i (B, H_kv, C, R) for C chunks
+        of `chunk` keys starting at key j_base.
+        """
+        B, H_kv, R, D = q.shape
+        S = k.shape[2]
+        Dv = v.shape[3]
+        C = acc.shape[2]
+        T = mask.shape[3]
+        ninf = q.dtype.type(-np.inf)
+        n_tasks = B * H_kv * C
+        for task in nb.prange(n_tasks):
+            b = task // (H_kv * C)
+            g = (task // C) % H_kv
+            c = task % C
+            j_start = j_base + c * chunk
+            j_end = min(S, j_start + chunk)
+            s = np.empty((R, KEY_TILE), q.dtype)
+            ibuf = np.empty(KEY_TILE, np.int32)
+            a = acc[b, g, c]
+            mm = m_i[b, g, c]
+            ll = l_i[b, g, c]
+            for r in range(R):
+                mm[r] = ninf
+                ll[r] = 0.0
+                for d in range(Dv):
+                    a[r, d] = 0.0
+            for j0 in range(j_start, j_end, KEY_TILE):
+                nk = min(KEY_TILE, j_end - j0)
+                for jj in range(nk):
+                    krow = k[b, g, j0 + jj]
+                    for r in range(R):
+                        dot = q.dtype.type(0.0)
+                        for d in range(D):
+                            dot += q[b, g, r, d] * krow[d]
+                        s[r, jj] = dot
+                any_seen = False
+                for r in range(R):
+                    row = s[r]
+                    if softcap > 0.0:
+                        for jj in range(nk):
+                            row[jj] = softcap * math.tanh(row[jj] / softcap)
+                    if has_mask:
+                        for jj in range(nk):
+                            row[jj] += mask[b, g, r // T, r % T, j0 + jj]
+                    lo = min(max(lo_key[r] - j0, 0), nk)
+                    hi = min(max(hi_key[r] - j0 + 1, lo), nk)
+                    for jj in range(lo):
+                        row[jj] = ninf
+                    for jj in range(hi, nk):
+                        row[jj] = ninf
+                    mx = ninf
+                    for jj in range(nk):
+                        x = row[jj]
+                        mx = x if x > mx else mx
+                    m_old = mm[r]
+                    m_new = mx if mx > m_old else m_old
+                    if m_new == ninf:
+                        for jj in range(nk):
+                            row[jj] = 0.0
+                        continue
+                    any_seen = True
+                    total = exp_fn(row, nk, m_new, ibuf)
+                    if m_old != m_new:
+                        alpha = math.exp(m_old - m_new)
+                        ll[r] *= alpha
+                        for d in range(Dv):
+                            a[r, d] *= alpha
+                        mm[r] = m_new
+                    ll[r] += total
+                if not any_seen:
+                    continue
+                for jj in range(nk):
+                    vrow = v[b, g, j0 + jj]
+                    for r in range(R):
+                        p = s[r, jj]
+                        if p != 0.0:
+                            for d in range(Dv):
+                                a[r, d] += p * vrow[d]
+
+    return decode_chunks
+
+
+_decode_chunks = {np.dtype(np.float32): _make_decode_kernel(_exp_f32),
+                  np.dtype(np.float64): _make_decode_kernel(_exp_f64)}
+
+
+def decode_attention(q, k, v, band, mask, softcap, scale):
+    """Same contract as `flash.flash_attention`; meant for T <= ~16 queries."""
+    B, H, T, D = q.shape
+    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = H // H_kv
+    R = G * T
+    dtype = q.dtype
+    left, right = band
+    pos = np.arange(S - T, S, dtype=np.int64)  # bottom-right aligned query positions
+    lo_t = np.zeros(T, np.int64) if left is None else np.maximum(pos - left, 0)
+    hi_t = np.full(T, S - 1, np.int64) if right is None else np.minimum(pos + right, S - 1)
+    j_lo, j_hi = int(lo_t.min()), int(hi_t.max())
+    lo_key, hi_key = np.tile(lo_t, G), np.tile(hi_t, G)  # row r = head-in-group * T + t
+    out = np.zeros((B, H, T, Dv), dtype)
+    lse = np.full((B, H, T), -np.inf, dtype)
+    if j_hi < j_lo:  # no query sees any key
+        return out, lse
+    span = j_hi - j_lo + 1
+    want = max(1, -(-4 * num_threads() // (B * H_kv)))  # >= 4 tasks per core
+    chunk = max(MIN_CHUNK, -(-span // want))
+    C = -(-span // chunk)
+    qs = (q.reshape(B, H_kv, R, D) * scale).astype(dtype, copy=False)
+    if mask is None:
+        m5 = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (1, 1, 1, T, 1), (0,) * 5)
+    else:
+        m5 = mask.reshape(B, H_kv, G, T, S)  # splits an axis: a view, never a copy
+    acc = np.empty((B, H_kv, C, R, Dv), dtype)
+    m_i = np.empty((B, H_kv, C, R), dtype)
+    l_i = np.empty((B, H_kv, C, R), dtype)
+    _decode_chunks[dtype](qs, k, v, j_lo, chunk, lo_key, hi_key, float(softcap or 0.0), m5,
+                          mask is not None, acc, m_i, l_i)
+    chunk_out, chunk_lse = finalize(acc, m_i, l_i)
+    o, row_lse = merge_stacked(chunk_out, chunk_lse, axis=2)
+    out[:] = o.reshape(B, H, T, Dv)
+    lse[:] = row_lse.reshape(B, H, T)
+    return out, lse

@@ -1,0 +1,66 @@
+"""The specification: attention as the formula reads, in float64, with the T x S matrix built.
+
+    logits = (q kᵀ) · scale                               (B, H, T, S)
+    logits = c · tanh(logits / c)                         if softcap c
+    logits = logits + mask  (additive), or -inf where a boolean mask is False
+    logits = -inf outside the band of key positions       (causal, window)
+    out    = softmax(logits) v,  lse = log Σ_j exp(logits_j)
+
+Query i of T sits at key position S - T + i (bottom-right alignment), so a causal query sees keys
+0 .. S - T + i. A row that sees no key gives out = 0 and lse = -inf.
+
+Every fast path is tested against this function. It costs O(B·H·T·S) memory: it is the spec, not
+a kernel.
+"""
+
+import numpy as np
+
+
+def band_mask(T: int, S: int, left, right) -> np.ndarray:
+    """(T, S) bool: key j is visible from query i iff pos - left <= j <= pos + right, pos = S-T+i.
+
+    left / right of None mean unbounded on that side (causal is right = 0).
+    """
+    pos = np.arange(S - T, S)[:, None]
+    j = np.arange(S)[None, :]
+    ok = np.ones((T, S), bool)
+    if left is not None:
+        ok &= j >= pos - left
+    if right is not None:
+        ok &= j <= pos + right
+    return ok
+
+
+def attention_reference(q, k, v, *, band=(None, None), mask=None, softcap=None, scale=None):
+    """q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> out (B, H, T, Dv), lse (B, H, T).
+
+    band: (left, right) as in `band_mask`. mask: bool (True = may attend) or additive float,
+    broadcastable to (B, H, T, S). Computed and returned in float64.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    k = np.repeat(k, H // H_kv, axis=1)  # GQA: query head h uses kv head h // (H / H_kv)
+    v = np.repeat(v, H // H_kv, axis=1)
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+
+    logits = (q @ k.swapaxes(-1, -2)) * scale
+    if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
+    visible = np.broadcast_to(band_mask(T, S, *band), logits.shape)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == bool:
+            visible = visible & mask
+        else:
+            logits = logits + mask
+    logits = np.where(visible, logits, -np.inf)
+
+    m = logits.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # rows with nothing visible
+    p = np.exp(logits - m)
+    l = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(l > 0, (p @ v) / l, 0.0)
+        lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+    return out, lse

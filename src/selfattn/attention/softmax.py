@@ -1,0 +1,82 @@
+"""Online-softmax pieces shared by the flash (prefill) and split-K (decode) kernels.
+
+`exp_inplace` is a float32 exp that LLVM can vectorize: libm's `expf` is a call per element
+and does not vectorize, which made the exponentials, not the matmuls, the cost of attention.
+Range reduction as in Cephes/ggml: x = n ln2 + r with |r| <= ln2/2 (ln2 split in a high and a low
+part so r is exact), e^r by a degree-7 Taylor polynomial (relative error < 1e-8, below float32's
+half ulp), 2^n built from its exponent bits. Inputs are <= 0 (scores minus the row maximum);
+below -87.3 the result is 0, where the true value is a denormal that cannot change a row sum >= 1.
+
+For float64 the kernels use `math.exp` instead (see `make_exp`), so float64 stays exact.
+
+Online-softmax state per query row follows FlashAttention-2's names: `m_i` (running maximum of the
+scaled logits), `l_i` (running sum of exp(logit - m_i)), `acc` (running sum of exp(...) * v).
+"""
+
+import math
+
+import numba as nb
+import numpy as np
+
+# fastmath without 'nnan'/'ninf': masked logits are -inf and must stay so; 'reassoc' lets LLVM
+# vectorize the row sums.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_LOWEST = np.float32(-87.3)
+_C = [np.float32(1.0 / math.factorial(i)) for i in range(8)]
+_C2, _C3, _C4, _C5, _C6, _C7 = _C[2], _C[3], _C[4], _C[5], _C[6], _C[7]
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+
+
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _exp_f32(x, n, shift, ibuf):
+    """x[:n] <- exp(x[:n] - shift) in place; returns the sum. ibuf: int32 scratch of >= n."""
+    fbuf = ibuf.view(np.float32)
+    for j in range(n):
+        t0 = x[j] - shift
+        t = max(t0, _LOWEST)
+        ki = np.int32(t * _LOG2E - _HALF)  # round to nearest: t <= 0, and int() truncates
+        k = np.float32(ki)
+        r = t - k * _LN2_HI - k * _LN2_LO
+        p = _C7
+        p = p * r + _C6
+        p = p * r + _C5
+        p = p * r + _C4
+        p = p * r + _C3
+        p = p * r + _C2
+        p = p * r + _ONE
+        p = p * r + _ONE
+        x[j] = p
+        ibuf[j] = ((ki + 127) << 23) if t0 >= _LOWEST else 0  # -inf (masked) -> 0.0
+    total = np.float32(0.0)
+    for j in range(n):
+        e = x[j] * fbuf[j]
+        x[j] = e
+        total += e
+    return total
+
+
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _exp_f64(x, n, shift, ibuf):
+    """float64 twin of `_exp_f32` using libm's exp (exactness over speed)."""
+    total = 0.0
+    for j in range(n):
+        e = math.exp(x[j] - shift)
+        x[j] = e
+        total += e
+    return total
+
+
+def finalize(acc, m_i, l_i):
+    """Normalise online-softmax state: out = acc / l_i, lse = m_i + log l_i; rows with l_i = 0
+    (no visible key) give 0 and -inf. acc (..., Dv), m_i and l_i (...)."""
+    seen = l_i > 0
+    safe_l = np.where(seen, l_i, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(seen[..., None], acc / safe_l[..., None], 0).astype(acc.dtype, copy=False)
+        lse = np.where(seen, m_i + np.log(safe_l), -np.inf).astype(m_i.dtype, copy=False)
+    return out, lse

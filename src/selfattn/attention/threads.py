@@ -1,0 +1,48 @@
+"""How many cores the kernels use, and the thread pool the prefill path runs on."""
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+_threads: int | None = None
+_controller = None
+
+
+def num_threads() -> int:
+    """Cores the kernels may use: `set_num_threads`, else the cores this process may run on."""
+    if _threads is not None:
+        return _threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_num_threads(n: int) -> None:
+    """Limit selfattn's kernels to n threads (the numba layer included)."""
+    global _threads
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"threads must be a positive int, got {n!r}")
+    import numba
+
+    _threads = n
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="selfattn")
+        return _pools[workers]
+
+
+@contextlib.contextmanager
+def blas_single_threaded():
+    """BLAS at one thread while our own threads each run a share of the matmuls."""
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield

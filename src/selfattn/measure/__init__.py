@@ -1,0 +1,1 @@
+"""Instruments: peak memory, this machine's roofline, the quadratic-wall sweep."""

@@ -1,0 +1,93 @@
+"""This machine's limits: sustained float32 matmul FLOP/s and memory read bandwidth.
+
+Matmul: NumPy's BLAS on square float32 matrices, best of a few runs (the sustained peak, not an
+average with warm-up). Bandwidth: a compiled, vectorized sum over an array much larger than the
+last-level cache, split across threads: the access pattern of decode, which streams K, V and the
+weights once per token. Both are measured with one thread and with all threads.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numba as nb
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _parallel_sum(x):
+    """Sum of x in blocks of 16 Ki floats spread over the threads (vectorized inner loops)."""
+    block = 16384
+    n_blocks = x.shape[0] // block
+    partial = np.zeros(n_blocks, np.float32)
+    for p in nb.prange(n_blocks):
+        total = np.float32(0.0)
+        for i in range(p * block, (p + 1) * block):
+            total += x[i]
+        partial[p] = total
+    return partial.sum()
+
+
+@dataclass
+class Roofline:
+    matmul_gflops: float  # all threads
+    matmul_gflops_1t: float
+    read_gbs: float  # all threads
+    read_gbs_1t: float
+    threads: int
+    blas: str  # which BLAS and kernel ran the matmul
+
+
+def blas_description() -> str:
+    from threadpoolctl import threadpool_info
+
+    libs = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} kernel, "
+            f"{i.get('num_threads')} threads)" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    return "; ".join(libs) or "unknown BLAS"
+
+
+def _best(fn, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def matmul_gflops(n=2048, reps=5, threads=None) -> float:
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        a @ a
+        t = _best(lambda: a @ a, reps)
+    return 2.0 * n**3 / t / 1e9
+
+
+def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
+    x = np.ones(nbytes // 4, np.float32)
+    threads = threads or nb.config.NUMBA_NUM_THREADS
+    old = nb.get_num_threads()
+    nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
+    try:
+        _parallel_sum(x)
+        t = _best(lambda: _parallel_sum(x), reps)
+    finally:
+        nb.set_num_threads(old)
+    return x.nbytes / t / 1e9
+
+
+def measure(threads=None) -> Roofline:
+    from ..attention.threads import num_threads
+
+    threads = threads or num_threads()
+    r = Roofline(matmul_gflops=matmul_gflops(threads=threads),
+                 matmul_gflops_1t=matmul_gflops(threads=1),
+                 read_gbs=read_gbs(threads=threads), read_gbs_1t=read_gbs(threads=1),
+                 threads=threads, blas=blas_description())
+    log.info("roofline: %s", asdict(r))
+    return r
