@@ -90,11 +90,12 @@ def worker(name, phase, H, H_kv, D, sizes, reps, threads):
     Peers never share a process: OpenBLAS's, OpenMP's and numba's idle threads spin for a while
     after each call and would slow whoever runs next in the same process.
     """
-    selfattn.set_num_threads(threads)
     if name == "sdpa":
         import torch
 
         torch.set_num_threads(threads)
+    else:  # not in torch's process: numba's OpenMP runtime would fight torch's own
+        selfattn.set_num_threads(threads)
     fn = make_impl(name, causal=phase == "prefill")
     rng = np.random.default_rng(0)
     out = {}

@@ -16,8 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .merge import merge_stacked
-from .softmax import FASTMATH, _exp_f32, _exp_f64, finalize
+from .softmax import FASTMATH, _exp_f32, _exp_f64
 from .threads import num_threads
 
 KEY_TILE = 64  # keys scored per online-softmax step inside a chunk
@@ -26,13 +25,14 @@ MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
 
 def _make_decode_kernel(exp_fn):
     @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
-    def decode_chunks(q, k, v, j_base, chunk, lo_key, hi_key, softcap, mask, has_mask,
-                      acc, m_i, l_i):
+    def decode_chunks(q, k, v, j_base, chunk, left, right, softcap, mask, has_mask,
+                      acc, m_i, l_i, out, lse):
         """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S, D|Dv).
 
-        Row r may see keys lo_key[r] .. hi_key[r]; mask is additive, (B, H_kv, G, T, S) (a
-        broadcast view). Fills acc (B, H_kv, C, R, Dv), m_i and l_i (B, H_kv, C, R) for C chunks
-        of `chunk` keys starting at key j_base.
+        Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
+        mask is additive, (B, H_kv, G, T, S) (a broadcast view). Chunk c of C covers `chunk`
+        keys from j_base + c * chunk; its state goes to acc (B, H_kv, C, R, Dv), m_i and l_i
+        (B, H_kv, C, R); the merged result to out (B, H, T, Dv) and lse (B, H, T).
         """
         B, H_kv, R, D = q.shape
         S = k.shape[2]
@@ -75,8 +75,9 @@ def _make_decode_kernel(exp_fn):
                     if has_mask:
                         for jj in range(nk):
                             row[jj] += mask[b, g, r // T, r % T, j0 + jj]
-                    lo = min(max(lo_key[r] - j0, 0), nk)
-                    hi = min(max(hi_key[r] - j0 + 1, lo), nk)
+                    p = S - T + r % T
+                    lo = min(max(p - left - j0, 0), nk)
+                    hi = min(max(p + right - j0 + 1, lo), nk)
                     for jj in range(lo):
                         row[jj] = ninf
                     for jj in range(hi, nk):
@@ -110,6 +111,32 @@ def _make_decode_kernel(exp_fn):
                             for d in range(Dv):
                                 a[r, d] += p * vrow[d]
 
+        # merge the chunks by their log-sum-exp (serial: B * H_kv * R rows of C states)
+        for b in range(B):
+            for g in range(H_kv):
+                for r in range(R):
+                    M = ninf
+                    for c in range(C):
+                        M = max(M, m_i[b, g, c, r])
+                    h = g * (R // T) + r // T
+                    t = r % T
+                    o = out[b, h, t]
+                    for d in range(Dv):
+                        o[d] = 0.0
+                    if M == ninf:
+                        lse[b, h, t] = ninf
+                        continue
+                    total = 0.0
+                    for c in range(C):
+                        if l_i[b, g, c, r] > 0.0:
+                            w = math.exp(m_i[b, g, c, r] - M)
+                            total += w * l_i[b, g, c, r]
+                            for d in range(Dv):
+                                o[d] += w * acc[b, g, c, r, d]
+                    for d in range(Dv):
+                        o[d] /= total
+                    lse[b, h, t] = M + math.log(total)
+
     return decode_chunks
 
 
@@ -122,34 +149,29 @@ def decode_attention(q, k, v, band, mask, softcap, scale):
     B, H, T, D = q.shape
     H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // H_kv
-    R = G * T
     dtype = q.dtype
-    left, right = band
-    pos = np.arange(S - T, S, dtype=np.int64)  # bottom-right aligned query positions
-    lo_t = np.zeros(T, np.int64) if left is None else np.maximum(pos - left, 0)
-    hi_t = np.full(T, S - 1, np.int64) if right is None else np.minimum(pos + right, S - 1)
-    j_lo, j_hi = int(lo_t.min()), int(hi_t.max())
-    lo_key, hi_key = np.tile(lo_t, G), np.tile(hi_t, G)  # row r = head-in-group * T + t
-    out = np.zeros((B, H, T, Dv), dtype)
-    lse = np.full((B, H, T), -np.inf, dtype)
+    left = S + T if band[0] is None else band[0]
+    right = S + T if band[1] is None else band[1]
+    # keys any query may see: from the first query's lower edge to the last one's upper edge
+    j_lo, j_hi = max(0, S - T - left), min(S - 1, S - 1 + right)
+    out = np.empty((B, H, T, Dv), dtype)
+    lse = np.empty((B, H, T), dtype)
     if j_hi < j_lo:  # no query sees any key
+        out[:] = 0
+        lse[:] = -np.inf
         return out, lse
     span = j_hi - j_lo + 1
     want = max(1, -(-4 * num_threads() // (B * H_kv)))  # >= 4 tasks per core
     chunk = max(MIN_CHUNK, -(-span // want))
     C = -(-span // chunk)
-    qs = (q.reshape(B, H_kv, R, D) * scale).astype(dtype, copy=False)
+    qs = q.reshape(B, H_kv, G * T, D) * dtype.type(scale)
     if mask is None:
         m5 = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (1, 1, 1, T, 1), (0,) * 5)
     else:
         m5 = mask.reshape(B, H_kv, G, T, S)  # splits an axis: a view, never a copy
-    acc = np.empty((B, H_kv, C, R, Dv), dtype)
-    m_i = np.empty((B, H_kv, C, R), dtype)
-    l_i = np.empty((B, H_kv, C, R), dtype)
-    _decode_chunks[dtype](qs, k, v, j_lo, chunk, lo_key, hi_key, float(softcap or 0.0), m5,
-                          mask is not None, acc, m_i, l_i)
-    chunk_out, chunk_lse = finalize(acc, m_i, l_i)
-    o, row_lse = merge_stacked(chunk_out, chunk_lse, axis=2)
-    out[:] = o.reshape(B, H, T, Dv)
-    lse[:] = row_lse.reshape(B, H, T)
+    acc = np.empty((B, H_kv, C, G * T, Dv), dtype)
+    m_i = np.empty((B, H_kv, C, G * T), dtype)
+    l_i = np.empty((B, H_kv, C, G * T), dtype)
+    _decode_chunks[dtype](qs, k, v, j_lo, chunk, left, right, float(softcap or 0.0), m5,
+                          mask is not None, acc, m_i, l_i, out, lse)
     return out, lse
