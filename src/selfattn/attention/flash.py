@@ -7,9 +7,10 @@ mask and band, updates the running max `m_i` and sum `l_i`, exponentiates in pla
 `acc`; then `acc += s @ v_blk` (BLAS). Extra memory is O(G*Tq*(Sk + D)) per worker, never T x S.
 Key blocks wholly outside the band (causal, sliding window) are skipped, so causal costs half.
 
-The matmuls run in OpenBLAS single-threaded; the tasks are spread over a pool of Python threads
-(numpy's matmul and the compiled pass release the GIL), one per core. Limits: the whole K/V of a
-head is read from wherever the caller keeps it; float16 is computed in float32.
+One compiled call runs a whole task: the matmuls go to BLAS through numba's `np.dot` (SciPy's
+cython BLAS, single-threaded), so no Python runs between blocks. The tasks are spread over a pool
+of Python threads, one per core (the compiled call releases the GIL). float16 is computed in
+float32.
 """
 
 import math
@@ -19,8 +20,9 @@ import numpy as np
 from .softmax import FASTMATH, _exp_f32, _exp_f64, finalize
 from .threads import blas_single_threaded, num_threads, pool
 
-BLOCK_ROWS = 256  # rows (G * query block) per task: the score block is BLOCK_ROWS x BLOCK_KEYS
-BLOCK_KEYS = 256
+BLOCK_ROWS = 512  # rows (G * query block) per task: the score block is BLOCK_ROWS x BLOCK_KEYS
+BLOCK_KEYS = 256  # (512 x 256 float32 = 512 KiB: sized by a sweep on a 2-core AVX2 machine)
+MIN_TASKS_PER_CORE = 4  # smaller query blocks for short prompts, so every core gets work
 
 
 def _make_block_update(exp_fn):
@@ -74,8 +76,56 @@ def _make_block_update(exp_fn):
     return block_update
 
 
-_block_update = {np.dtype(np.float32): _make_block_update(_exp_f32),
-                 np.dtype(np.float64): _make_block_update(_exp_f64)}
+def _make_task(block_update):
+    @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+    def task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, has_mask,
+             block_keys, out_rows, lse_rows):
+        """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.
+
+        kh (S, D), vh (S, Dv): this kv head's keys and values. Rows see keys p - left .. p + right
+        for their position p in p0 .. p1. mask: additive (G, rows_per_head, S) view, if has_mask.
+        Writes the normalised output rows (R, Dv) and their lse (R).
+        """
+        R, D = qs.shape
+        S = kh.shape[0]
+        Dv = vh.shape[1]
+        dtype = qs.dtype
+        m_i = np.full(R, -np.inf, dtype)
+        l_i = np.zeros(R, dtype)
+        acc = np.zeros((R, Dv), dtype)
+        s_buf = np.empty(R * block_keys, dtype)
+        pv = np.empty((R, Dv), dtype)
+        ibuf = np.empty(block_keys, np.int32)
+        lo = max(0, p0 - left)
+        hi = min(S - 1, p1 + right)
+        for j0 in range(lo - lo % block_keys, hi + 1, block_keys):
+            j1 = min(S, j0 + block_keys)
+            nk = j1 - j0
+            s = s_buf[:R * nk].reshape(R, nk)  # contiguous, so BLAS writes it and loops vectorize
+            np.dot(qs, kh[j0:j1].T, s)
+            # the band test is needed unless every (row, key) of the block is inside it
+            needs_band = (j0 < p1 - left) or (j1 - 1 > p0 + right)
+            mblk = mask[:, :, j0:j1] if has_mask else mask
+            block_update(s, m_i, l_i, acc, rows_per_head, p0, j0, left, right, softcap, mblk,
+                         has_mask, needs_band, ibuf)
+            np.dot(s, vh[j0:j1], pv)
+            acc += pv
+        for r in range(R):
+            if l_i[r] > 0:
+                inv = 1.0 / l_i[r]
+                for d in range(Dv):
+                    out_rows[r, d] = acc[r, d] * inv
+                lse_rows[r] = m_i[r] + math.log(l_i[r])
+            else:  # no visible key
+                for d in range(Dv):
+                    out_rows[r, d] = 0.0
+                lse_rows[r] = -np.inf
+
+    return task
+
+
+_tasks = {np.dtype(np.float32): _make_task(_make_block_update(_exp_f32)),
+          np.dtype(np.float64): _make_task(_make_block_update(_exp_f64))}
 
 
 def flash_attention(q, k, v, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
@@ -91,61 +141,39 @@ def flash_attention(q, k, v, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
     G = H // H_kv
     dtype = q.dtype
     Tq = max(1, min(T, block_rows // G))
+    # short prompts: shrink the query block (not below 16 rows) until each core has a few tasks
+    per_head = -(-MIN_TASKS_PER_CORE * num_threads() // (B * H_kv))
+    Tq = max(min(Tq, 16), min(Tq, -(-T // per_head)))
     Sk = max(1, min(S, block_keys))
     off = S - T
-    left, right = band
+    left = S + T if band[0] is None else band[0]
+    right = S + T if band[1] is None else band[1]
     out = np.empty((B, H, T, Dv), dtype)
     lse = np.empty((B, H, T), dtype)
-    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (1, 1, 1), (0, 0, 0))
-    update = _block_update[dtype]
+    no_mask = np.broadcast_to(np.zeros(1, dtype), (1, 1, 1))
+    run = _tasks[dtype]
     softcap = float(softcap or 0.0)
 
     def task(b, kvh, i0):
         i1 = min(T, i0 + Tq)
         tq = i1 - i0
         h0 = kvh * G
-        qs = (q[b, h0:h0 + G, i0:i1] * scale).reshape(G * tq, D)  # pre-scaled, contiguous
-        R = G * tq
-        m_i = np.full(R, -np.inf, dtype)
-        l_i = np.zeros(R, dtype)
-        acc = np.zeros((R, Dv), dtype)
-        s_buf = np.empty(R * Sk, dtype)
-        pv = np.empty((R, Dv), dtype)
-        ibuf = np.empty(Sk, np.int32)
-        # keys any row of this block may see
-        p0, p1 = off + i0, off + i1 - 1
-        lo = 0 if left is None else max(0, p0 - left)
-        hi = S - 1 if right is None else min(S - 1, p1 + right)
-        lft = S + T if left is None else left
-        rgt = S + T if right is None else right
-        for j0 in range(lo - lo % Sk, hi + 1, Sk):
-            j1 = min(S, j0 + Sk)
-            nk = j1 - j0
-            s = s_buf[:R * nk].reshape(R, nk)  # contiguous, so the compiled loops vectorize
-            np.matmul(qs, k[b, kvh, j0:j1].T, out=s)
-            # the band test is needed unless every (row, key) of the block is inside it
-            needs_band = (j0 < p1 - lft) or (j1 - 1 > p0 + rgt)
-            if mask is not None:
-                mblk = mask[b, h0:h0 + G, i0:i1, j0:j1]
-            else:
-                mblk = dummy
-            update(s, m_i, l_i, acc, tq, p0, j0, lft, rgt, softcap, mblk, mask is not None,
-                   needs_band, ibuf)
-            np.matmul(s, v[b, kvh, j0:j1], out=pv)
-            acc += pv
-        o, row_lse = finalize(acc, m_i, l_i)
+        qs = (q[b, h0:h0 + G, i0:i1] * dtype.type(scale)).reshape(G * tq, D)  # pre-scaled copy
+        o = np.empty((G * tq, Dv), dtype)
+        row_lse = np.empty(G * tq, dtype)
+        m = no_mask if mask is None else mask[b, h0:h0 + G, i0:i1]
+        run(qs, k[b, kvh], v[b, kvh], tq, off + i0, off + i1 - 1, left, right, softcap, m,
+            mask is not None, Sk, o, row_lse)
         out[b, h0:h0 + G, i0:i1] = o.reshape(G, tq, Dv)
         lse[b, h0:h0 + G, i0:i1] = row_lse.reshape(G, tq)
 
     tasks = [(b, kvh, i0) for b in range(B) for kvh in range(H_kv) for i0 in range(0, T, Tq)]
-    # costliest first (causal: late query blocks see more keys) for a balanced pool
-    tasks.reverse()
+    tasks.reverse()  # costliest first (causal: late query blocks see more keys): a balanced pool
     workers = min(num_threads(), len(tasks))
-    flops = 4.0 * T * S * D * H
-    if workers <= 1 or flops < 2e7:
-        for t in tasks:
-            task(*t)
-    else:
-        with blas_single_threaded():
+    with blas_single_threaded():  # our threads split the work; BLAS must not split it again
+        if workers <= 1 or 4.0 * T * S * D * H < 2e7:
+            for t in tasks:
+                task(*t)
+        else:
             list(pool(workers).map(lambda t: task(*t), tasks))
     return out, lse

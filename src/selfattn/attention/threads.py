@@ -41,6 +41,7 @@ def blas_single_threaded():
     """BLAS at one thread while our own threads each run a share of the matmuls."""
     global _controller
     if _controller is None:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls this BLAS: limit it too)
         from threadpoolctl import ThreadpoolController
 
         _controller = ThreadpoolController()
