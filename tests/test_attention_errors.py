@@ -36,6 +36,9 @@ CASES = [
     ("scale nan", (q, k, v), dict(scale=float("nan")), r"scale must be a finite number"),
     ("impl", (q, k, v), dict(impl="cuda"), r"impl must be one of"),
     ("empty", (*arrays(T=0)[:1], k, v), {}, r"empty dimension"),
+    ("kv_len 0", (q, k, v), dict(kv_len=0), r"kv_len must be an int in 1 \.\. S = 7"),
+    ("kv_len > S", (q, k, v), dict(kv_len=8), r"kv_len must be an int in 1 \.\. S = 7"),
+    ("kv_len float", (q, k, v), dict(kv_len=3.0), r"kv_len"),
     ("not an array", ("abc", k, v), {}, r"q must be \(B, H, T, D\).*got shape \(\)"),
 ]
 

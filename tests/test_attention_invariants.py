@@ -143,3 +143,14 @@ def test_against_torch_sdpa_when_available(rng):
         torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), is_causal=True,
         enable_gqa=True).numpy()
     np.testing.assert_allclose(selfattn.attention(q, k, v, causal=True), expect, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kv_len_reads_only_the_valid_part_of_a_cache(rng, impl):
+    q, k, v = qkv(rng, T=9, S=200)
+    cache_k = np.full((1, 2, 512, 32), np.nan, np.float32)  # garbage past kv_len must not leak
+    cache_v = np.full((1, 2, 512, 32), np.nan, np.float32)
+    cache_k[:, :, :200], cache_v[:, :, :200] = k, v
+    expect = selfattn.attention(q, k, v, causal=True, impl=impl)
+    got = selfattn.attention(q, cache_k, cache_v, causal=True, impl=impl, kv_len=200)
+    np.testing.assert_array_equal(got, expect)

@@ -51,7 +51,7 @@ def problems(draw, max_t=None):
 
 def check(q, k, v, flags, impl):
     out, lse = selfattn.attention(q, k, v, impl=impl, return_lse=True, **flags)
-    qq, kk, vv, band, mask, softcap, scale = _validate(q, k, v, flags["causal"], flags["mask"],
+    qq, kk, vv, band, mask, softcap, scale, _ = _validate(q, k, v, flags["causal"], flags["mask"],
                                                        flags["window"], flags["softcap"],
                                                        flags["scale"], impl)
     ref_out, ref_lse = attention_reference(qq, kk, vv, band=band, mask=mask, softcap=softcap,

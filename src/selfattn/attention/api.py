@@ -6,6 +6,8 @@ Conventions (the same as FlashAttention >= 2.1 and MLX):
   queries are the last T positions ("bottom-right" causal alignment).
 - `causal`: query at position p sees keys <= p. `window=w` (int): keys p-w+1 .. p. `window=(l, r)`:
   keys p-l .. p+r. All visibility rules, and `mask`, are combined (a key must pass all of them).
+- `kv_len`: k and v may be a preallocated cache of which only the first kv_len keys are valid
+  (FlashAttention's `cache_seqlens`); then S = kv_len everywhere above, and nothing past it is read.
 - A row that sees no key returns 0 (and lse -inf).
 """
 
@@ -53,7 +55,7 @@ def _check_window(window):
     raise ValueError(f"window must be an int >= 1 or a pair (left, right), got {window!r}")
 
 
-def _validate(q, k, v, causal, mask, window, softcap, scale, impl):
+def _validate(q, k, v, causal, mask, window, softcap, scale, impl, kv_len=None):
     q, k, v = _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -82,6 +84,11 @@ def _validate(q, k, v, causal, mask, window, softcap, scale, impl):
     if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
         raise ValueError(f"empty dimension: q {q.shape}, k {k.shape}, v {v.shape}")
     S = k.shape[2]
+    if kv_len is not None:
+        if not isinstance(kv_len, numbers.Integral) or isinstance(kv_len, bool) or \
+                not 1 <= kv_len <= S:
+            raise ValueError(f"kv_len must be an int in 1 .. S = {S} (k {k.shape}), got {kv_len!r}")
+        S = int(kv_len)
 
     left, right = _check_window(window)
     if causal:
@@ -111,11 +118,11 @@ def _validate(q, k, v, causal, mask, window, softcap, scale, impl):
                              f"{mask.dtype}")
         if mask.dtype.kind == "f" and (np.isnan(mask).any() or np.isposinf(mask).any()):
             raise ValueError("additive mask must not contain NaN or +inf")
-    return q, k, v, (left, right), mask, softcap, float(scale)
+    return q, k, v, (left, right), mask, softcap, float(scale), S
 
 
 def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, scale=None,
-              return_lse=False, impl="auto"):
+              return_lse=False, impl="auto", kv_len=None):
     """Exact scaled dot-product attention; see the module docstring for the conventions.
 
     Returns out (B, H, T, D_v) in q's dtype (no B axis if q had none), and with return_lse also
@@ -123,24 +130,27 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
     float16 is computed in float32; float64 in float64.
     """
     batched = _as_array(q, "q").ndim == 4
-    q, k, v, band, mask, softcap, scale = _validate(q, k, v, causal, mask, window, softcap,
-                                                    scale, impl)
+    q, k, v, band, mask, softcap, scale, S = _validate(q, k, v, causal, mask, window, softcap,
+                                                       scale, impl, kv_len)
     in_dtype = q.dtype
     if impl == "auto":
         impl = "decode" if q.shape[2] <= DECODE_MAX_T else "flash"
 
     if impl == "reference":
-        out, lse = attention_reference(q, k, v, band=band, mask=mask, softcap=softcap, scale=scale)
+        out, lse = attention_reference(q, k[:, :, :S], v[:, :, :S], band=band, mask=mask,
+                                       softcap=softcap, scale=scale)
     else:
         work = np.float64 if in_dtype == np.float64 else np.float32
+        # a contiguous cache is used in place (kv_len says how much of it is valid); anything
+        # else is copied once to contiguous, so the compiled loops see unit strides
         q, k, v = (np.ascontiguousarray(x, work) for x in (q, k, v))
         if mask is not None:
             B, H, T, D = q.shape
             if mask.dtype == bool:
                 mask = np.where(mask, work(0), work(-np.inf))
-            mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, k.shape[2]))
+            mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
         kernel = decode_attention if impl == "decode" else flash_attention
-        out, lse = kernel(q, k, v, band, mask, softcap, scale)
+        out, lse = kernel(q, k, v, S, band, mask, softcap, scale)
 
     out = out.astype(in_dtype, copy=False)
     lse = lse.astype(np.float64 if in_dtype == np.float64 else np.float32, copy=False)

@@ -25,9 +25,10 @@ MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
 
 def _make_decode_kernel(exp_fn):
     @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
-    def decode_chunks(q, k, v, j_base, chunk, left, right, softcap, mask, has_mask,
+    def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mask,
                       acc, m_i, l_i, out, lse):
-        """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S, D|Dv).
+        """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, D|Dv)
+        of which the first S keys are used.
 
         Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
         mask is additive, (B, H_kv, G, T, S) (a broadcast view). Chunk c of C covers `chunk`
@@ -35,7 +36,6 @@ def _make_decode_kernel(exp_fn):
         (B, H_kv, C, R); the merged result to out (B, H, T, Dv) and lse (B, H, T).
         """
         B, H_kv, R, D = q.shape
-        S = k.shape[2]
         Dv = v.shape[3]
         C = acc.shape[2]
         T = mask.shape[3]
@@ -144,10 +144,10 @@ _decode_chunks = {np.dtype(np.float32): _make_decode_kernel(_exp_f32),
                   np.dtype(np.float64): _make_decode_kernel(_exp_f64)}
 
 
-def decode_attention(q, k, v, band, mask, softcap, scale):
+def decode_attention(q, k, v, S, band, mask, softcap, scale):
     """Same contract as `flash.flash_attention`; meant for T <= ~16 queries."""
     B, H, T, D = q.shape
-    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    H_kv, Dv = k.shape[1], v.shape[3]
     G = H // H_kv
     dtype = q.dtype
     left = S + T if band[0] is None else band[0]
@@ -172,6 +172,6 @@ def decode_attention(q, k, v, band, mask, softcap, scale):
     acc = np.empty((B, H_kv, C, G * T, Dv), dtype)
     m_i = np.empty((B, H_kv, C, G * T), dtype)
     l_i = np.empty((B, H_kv, C, G * T), dtype)
-    _decode_chunks[dtype](qs, k, v, j_lo, chunk, left, right, float(softcap or 0.0), m5,
+    _decode_chunks[dtype](qs, k, v, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
                           mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

@@ -128,16 +128,17 @@ _tasks = {np.dtype(np.float32): _make_task(_make_block_update(_exp_f32)),
           np.dtype(np.float64): _make_task(_make_block_update(_exp_f64))}
 
 
-def flash_attention(q, k, v, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
+def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
                     block_keys=BLOCK_KEYS):
-    """q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv), float32 or float64, validated.
+    """q (B, H, T, D), k (B, H_kv, S_max, D), v (B, H_kv, S_max, Dv), float32 or float64,
+    validated and contiguous; the first S keys are used.
 
     band: (left, right) key offsets relative to each query's position S - T + i (None = open).
     mask: additive float array broadcast to (B, H, T, S), or None. softcap: float or 0.
     Returns out (B, H, T, Dv) and lse (B, H, T), both in q's dtype.
     """
     B, H, T, D = q.shape
-    H_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    H_kv, Dv = k.shape[1], v.shape[3]
     G = H // H_kv
     dtype = q.dtype
     Tq = max(1, min(T, block_rows // G))
@@ -162,7 +163,7 @@ def flash_attention(q, k, v, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
         o = np.empty((G * tq, Dv), dtype)
         row_lse = np.empty(G * tq, dtype)
         m = no_mask if mask is None else mask[b, h0:h0 + G, i0:i1]
-        run(qs, k[b, kvh], v[b, kvh], tq, off + i0, off + i1 - 1, left, right, softcap, m,
+        run(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right, softcap, m,
             mask is not None, Sk, o, row_lse)
         out[b, h0:h0 + G, i0:i1] = o.reshape(G, tq, Dv)
         lse[b, h0:h0 + G, i0:i1] = row_lse.reshape(G, tq)
