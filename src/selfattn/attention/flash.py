@@ -17,7 +17,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .softmax import FASTMATH, _exp_f32, _exp_f64, finalize
+from .softmax import FASTMATH, exp_inplace
 from .threads import blas_single_threaded, num_threads, pool
 
 BLOCK_ROWS = 512  # rows (G * query block) per task: the score block is BLOCK_ROWS x BLOCK_KEYS
@@ -25,107 +25,99 @@ BLOCK_KEYS = 256  # (512 x 256 float32 = 512 KiB: sized by a sweep on a 2-core A
 MIN_TASKS_PER_CORE = 4  # smaller query blocks for short prompts, so every core gets work
 
 
-def _make_block_update(exp_fn):
-    @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
-    def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softcap,
-                     mask, has_mask, band, ibuf):
-        """One key block of online softmax over the rows of `s` (R, nk), head-major rows.
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softcap,
+                 mask, has_mask, band, ibuf):
+    """One key block of online softmax over the rows of `s` (R, nk), head-major rows.
 
-        s holds q·k (already scaled) and is overwritten with exp(logit - m_i), ready for s @ v.
-        """
-        R, nk = s.shape
-        ninf = s.dtype.type(-np.inf)
-        for r in range(R):
-            row = s[r]
-            g = r // rows_per_head
-            i = r - g * rows_per_head
-            if softcap > 0.0:
-                for j in range(nk):
-                    row[j] = softcap * math.tanh(row[j] / softcap)
-            if has_mask:
-                mrow = mask[g, i]
-                for j in range(nk):
-                    row[j] += mrow[j]
-            if band:
-                p = qpos0 + i
-                lo = min(max(p - left - j0, 0), nk)
-                hi = min(max(p + right - j0 + 1, lo), nk)
-                for j in range(lo):
-                    row[j] = ninf
-                for j in range(hi, nk):
-                    row[j] = ninf
-            mx = ninf
+    s holds q·k (already scaled) and is overwritten with exp(logit - m_i), ready for s @ v.
+    """
+    R, nk = s.shape
+    ninf = s.dtype.type(-np.inf)
+    for r in range(R):
+        row = s[r]
+        g = r // rows_per_head
+        i = r - g * rows_per_head
+        if softcap > 0.0:
             for j in range(nk):
-                x = row[j]
-                mx = x if x > mx else mx
-            m_old = m_i[r]
-            m_new = mx if mx > m_old else m_old
-            if m_new == ninf:  # nothing visible yet in this row
-                for j in range(nk):
-                    row[j] = 0.0
-                continue
-            total = exp_fn(row, nk, m_new, ibuf)
-            if m_old != m_new:
-                alpha = math.exp(m_old - m_new)
-                l_i[r] *= alpha
-                for d in range(acc.shape[1]):
-                    acc[r, d] *= alpha
-                m_i[r] = m_new
-            l_i[r] += total
-
-    return block_update
-
-
-def _make_task(block_update):
-    @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
-    def task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, has_mask,
-             block_keys, out_rows, lse_rows):
-        """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.
-
-        kh (S, D), vh (S, Dv): this kv head's keys and values. Rows see keys p - left .. p + right
-        for their position p in p0 .. p1. mask: additive (G, rows_per_head, S) view, if has_mask.
-        Writes the normalised output rows (R, Dv) and their lse (R).
-        """
-        R, D = qs.shape
-        S = kh.shape[0]
-        Dv = vh.shape[1]
-        dtype = qs.dtype
-        m_i = np.full(R, -np.inf, dtype)
-        l_i = np.zeros(R, dtype)
-        acc = np.zeros((R, Dv), dtype)
-        s_buf = np.empty(R * block_keys, dtype)
-        pv = np.empty((R, Dv), dtype)
-        ibuf = np.empty(block_keys, np.int32)
-        lo = max(0, p0 - left)
-        hi = min(S - 1, p1 + right)
-        for j0 in range(lo - lo % block_keys, hi + 1, block_keys):
-            j1 = min(S, j0 + block_keys)
-            nk = j1 - j0
-            s = s_buf[:R * nk].reshape(R, nk)  # contiguous, so BLAS writes it and loops vectorize
-            np.dot(qs, kh[j0:j1].T, s)
-            # the band test is needed unless every (row, key) of the block is inside it
-            needs_band = (j0 < p1 - left) or (j1 - 1 > p0 + right)
-            mblk = mask[:, :, j0:j1] if has_mask else mask
-            block_update(s, m_i, l_i, acc, rows_per_head, p0, j0, left, right, softcap, mblk,
-                         has_mask, needs_band, ibuf)
-            np.dot(s, vh[j0:j1], pv)
-            acc += pv
-        for r in range(R):
-            if l_i[r] > 0:
-                inv = 1.0 / l_i[r]
-                for d in range(Dv):
-                    out_rows[r, d] = acc[r, d] * inv
-                lse_rows[r] = m_i[r] + math.log(l_i[r])
-            else:  # no visible key
-                for d in range(Dv):
-                    out_rows[r, d] = 0.0
-                lse_rows[r] = -np.inf
-
-    return task
+                row[j] = softcap * math.tanh(row[j] / softcap)
+        if has_mask:
+            mrow = mask[g, i]
+            for j in range(nk):
+                row[j] += mrow[j]
+        if band:
+            p = qpos0 + i
+            lo = min(max(p - left - j0, 0), nk)
+            hi = min(max(p + right - j0 + 1, lo), nk)
+            for j in range(lo):
+                row[j] = ninf
+            for j in range(hi, nk):
+                row[j] = ninf
+        mx = ninf
+        for j in range(nk):
+            x = row[j]
+            mx = x if x > mx else mx
+        m_old = m_i[r]
+        m_new = mx if mx > m_old else m_old
+        if m_new == ninf:  # nothing visible yet in this row
+            for j in range(nk):
+                row[j] = 0.0
+            continue
+        total = exp_inplace(row, nk, m_new, ibuf)
+        if m_old != m_new:
+            alpha = math.exp(m_old - m_new)
+            l_i[r] *= alpha
+            for d in range(acc.shape[1]):
+                acc[r, d] *= alpha
+            m_i[r] = m_new
+        l_i[r] += total
 
 
-_tasks = {np.dtype(np.float32): _make_task(_make_block_update(_exp_f32)),
-          np.dtype(np.float64): _make_task(_make_block_update(_exp_f64))}
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, has_mask,
+         block_keys, out_rows, lse_rows):
+    """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.
+
+    kh (S, D), vh (S, Dv): this kv head's keys and values. Rows see keys p - left .. p + right
+    for their position p in p0 .. p1. mask: additive (G, rows_per_head, S) view, if has_mask.
+    Writes the normalised output rows (R, Dv) and their lse (R).
+    """
+    R, D = qs.shape
+    S = kh.shape[0]
+    Dv = vh.shape[1]
+    dtype = qs.dtype
+    m_i = np.full(R, -np.inf, dtype)
+    l_i = np.zeros(R, dtype)
+    acc = np.zeros((R, Dv), dtype)
+    s_buf = np.empty(R * block_keys, dtype)
+    pv = np.empty((R, Dv), dtype)
+    ibuf = np.empty(block_keys, np.int32)
+    lo = max(0, p0 - left)
+    hi = min(S - 1, p1 + right)
+    for j0 in range(lo - lo % block_keys, hi + 1, block_keys):
+        j1 = min(S, j0 + block_keys)
+        nk = j1 - j0
+        s = s_buf[:R * nk].reshape(R, nk)  # contiguous, so BLAS writes it and loops vectorize
+        np.dot(qs, kh[j0:j1].T, s)
+        # the band test is needed unless every (row, key) of the block is inside it
+        needs_band = (j0 < p1 - left) or (j1 - 1 > p0 + right)
+        mblk = mask[:, :, j0:j1] if has_mask else mask
+        block_update(s, m_i, l_i, acc, rows_per_head, p0, j0, left, right, softcap, mblk,
+                     has_mask, needs_band, ibuf)
+        np.dot(s, vh[j0:j1], pv)
+        acc += pv
+    for r in range(R):
+        if l_i[r] > 0:
+            inv = 1.0 / l_i[r]
+            for d in range(Dv):
+                out_rows[r, d] = acc[r, d] * inv
+            lse_rows[r] = m_i[r] + math.log(l_i[r])
+        else:  # no visible key
+            for d in range(Dv):
+                out_rows[r, d] = 0.0
+            lse_rows[r] = -np.inf
+
+
 
 
 def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
@@ -152,7 +144,6 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
     out = np.empty((B, H, T, Dv), dtype)
     lse = np.empty((B, H, T), dtype)
     no_mask = np.broadcast_to(np.zeros(1, dtype), (1, 1, 1))
-    run = _tasks[dtype]
     softcap = float(softcap or 0.0)
 
     def task(b, kvh, i0):
@@ -163,7 +154,7 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
         o = np.empty((G * tq, Dv), dtype)
         row_lse = np.empty(G * tq, dtype)
         m = no_mask if mask is None else mask[b, h0:h0 + G, i0:i1]
-        run(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right, softcap, m,
+        flash_task(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right, softcap, m,
             mask is not None, Sk, o, row_lse)
         out[b, h0:h0 + G, i0:i1] = o.reshape(G, tq, Dv)
         lse[b, h0:h0 + G, i0:i1] = row_lse.reshape(G, tq)

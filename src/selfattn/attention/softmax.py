@@ -7,7 +7,7 @@ part so r is exact), e^r by a degree-7 Taylor polynomial (relative error < 1e-8,
 half ulp), 2^n built from its exponent bits. Inputs are <= 0 (scores minus the row maximum);
 below -87.3 the result is 0, where the true value is a denormal that cannot change a row sum >= 1.
 
-For float64 the kernels use `math.exp` instead (see `make_exp`), so float64 stays exact.
+For float64 the kernels use `math.exp` instead (`exp_inplace` picks), so float64 stays exact.
 
 Online-softmax state per query row follows FlashAttention-2's names: `m_i` (running maximum of the
 scaled logits), `l_i` (running sum of exp(logit - m_i)), `acc` (running sum of exp(...) * v).
@@ -17,6 +17,8 @@ import math
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 # fastmath without 'nnan'/'ninf': masked logits are -inf and must stay so; 'reassoc' lets LLVM
 # vectorize the row sums.
@@ -69,6 +71,20 @@ def _exp_f64(x, n, shift, ibuf):
         x[j] = e
         total += e
     return total
+
+
+def exp_inplace(x, n, shift, ibuf):
+    """x[:n] <- exp(x[:n] - shift), returns the sum: the fast float32 exp, or libm's for float64.
+
+    Called from compiled code only; the overload below picks by dtype at compile time."""
+    raise NotImplementedError("exp_inplace runs inside numba-compiled kernels")
+
+
+@overload(exp_inplace)
+def _exp_inplace_by_dtype(x, n, shift, ibuf):
+    if x.dtype == types.float32:
+        return lambda x, n, shift, ibuf: _exp_f32(x, n, shift, ibuf)
+    return lambda x, n, shift, ibuf: _exp_f64(x, n, shift, ibuf)
 
 
 def finalize(acc, m_i, l_i):

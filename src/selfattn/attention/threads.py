@@ -29,6 +29,23 @@ def set_num_threads(n: int) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+_omp_ready = False
+
+
+def prepare_numba_threads():
+    """Before the first parallel numba launch: make its OpenMP workers sleep, not spin, when idle.
+
+    Spinning workers (libgomp's default) steal the cores from OpenBLAS's threads, and OpenBLAS's
+    spinning threads steal them back, which made a model's decode step 10x slower. Set here,
+    at the last moment, so that a process that never runs our decode path (a torch peer in a
+    benchmark) keeps its own OpenMP settings. A user's OMP_WAIT_POLICY wins.
+    """
+    global _omp_ready
+    if not _omp_ready:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        _omp_ready = True
+
+
 def pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if workers not in _pools:

@@ -1,0 +1,58 @@
+"""KV cache: preallocated per layer for the whole context, written in place by position.
+
+Layout (layers, 1, H_kv, max_len, D): each layer's K (and V) is one contiguous
+(1, H_kv, max_len, D) array, which `selfattn.attention(..., kv_len=n)` reads in place. The memory
+is touched when the cache is made, so it is resident from the start (`nbytes` is what it takes)
+and no page faults land in the middle of a timed forward pass.
+"""
+
+import numpy as np
+
+from .errors import ContextError
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype=np.float32):
+        if max_len < 1:
+            raise ContextError(f"context length must be >= 1, got {max_len}")
+        shape = (n_layers, 1, n_kv_heads, max_len, head_dim)
+        self.k = np.empty(shape, dtype)
+        self.v = np.empty(shape, dtype)
+        self.k.fill(0)
+        self.v.fill(0)
+        self.max_len = max_len
+        self.length = 0  # positions 0 .. length-1 hold valid K/V
+
+    @classmethod
+    def for_model(cls, args, max_len: int) -> "KVCache":
+        return cls(args.n_layers, args.n_kv_heads, args.head_dim, max_len)
+
+    @staticmethod
+    def bytes_for(args, max_len: int, bytes_per_value: int = 4) -> int:
+        return 2 * args.n_layers * args.n_kv_heads * max_len * args.head_dim * bytes_per_value
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reserve(self, pos: int, T: int):
+        if pos != self.length and pos > self.length:
+            raise ContextError(f"cannot write at position {pos}: the cache holds {self.length}")
+        if pos + T > self.max_len:
+            raise ContextError(f"{pos + T} tokens do not fit a context of {self.max_len} "
+                               f"(raise --ctx, or shorten the prompt)")
+
+    def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray):
+        """k, v (T, H_kv, D) at positions pos .. pos+T-1; returns this layer's full K, V."""
+        T = k.shape[0]
+        self.k[layer, 0, :, pos:pos + T] = k.transpose(1, 0, 2)
+        self.v[layer, 0, :, pos:pos + T] = v.transpose(1, 0, 2)
+        return self.k[layer], self.v[layer]
+
+    def commit(self, pos: int, T: int):
+        self.length = pos + T
+
+    def truncate(self, length: int):
+        """Forget positions >= length (the next write may start there)."""
+        self.length = min(self.length, length)

@@ -1,0 +1,234 @@
+"""The llama-family forward pass (Llama 2/3, SmolLM2, Mistral, Qwen2) on selfattn's attention.
+
+    x = token_embd[tokens]
+    per layer:  h = rmsnorm(x) · attn_norm;  q, k, v = h W_qkv (+ bias);  RoPE(q, k)
+                write k, v into the cache at their positions;  a = attention(q, cache, causal)
+                x += a W_o;  h = rmsnorm(x) · ffn_norm;  x += (silu(h W_gate) * h W_up) W_down
+    logits = rmsnorm(x) · output_norm · W_outᵀ   (W_out = token_embd when tied)
+
+Weights are dequantized to float32 once at load. llama.cpp's converter permutes the rows of
+attn_q / attn_k of `llama` models so that its RoPE can rotate adjacent pairs; `unpermute` undoes
+it, so q and k here are in the original (Hugging Face) layout and RoPE rotates halves
+(`rotate_half`). qwen2 files are stored unpermuted. The model reports where its time went
+(attention vs the rest) and knows nothing of benchmarks or the CLI.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..attention import attention, warmup
+from ..errors import ModelError
+from .config import ModelArgs
+from .gguf_file import dequantize, open_gguf, tensor_index
+
+log = logging.getLogger(__name__)
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permute: rows (H, D/2, 2) -> (H, 2, D/2), per head."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # (dim,)
+    w_qkv: np.ndarray  # (H*D + 2*H_kv*D, dim): q, k, v stacked, one matmul
+    b_qkv: np.ndarray | None
+    w_o: np.ndarray  # (dim, H*D)
+    ffn_norm: np.ndarray
+    w_gate_up: np.ndarray  # (2*ffn, dim): gate, up stacked
+    w_down: np.ndarray  # (dim, ffn)
+
+
+@dataclass
+class Timings:
+    """Wall time inside the forward pass, and the part of it spent in attention."""
+    forward_s: float = 0.0
+    attention_s: float = 0.0
+    attention_pairs: int = 0  # (query, key) pairs scored, summed over heads and layers
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention_s / self.forward_s if self.forward_s > 0 else 0.0
+
+
+@dataclass
+class Weights:
+    token_embd: np.ndarray  # (vocab, dim)
+    output: np.ndarray  # (vocab, dim), the same array as token_embd when tied
+    output_norm: np.ndarray
+    layers: list[Layer] = field(default_factory=list)
+    rope_freq_factors: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.token_embd, self.output_norm, *(
+            a for layer in self.layers for a in vars(layer).values() if a is not None)]
+        if self.output is not self.token_embd:
+            arrays.append(self.output)
+        return sum(a.nbytes for a in arrays)
+
+
+class Llama:
+    def __init__(self, args: ModelArgs, weights: Weights, path=""):
+        self.args, self.weights, self.path = args, weights, str(path)
+        self._rope_cache = (0, None, None)
+
+    @classmethod
+    def load(cls, path) -> "Llama":
+        return cls.from_reader(open_gguf(path), path)
+
+    @classmethod
+    def from_reader(cls, reader, path) -> "Llama":
+        """From an open gguf.GGUFReader (opening one parses every field: share it)."""
+        args = ModelArgs.from_gguf(reader, path)
+        tensors = tensor_index(reader)
+
+        def get(name, required=True):
+            if name not in tensors:
+                if required:
+                    raise ModelError(f"{path}: tensor {name!r} is missing")
+                return None
+            return dequantize(tensors[name], path)
+
+        def check(name, a, shape):
+            if a is not None and a.shape != shape:
+                raise ModelError(f"{path}: tensor {name!r} has shape {a.shape}, expected {shape}")
+            return a
+
+        a = args
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        layers = []
+        for i in range(a.n_layers):
+            p = f"blk.{i}."
+            wq = check(p + "attn_q.weight", get(p + "attn_q.weight"), (q_dim, a.dim))
+            wk = check(p + "attn_k.weight", get(p + "attn_k.weight"), (kv_dim, a.dim))
+            wv = check(p + "attn_v.weight", get(p + "attn_v.weight"), (kv_dim, a.dim))
+            bias = None
+            if a.qkv_bias:
+                bias = np.concatenate([get(p + "attn_q.bias"), get(p + "attn_k.bias"),
+                                       get(p + "attn_v.bias")])
+            if a.arch == "llama":
+                wq, wk = unpermute(wq, a.n_heads), unpermute(wk, a.n_kv_heads)
+                if bias is not None:
+                    bias = np.concatenate([unpermute(bias[:q_dim], a.n_heads),
+                                           unpermute(bias[q_dim:q_dim + kv_dim], a.n_kv_heads),
+                                           bias[q_dim + kv_dim:]])
+            layers.append(Layer(
+                attn_norm=check(p + "attn_norm.weight", get(p + "attn_norm.weight"), (a.dim,)),
+                w_qkv=np.concatenate([wq, wk, wv]),
+                b_qkv=bias,
+                w_o=check(p + "attn_output.weight", get(p + "attn_output.weight"), (a.dim, q_dim)),
+                ffn_norm=check(p + "ffn_norm.weight", get(p + "ffn_norm.weight"), (a.dim,)),
+                w_gate_up=np.concatenate([
+                    check(p + "ffn_gate.weight", get(p + "ffn_gate.weight"), (a.ffn_dim, a.dim)),
+                    check(p + "ffn_up.weight", get(p + "ffn_up.weight"), (a.ffn_dim, a.dim))]),
+                w_down=check(p + "ffn_down.weight", get(p + "ffn_down.weight"), (a.dim, a.ffn_dim)),
+            ))
+        embd = check("token_embd.weight", get("token_embd.weight"), (a.vocab_size, a.dim))
+        output = embd if a.tied_embeddings else check("output.weight", get("output.weight"),
+                                                      (a.vocab_size, a.dim))
+        weights = Weights(token_embd=embd, output=output,
+                          output_norm=check("output_norm.weight", get("output_norm.weight"),
+                                            (a.dim,)),
+                          layers=layers, rope_freq_factors=get("rope_freqs.weight", False))
+        model = cls(args, weights, path)
+        model.warmup()
+        return model
+
+    def warmup(self):
+        """Compile/load the attention kernels and run one token through every layer, so that
+        one-time costs (JIT cache, BLAS thread start, first page touches) land in load time, not
+        in the first request's TTFT (llama.cpp warms up the same way)."""
+        from ..cache import KVCache
+
+        warmup()
+        self.forward(np.zeros(1, np.int64), KVCache.for_model(self.args, 1), 0)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def rope_tables(self, n_positions: int):
+        """cos, sin: (n_positions, rope_dim/2) float32, computed in float64."""
+        have, cos, sin = self._rope_cache
+        if n_positions > have:
+            a = self.args
+            inv_freq = 1.0 / (a.rope_theta ** (np.arange(0, a.rope_dim, 2, dtype=np.float64)
+                                               / a.rope_dim))
+            if self.weights.rope_freq_factors is not None:
+                inv_freq = inv_freq / self.weights.rope_freq_factors.astype(np.float64)
+            n = max(n_positions, 2 * have)
+            angles = np.outer(np.arange(n, dtype=np.float64) / a.rope_scale, inv_freq)
+            cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+            self._rope_cache = (n, cos, sin)
+        return cos, sin
+
+    def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """x (T, heads, D) in place at positions pos .. pos+T-1; rotates halves of rope_dim."""
+        T = x.shape[0]
+        half = self.args.rope_dim // 2
+        cos, sin = self.rope_tables(pos + T)
+        c, s = cos[pos:pos + T, None, :], sin[pos:pos + T, None, :]
+        x1 = x[..., :half].copy()
+        x2 = x[..., half:2 * half]
+        x[..., :half] = x1 * c - x2 * s
+        x[..., half:2 * half] = x2 * c + x1 * s
+        return x
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+        return x * (1.0 / np.sqrt(ms + np.float32(self.args.rms_eps))) * w
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
+                all_logits: bool = False) -> np.ndarray:
+        """tokens (T,) at positions pos .. pos+T-1, after `pos` tokens already in `cache`.
+
+        Writes their K/V into the cache. Returns logits (vocab,) of the last token, or (T, vocab).
+        """
+        a, w = self.args, self.weights
+        tokens = np.asarray(tokens)
+        T = tokens.shape[0]
+        if T == 0:
+            raise ValueError("forward needs at least one token")
+        if tokens.min() < 0 or tokens.max() >= a.vocab_size:
+            raise ValueError(f"token ids must be in 0 .. {a.vocab_size - 1}")
+        cache.reserve(pos, T)
+        t_start = time.perf_counter()
+        attn_s, pairs = 0.0, 0
+        H, H_kv, D = a.n_heads, a.n_kv_heads, a.head_dim
+        q_dim, kv_dim = H * D, H_kv * D
+        window = a.sliding_window
+        x = w.token_embd[tokens]  # (T, dim)
+        for i, layer in enumerate(w.layers):
+            h = self.rmsnorm(x, layer.attn_norm)
+            qkv = h @ layer.w_qkv.T
+            if layer.b_qkv is not None:
+                qkv += layer.b_qkv
+            q = self.rope(qkv[:, :q_dim].reshape(T, H, D), pos)
+            k = self.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(T, H_kv, D), pos)
+            v = qkv[:, q_dim + kv_dim:].reshape(T, H_kv, D)
+            k_cache, v_cache = cache.write(i, pos, k, v)
+            t = time.perf_counter()
+            o = attention(q.transpose(1, 0, 2)[None], k_cache, v_cache, causal=True,
+                          window=window, kv_len=pos + T)  # (1, H, T, D)
+            attn_s += time.perf_counter() - t
+            pairs += H * (T * pos + T * (T + 1) // 2)
+            x = x + o[0].transpose(1, 0, 2).reshape(T, q_dim) @ layer.w_o.T
+            h = self.rmsnorm(x, layer.ffn_norm)
+            gu = h @ layer.w_gate_up.T
+            gate, up = gu[:, :a.ffn_dim], gu[:, a.ffn_dim:]
+            x = x + (gate / (1.0 + np.exp(-gate)) * up) @ layer.w_down.T
+        cache.commit(pos, T)
+        h = self.rmsnorm(x if all_logits else x[-1:], w.output_norm)
+        logits = h @ w.output.T
+        if timings is not None:
+            timings.forward_s += time.perf_counter() - t_start
+            timings.attention_s += attn_s
+            timings.attention_pairs += pairs
+        return logits if all_logits else logits[0]
