@@ -12,6 +12,13 @@ class CLIError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def _positive_int(text):
     try:
         n = int(text)
@@ -140,7 +147,7 @@ def _nonneg_float(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="selfattn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="selfattn", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
 

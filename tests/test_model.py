@@ -1,0 +1,150 @@
+"""The model runner on a tiny random GGUF written by the tests: loading, forward, cache, errors."""
+
+import numpy as np
+import pytest
+
+from selfattn.cache import KVCache
+from selfattn.errors import ContextError, ModelError
+from selfattn.model import Llama, Sampler, Tokenizer, generate
+from selfattn.model.gguf_file import open_gguf
+from selfattn.model.llama import unpermute
+
+from .tiny_gguf import SPECIAL, make_weights, permute, reference_forward, write_gguf
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    rng = np.random.default_rng(7)
+    w, cfg = make_weights(rng, arch=request.param)
+    path = tmp_path_factory.mktemp("gguf") / f"tiny-{request.param}.gguf"
+    write_gguf(path, w, cfg)
+    return path, w, cfg
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)
+    np.testing.assert_array_equal(unpermute(permute(w, 4), 4), w)
+    assert not np.array_equal(permute(w, 4), w)
+
+
+def test_config_from_metadata(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    a = m.args
+    assert (a.arch, a.n_layers, a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim) == \
+        (cfg["arch"], 2, 64, 4, 2, 16, 96)
+    assert a.tied_embeddings is False and a.qkv_bias == (cfg["arch"] == "qwen2")
+    assert a.context_length == 256 and a.rope_theta == 10000.0
+
+
+def test_forward_matches_float64_reference(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    tokens = np.random.default_rng(0).integers(0, cfg["vocab"], 37)
+    logits = m.forward(tokens, KVCache.for_model(m.args, 64), 0, all_logits=True)
+    ref = reference_forward(w, cfg, tokens)
+    np.testing.assert_allclose(logits, ref, atol=2e-4, rtol=0)
+
+
+def test_a_wrong_permutation_would_be_caught(tmp_path):
+    # the test above can fail: a llama file written without llama.cpp's permute gives other logits
+    w, cfg = make_weights(np.random.default_rng(7), arch="llama")
+    bad = tmp_path / "unpermuted.gguf"
+    write_gguf(bad, w, dict(cfg, arch="qwen2"), arch_name="llama")
+    m = Llama.load(bad)
+    tokens = np.arange(5, 25)
+    logits = m.forward(tokens, KVCache.for_model(m.args, 32), 0, all_logits=True)
+    assert np.abs(logits - reference_forward(w, cfg, tokens)).max() > 1e-2
+
+
+def test_cached_equals_uncached(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    tokens = np.random.default_rng(1).integers(0, cfg["vocab"], 45)
+    full = m.forward(tokens, KVCache.for_model(m.args, 64), 0, all_logits=True)
+    cache = KVCache.for_model(m.args, 64)
+    m.forward(tokens[:30], cache, 0)  # prefill (flash path)
+    for i in range(30, 45):  # one token at a time (decode path)
+        step = m.forward(tokens[i:i + 1], cache, cache.length)
+        np.testing.assert_allclose(step, full[i], atol=2e-5, rtol=0)
+    # and chunked prefill: 10 + 20 tokens
+    cache = KVCache.for_model(m.args, 64)
+    m.forward(tokens[:10], cache, 0)
+    np.testing.assert_allclose(m.forward(tokens[10:30], cache, 10), full[29], atol=2e-5)
+
+
+def test_q8_0_tensors_dequantize(tmp_path):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    rng = np.random.default_rng(3)
+    w, cfg = make_weights(rng, arch="llama")
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, w, cfg, q8_names={"blk.0.ffn_up", "token_embd"})
+    m = Llama.load(path)
+    q8 = GGMLQuantizationType.Q8_0
+    expect = dequantize(quantize(w["blk.0.ffn_up"], q8), q8)
+    np.testing.assert_array_equal(m.weights.layers[0].w_gate_up[cfg["ffn"]:], expect)
+
+
+def test_generation_greedy_is_deterministic_and_stops(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    prompt = [5, 6, 7, 8]
+    runs = [generate(m, prompt, 12, Sampler(), KVCache.for_model(m.args, 32)).token_ids
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 12
+    ref = reference_forward(w, cfg, np.array(prompt))
+    assert runs[0][0] == int(np.argmax(ref[-1]))
+    seeded = [generate(m, prompt, 8, Sampler(temperature=1.0, top_k=20, top_p=0.9, seed=3),
+                       KVCache.for_model(m.args, 32)).token_ids for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    stats = generate(m, prompt, 100, Sampler(), KVCache.for_model(m.args, 10))
+    assert stats.stop_reason == "context_full" and stats.generated_tokens == 7
+
+
+def test_context_overflow_is_an_error(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    with pytest.raises(ContextError, match="do not fit a context of 8"):
+        m.forward(np.arange(9), KVCache.for_model(m.args, 8), 0)
+
+
+def test_tokenizer_from_gguf_round_trips(tiny):
+    path, w, cfg = tiny
+    tok = Tokenizer.from_gguf(open_gguf(path), path)
+    for text in ["the cat sat", "naïve café 東京 🙂", "  two  spaces\nand a tab\t", ""]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == SPECIAL.index("<|im_start|>") and ids[-1] == SPECIAL.index("<|im_end|>")
+    assert tok.encode(" the") == [len(tok.pieces) - 4]  # the merge "Ġthe"
+    chat = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("problem,expect", [
+    ("not_gguf", "not a GGUF file"),
+    ("truncated", "damaged or truncated"),
+    ("missing_tensor", "tensor 'blk.1.ffn_down.weight' is missing"),
+    ("bad_arch", "architecture 'gpt2' is not supported"),
+    ("no_file", "no such file"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, problem, expect):
+    rng = np.random.default_rng(0)
+    w, cfg = make_weights(rng)
+    path = tmp_path / "m.gguf"
+    if problem == "not_gguf":
+        path.write_text("hello")
+    elif problem == "truncated":
+        write_gguf(path, w, cfg)
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif problem == "missing_tensor":
+        write_gguf(path, w, cfg, drop={"blk.1.ffn_down"})
+    elif problem == "bad_arch":
+        write_gguf(path, w, cfg, arch_name="gpt2")
+    elif problem == "no_file":
+        path = tmp_path / "absent.gguf"
+    with pytest.raises(ModelError, match=expect) as err:
+        Llama.load(path)
+    assert str(path) in str(err.value)
