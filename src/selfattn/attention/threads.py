@@ -26,6 +26,7 @@ def set_num_threads(n: int) -> None:
     import numba
 
     _threads = n
+    prepare_numba_threads()  # numba.set_num_threads starts its OpenMP pool: settings first
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
