@@ -14,6 +14,7 @@ float32.
 """
 
 import math
+
 import numba as nb
 import numpy as np
 
@@ -75,7 +76,7 @@ def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softca
 
 @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, has_mask,
-         block_keys, out_rows, lse_rows):
+               block_keys, out_rows, lse_rows):
     """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.
 
     kh (S, D), vh (S, Dv): this kv head's keys and values. Rows see keys p - left .. p + right
@@ -118,8 +119,6 @@ def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, ha
             lse_rows[r] = -np.inf
 
 
-
-
 def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
                     block_keys=BLOCK_KEYS):
     """q (B, H, T, D), k (B, H_kv, S_max, D), v (B, H_kv, S_max, Dv), float32 or float64,
@@ -154,8 +153,8 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
         o = np.empty((G * tq, Dv), dtype)
         row_lse = np.empty(G * tq, dtype)
         m = no_mask if mask is None else mask[b, h0:h0 + G, i0:i1]
-        flash_task(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right, softcap, m,
-            mask is not None, Sk, o, row_lse)
+        flash_task(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right,
+                   softcap, m, mask is not None, Sk, o, row_lse)
         out[b, h0:h0 + G, i0:i1] = o.reshape(G, tq, Dv)
         lse[b, h0:h0 + G, i0:i1] = row_lse.reshape(G, tq)
 
