@@ -62,7 +62,8 @@ def cmd_demo(args):
                           f"{p.gflops:.1f}", f"{p.peak_bytes / 2**20:.1f}")
     console.print(table)
     console.print("Doubling n multiplies the pairs, and so the time, by ~4: the quadratic wall. "
-                  "The reference's memory grows by ~4 too; the flash path's stays flat.")
+                  "The reference's memory grows by ~4 too; the flash path's only by ~2 (its "
+                  "output and per-task buffers), never n².")
 
 
 def _load(model_path):
