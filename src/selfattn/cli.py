@@ -126,6 +126,7 @@ def cmd_generate(args):
                       prefill_attention_share=stats.prefill_attention_share,
                       decode_attention_share=stats.decode_attention_share,
                       kv_cache_bytes=stats.kv_cache_bytes, ctx=ctx,
+                      attention_pairs=stats.attention_pairs,
                       stop_reason=stats.stop_reason)
         print(json.dumps(record))
     else:

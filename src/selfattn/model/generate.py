@@ -60,6 +60,7 @@ class GenerationStats:
     prefill_attention_share: float = 0.0
     decode_attention_share: float = 0.0
     kv_cache_bytes: int = 0
+    attention_pairs: int = 0  # (query, key) pairs scored, over all heads and layers
     stop_reason: str = ""
 
     def as_dict(self):
@@ -119,4 +120,5 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
     stats.attention_share = (pre_t.attention_s + dec_t.attention_s) / total if total else 0.0
     stats.prefill_attention_share = pre_t.attention_share
     stats.decode_attention_share = dec_t.attention_share
+    stats.attention_pairs = pre_t.attention_pairs + dec_t.attention_pairs
     return stats

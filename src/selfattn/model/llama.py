@@ -204,6 +204,8 @@ class Llama:
         H, H_kv, D = a.n_heads, a.n_kv_heads, a.head_dim
         q_dim, kv_dim = H * D, H_kv * D
         window = a.sliding_window
+        seen = np.arange(pos + 1, pos + T + 1)  # keys each new query sees, causal
+        layer_pairs = int((seen if window is None else np.minimum(seen, window)).sum())
         x = w.token_embd[tokens]  # (T, dim)
         for i, layer in enumerate(w.layers):
             h = self.rmsnorm(x, layer.attn_norm)
@@ -218,7 +220,7 @@ class Llama:
             o = attention(q.transpose(1, 0, 2)[None], k_cache, v_cache, causal=True,
                           window=window, kv_len=pos + T)  # (1, H, T, D)
             attn_s += time.perf_counter() - t
-            pairs += H * (T * pos + T * (T + 1) // 2)
+            pairs += H * layer_pairs
             x = x + o[0].transpose(1, 0, 2).reshape(T, q_dim) @ layer.w_o.T
             h = self.rmsnorm(x, layer.ffn_norm)
             gu = h @ layer.w_gate_up.T
