@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .softmax import FASTMATH, exp_inplace
+from .softmax import FASTMATH, online_softmax_row
 from .threads import num_threads, prepare_numba_threads
 
 KEY_TILE = 64  # keys scored per online-softmax step inside a chunk
@@ -77,29 +77,8 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
                 p = S - T + r % T
                 lo = min(max(p - left - j0, 0), nk)
                 hi = min(max(p + right - j0 + 1, lo), nk)
-                for jj in range(lo):
-                    row[jj] = ninf
-                for jj in range(hi, nk):
-                    row[jj] = ninf
-                mx = ninf
-                for jj in range(nk):
-                    x = row[jj]
-                    mx = x if x > mx else mx
-                m_old = mm[r]
-                m_new = mx if mx > m_old else m_old
-                if m_new == ninf:
-                    for jj in range(nk):
-                        row[jj] = 0.0
-                    continue
-                any_seen = True
-                total = exp_inplace(row, nk, m_new, ibuf)
-                if m_old != m_new:
-                    alpha = math.exp(m_old - m_new)
-                    ll[r] *= alpha
-                    for d in range(Dv):
-                        a[r, d] *= alpha
-                    mm[r] = m_new
-                ll[r] += total
+                if online_softmax_row(row, nk, lo, hi, r, mm, ll, a, ibuf):
+                    any_seen = True
             if not any_seen:
                 continue
             for jj in range(nk):

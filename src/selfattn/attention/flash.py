@@ -18,7 +18,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .softmax import FASTMATH, exp_inplace
+from .softmax import FASTMATH, online_softmax_row
 from .threads import blas_single_threaded, num_threads, pool
 
 BLOCK_ROWS = 512  # rows (G * query block) per task: the score block is BLOCK_ROWS x BLOCK_KEYS
@@ -34,7 +34,6 @@ def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softca
     s holds q·k (already scaled) and is overwritten with exp(logit - m_i), ready for s @ v.
     """
     R, nk = s.shape
-    ninf = s.dtype.type(-np.inf)
     for r in range(R):
         row = s[r]
         g = r // rows_per_head
@@ -46,32 +45,12 @@ def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softca
             mrow = mask[g, i]
             for j in range(nk):
                 row[j] += mrow[j]
+        lo, hi = 0, nk
         if band:
             p = qpos0 + i
             lo = min(max(p - left - j0, 0), nk)
             hi = min(max(p + right - j0 + 1, lo), nk)
-            for j in range(lo):
-                row[j] = ninf
-            for j in range(hi, nk):
-                row[j] = ninf
-        mx = ninf
-        for j in range(nk):
-            x = row[j]
-            mx = x if x > mx else mx
-        m_old = m_i[r]
-        m_new = mx if mx > m_old else m_old
-        if m_new == ninf:  # nothing visible yet in this row
-            for j in range(nk):
-                row[j] = 0.0
-            continue
-        total = exp_inplace(row, nk, m_new, ibuf)
-        if m_old != m_new:
-            alpha = math.exp(m_old - m_new)
-            l_i[r] *= alpha
-            for d in range(acc.shape[1]):
-                acc[r, d] *= alpha
-            m_i[r] = m_new
-        l_i[r] += total
+        online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf)
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)

@@ -87,3 +87,39 @@ def _exp_inplace_by_dtype(x, n, shift, ibuf):
         return lambda x, n, shift, ibuf: _exp_f32(x, n, shift, ibuf)
     return lambda x, n, shift, ibuf: _exp_f64(x, n, shift, ibuf)
 
+
+
+@nb.njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always")  # inlined into the kernels
+def online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf):
+    """One key block of online softmax for query row r, in place.
+
+    row[:nk] holds the row's scaled (soft-capped, masked) logits for the block; keys outside
+    lo .. hi-1 are set to -inf first (the causal / window band). Then m_i[r] (running max),
+    l_i[r] (running sum) and acc[r] (running output) are brought up to date, and row[:nk] becomes
+    exp(logit - m_i[r]), ready to be multiplied with the block's values. Returns False, with
+    row[:nk] zeroed, if the row has seen no key yet.
+    """
+    ninf = row.dtype.type(-np.inf)
+    for j in range(lo):
+        row[j] = ninf
+    for j in range(hi, nk):
+        row[j] = ninf
+    mx = ninf
+    for j in range(nk):
+        x = row[j]
+        mx = x if x > mx else mx
+    m_old = m_i[r]
+    m_new = mx if mx > m_old else m_old
+    if m_new == ninf:
+        for j in range(nk):
+            row[j] = 0.0
+        return False
+    total = exp_inplace(row, nk, m_new, ibuf)
+    if m_old != m_new:
+        alpha = math.exp(m_old - m_new)
+        l_i[r] *= alpha
+        for d in range(acc.shape[1]):
+            acc[r, d] *= alpha
+        m_i[r] = m_new
+    l_i[r] += total
+    return True
