@@ -148,3 +148,10 @@ def test_bad_files_give_one_clear_error(tmp_path, problem, expect):
     with pytest.raises(ModelError, match=expect) as err:
         Llama.load(path)
     assert str(path) in str(err.value)
+
+
+def test_a_cache_larger_than_memory_is_refused_before_allocating(tiny):
+    path, w, cfg = tiny
+    m = Llama.load(path)
+    with pytest.raises(ContextError, match=r"needs .* GiB, .* GiB is available: at most \d+"):
+        KVCache.for_model(m.args, 10**12)

@@ -11,12 +11,31 @@ import numpy as np
 from .errors import ContextError
 
 
+def available_memory() -> int | None:
+    """Bytes the OS says can be allocated without swapping (MemAvailable), if it says."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
                  dtype=np.float32):
         if max_len < 1:
             raise ContextError(f"context length must be >= 1, got {max_len}")
         shape = (n_layers, 1, n_kv_heads, max_len, head_dim)
+        need = 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        free = available_memory()
+        if free is not None and need > free:
+            per_position = need // max_len
+            raise ContextError(f"a KV cache for {max_len} positions needs {need / 2**30:.2f} GiB, "
+                               f"{free / 2**30:.2f} GiB is available: at most "
+                               f"{free // per_position} positions fit")
         self.k = np.empty(shape, dtype)
         self.v = np.empty(shape, dtype)
         self.k.fill(0)

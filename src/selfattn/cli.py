@@ -89,13 +89,13 @@ def cmd_generate(args):
 
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed)
+    if args.system and not args.chat:
+        raise CLIError("--system needs --chat (it is part of the chat template)")
     model, tok, path, load_s = _load(args.model)
     ctx = args.ctx or model.args.context_length
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
-    elif args.system:
-        raise CLIError("--system needs --chat (it is part of the chat template)")
     else:
         text = args.prompt
     ids = tok.encode(text)
