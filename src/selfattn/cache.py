@@ -47,20 +47,16 @@ class KVCache:
     def for_model(cls, args, max_len: int) -> "KVCache":
         return cls(args.n_layers, args.n_kv_heads, args.head_dim, max_len)
 
-    @staticmethod
-    def bytes_for(args, max_len: int, bytes_per_value: int = 4) -> int:
-        return 2 * args.n_layers * args.n_kv_heads * max_len * args.head_dim * bytes_per_value
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
     def reserve(self, pos: int, T: int):
-        if pos != self.length and pos > self.length:
+        if pos > self.length:
             raise ContextError(f"cannot write at position {pos}: the cache holds {self.length}")
         if pos + T > self.max_len:
             raise ContextError(f"{pos + T} tokens do not fit a context of {self.max_len} "
-                               f"(raise --ctx, or shorten the prompt)")
+                               "(a larger context, or a shorter prompt)")
 
     def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray):
         """k, v (T, H_kv, D) at positions pos .. pos+T-1; returns this layer's full K, V."""
@@ -71,7 +67,3 @@ class KVCache:
 
     def commit(self, pos: int, T: int):
         self.length = pos + T
-
-    def truncate(self, length: int):
-        """Forget positions >= length (the next write may start there)."""
-        self.length = min(self.length, length)

@@ -118,17 +118,8 @@ def cmd_generate(args):
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
     if args.json:
-        record = dict(model=str(path), prompt_tokens=stats.prompt_tokens,
-                      generated_tokens=stats.generated_tokens, text=text_out,
-                      token_ids=stats.token_ids, load_s=load_s, ttft_s=stats.ttft_s,
-                      prefill_tps=stats.prefill_tps, decode_tps=stats.decode_tps,
-                      attention_share=stats.attention_share,
-                      prefill_attention_share=stats.prefill_attention_share,
-                      decode_attention_share=stats.decode_attention_share,
-                      kv_cache_bytes=stats.kv_cache_bytes, ctx=ctx,
-                      attention_pairs=stats.attention_pairs,
-                      stop_reason=stats.stop_reason)
-        print(json.dumps(record))
+        print(json.dumps(dict(model=str(path), text=text_out, load_s=load_s, ctx=ctx,
+                              **stats.as_dict())))
     else:
         print()
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "

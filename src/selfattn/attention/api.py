@@ -150,7 +150,9 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
                 mask = np.where(mask, work(0), work(-np.inf))
             mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
         kernel = decode_attention if impl == "decode" else flash_attention
-        out, lse = kernel(q, k, v, S, band, mask, softcap, scale)
+        T = q.shape[2]
+        edges = tuple(S + T if e is None else e for e in band)  # an open side: past every key
+        out, lse = kernel(q, k, v, S, edges, mask, softcap, scale)
 
     out = out.astype(in_dtype, copy=False)
     lse = lse.astype(np.float64 if in_dtype == np.float64 else np.float32, copy=False)

@@ -116,16 +116,13 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
                 lse[b, h, t] = M + math.log(total)
 
 
-
-
 def decode_attention(q, k, v, S, band, mask, softcap, scale):
     """Same contract as `flash.flash_attention`; meant for T <= ~16 queries."""
     B, H, T, D = q.shape
     H_kv, Dv = k.shape[1], v.shape[3]
     G = H // H_kv
     dtype = q.dtype
-    left = S + T if band[0] is None else band[0]
-    right = S + T if band[1] is None else band[1]
+    left, right = band
     # keys any query may see: from the first query's lower edge to the last one's upper edge
     j_lo, j_hi = max(0, S - T - left), min(S - 1, S - 1 + right)
     out = np.empty((B, H, T, Dv), dtype)
@@ -148,5 +145,5 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale):
     l_i = np.empty((B, H_kv, C, G * T), dtype)
     prepare_numba_threads()
     decode_chunks(qs, k, v, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
-                          mask is not None, acc, m_i, l_i, out, lse)
+                  mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

@@ -103,7 +103,7 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
     """q (B, H, T, D), k (B, H_kv, S_max, D), v (B, H_kv, S_max, Dv), float32 or float64,
     validated and contiguous; the first S keys are used.
 
-    band: (left, right) key offsets relative to each query's position S - T + i (None = open).
+    band: (left, right) ints: query i, at position p = S - T + i, sees keys p - left .. p + right.
     mask: additive float array broadcast to (B, H, T, S), or None. softcap: float or 0.
     Returns out (B, H, T, Dv) and lse (B, H, T), both in q's dtype.
     """
@@ -117,8 +117,7 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
     Tq = max(min(Tq, 16), min(Tq, -(-T // per_head)))
     Sk = max(1, min(S, block_keys))
     off = S - T
-    left = S + T if band[0] is None else band[0]
-    right = S + T if band[1] is None else band[1]
+    left, right = band
     out = np.empty((B, H, T, Dv), dtype)
     lse = np.empty((B, H, T), dtype)
     no_mask = np.broadcast_to(np.zeros(1, dtype), (1, 1, 1))

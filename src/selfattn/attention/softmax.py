@@ -88,7 +88,6 @@ def _exp_inplace_by_dtype(x, n, shift, ibuf):
     return lambda x, n, shift, ibuf: _exp_f64(x, n, shift, ibuf)
 
 
-
 @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always")  # inlined into the kernels
 def online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf):
     """One key block of online softmax for query row r, in place.

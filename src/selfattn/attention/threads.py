@@ -30,9 +30,6 @@ def set_num_threads(n: int) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-_omp_ready = False
-
-
 def prepare_numba_threads():
     """Before the first parallel numba launch: make its OpenMP workers sleep, not spin, when idle.
 
@@ -41,10 +38,7 @@ def prepare_numba_threads():
     at the last moment, so that a process that never runs our decode path (a torch peer in a
     benchmark) keeps its own OpenMP settings. A user's OMP_WAIT_POLICY wins.
     """
-    global _omp_ready
-    if not _omp_ready:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        _omp_ready = True
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pool(workers: int) -> ThreadPoolExecutor:

@@ -29,11 +29,6 @@ class ModelArgs:
     rope_freq_factors: bool = False  # llama3-style per-frequency factors (rope_freqs.weight)
     name: str = ""
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """float32 K and V of one token across all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
-
     @classmethod
     def from_gguf(cls, reader, path) -> "ModelArgs":
         arch = field(reader, "general.architecture")

@@ -97,10 +97,7 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
         on_token(token)
     stats.stop_reason = "max_tokens"
     t1 = time.perf_counter()
-    while len(stats.token_ids) < max_tokens:
-        if token in eos_ids:
-            stats.stop_reason = "eos"
-            break
+    while len(stats.token_ids) < max_tokens and token not in eos_ids:
         if cache.length >= cache.max_len:
             stats.stop_reason = "context_full"
             break
@@ -109,9 +106,8 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
         stats.token_ids.append(token)
         if on_token:
             on_token(token)
-    else:
-        if token in eos_ids:
-            stats.stop_reason = "eos"
+    if token in eos_ids:
+        stats.stop_reason = "eos"
     stats.decode_s = time.perf_counter() - t1
     stats.generated_tokens = len(stats.token_ids)
     stats.prefill_tps = len(prompt_ids) / stats.ttft_s if stats.ttft_s > 0 else 0.0

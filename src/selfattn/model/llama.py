@@ -65,14 +65,6 @@ class Weights:
     layers: list[Layer] = field(default_factory=list)
     rope_freq_factors: np.ndarray | None = None
 
-    @property
-    def nbytes(self) -> int:
-        arrays = [self.token_embd, self.output_norm, *(
-            a for layer in self.layers for a in vars(layer).values() if a is not None)]
-        if self.output is not self.token_embd:
-            arrays.append(self.output)
-        return sum(a.nbytes for a in arrays)
-
 
 class Llama:
     def __init__(self, args: ModelArgs, weights: Weights, path=""):
@@ -89,26 +81,25 @@ class Llama:
         args = ModelArgs.from_gguf(reader, path)
         tensors = tensor_index(reader)
 
-        def get(name, required=True):
+        def get(name, shape=None, required=True):
+            """The tensor as float32, checked against the shape the metadata implies."""
             if name not in tensors:
                 if required:
                     raise ModelError(f"{path}: tensor {name!r} is missing")
                 return None
-            return dequantize(tensors[name], path)
-
-        def check(name, a, shape):
-            if a is not None and a.shape != shape:
-                raise ModelError(f"{path}: tensor {name!r} has shape {a.shape}, expected {shape}")
-            return a
+            t = dequantize(tensors[name], path)
+            if shape is not None and t.shape != shape:
+                raise ModelError(f"{path}: tensor {name!r} has shape {t.shape}, expected {shape}")
+            return t
 
         a = args
         q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         layers = []
         for i in range(a.n_layers):
             p = f"blk.{i}."
-            wq = check(p + "attn_q.weight", get(p + "attn_q.weight"), (q_dim, a.dim))
-            wk = check(p + "attn_k.weight", get(p + "attn_k.weight"), (kv_dim, a.dim))
-            wv = check(p + "attn_v.weight", get(p + "attn_v.weight"), (kv_dim, a.dim))
+            wq = get(p + "attn_q.weight", (q_dim, a.dim))
+            wk = get(p + "attn_k.weight", (kv_dim, a.dim))
+            wv = get(p + "attn_v.weight", (kv_dim, a.dim))
             bias = None
             if a.qkv_bias:
                 bias = np.concatenate([get(p + "attn_q.bias"), get(p + "attn_k.bias"),
@@ -120,23 +111,20 @@ class Llama:
                                            unpermute(bias[q_dim:q_dim + kv_dim], a.n_kv_heads),
                                            bias[q_dim + kv_dim:]])
             layers.append(Layer(
-                attn_norm=check(p + "attn_norm.weight", get(p + "attn_norm.weight"), (a.dim,)),
+                attn_norm=get(p + "attn_norm.weight", (a.dim,)),
                 w_qkv=np.concatenate([wq, wk, wv]),
                 b_qkv=bias,
-                w_o=check(p + "attn_output.weight", get(p + "attn_output.weight"), (a.dim, q_dim)),
-                ffn_norm=check(p + "ffn_norm.weight", get(p + "ffn_norm.weight"), (a.dim,)),
-                w_gate_up=np.concatenate([
-                    check(p + "ffn_gate.weight", get(p + "ffn_gate.weight"), (a.ffn_dim, a.dim)),
-                    check(p + "ffn_up.weight", get(p + "ffn_up.weight"), (a.ffn_dim, a.dim))]),
-                w_down=check(p + "ffn_down.weight", get(p + "ffn_down.weight"), (a.dim, a.ffn_dim)),
+                w_o=get(p + "attn_output.weight", (a.dim, q_dim)),
+                ffn_norm=get(p + "ffn_norm.weight", (a.dim,)),
+                w_gate_up=np.concatenate([get(p + "ffn_gate.weight", (a.ffn_dim, a.dim)),
+                                          get(p + "ffn_up.weight", (a.ffn_dim, a.dim))]),
+                w_down=get(p + "ffn_down.weight", (a.dim, a.ffn_dim)),
             ))
-        embd = check("token_embd.weight", get("token_embd.weight"), (a.vocab_size, a.dim))
-        output = embd if a.tied_embeddings else check("output.weight", get("output.weight"),
-                                                      (a.vocab_size, a.dim))
+        embd = get("token_embd.weight", (a.vocab_size, a.dim))
+        output = embd if a.tied_embeddings else get("output.weight", (a.vocab_size, a.dim))
         weights = Weights(token_embd=embd, output=output,
-                          output_norm=check("output_norm.weight", get("output_norm.weight"),
-                                            (a.dim,)),
-                          layers=layers, rope_freq_factors=get("rope_freqs.weight", False))
+                          output_norm=get("output_norm.weight", (a.dim,)),
+                          layers=layers, rope_freq_factors=get("rope_freqs.weight", required=False))
         model = cls(args, weights, path)
         model.warmup()
         return model
