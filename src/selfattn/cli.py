@@ -5,6 +5,7 @@ Errors the user can fix (bad arguments, bad input) print one line on stderr and 
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -89,18 +90,10 @@ def cmd_generate(args):
 
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed)
-    if args.system and not args.chat:
-        raise CLIError("--system needs --chat (it is part of the chat template)")
+    _check_system(args)
     model, tok, path, load_s = _load(args.model)
     ctx = args.ctx or model.args.context_length
-    if args.chat:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
-    else:
-        text = args.prompt
-    ids = tok.encode(text)
-    if not ids:
-        raise CLIError("the prompt is empty")
+    ids = _prompt_ids(tok, args)
     if len(ids) >= ctx:
         raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx "
                        "(or shorten the prompt)")
@@ -127,6 +120,84 @@ def cmd_generate(args):
               f"({stats.prefill_tps:.0f} tok/s) | decode {stats.decode_tps:.1f} tok/s | "
               f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
               f"{stats.kv_cache_bytes / 2**20:.0f} MiB for {ctx} positions]", file=sys.stderr)
+
+
+def _check_system(args):
+    if args.system and not args.chat:
+        raise CLIError("--system needs --chat (it is part of the chat template)")
+
+
+def _prompt_ids(tok, args):
+    """The prompt as token ids, wrapped in the chat template with --chat."""
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        text = args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise CLIError("the prompt is empty")
+    return ids
+
+
+def cmd_inspect(args):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspect import head_stats, parse_selection, record_attention
+    from .inspect.record import check_size
+
+    for flag in ("png", "html", "json"):
+        target = getattr(args, flag)
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise CLIError(f"--{flag} {target}: its folder does not exist")
+    _check_system(args)
+    model, tok, path, _ = _load(args.model)
+    a = model.args
+    layers_text = args.layers or f"0,{a.n_layers // 2},{a.n_layers - 1}"
+    layers = parse_selection(layers_text, a.n_layers, "--layers")
+    heads = parse_selection(args.heads, a.n_heads, "--heads")
+    ids = _prompt_ids(tok, args)
+    check_size(len(ids), len(layers), len(heads))
+    record = record_attention(model, ids, tok.token_texts(ids), layers, heads)
+    stats = [head_stats(record.weights[x, y], layer, head)
+             for x, layer in enumerate(layers) for y, head in enumerate(heads)]
+    name = os.path.basename(str(path))
+    title = f"{name}: {len(ids)} tokens"
+    console = Console(stderr=args.json == "-")
+    table = Table(title=f"attention per head ({title}); averages over rows 1..n-1")
+    for col in ("layer", "head", "sink (token 0)", "previous", "self", "looks back", "entropy bit",
+                "kind"):
+        table.add_column(col, justify="right")
+    for s in stats:
+        table.add_row(str(s.layer), str(s.head), f"{s.sink_mass:.3f}", f"{s.prev_mass:.3f}",
+                      f"{s.self_mass:.3f}", f"{s.lookback:.2f}", f"{s.entropy_bits:.2f}", s.kind)
+    console.print(table)
+    sinks = sum(s.sink_mass > 0.5 for s in stats)
+    console.print(f"{sinks} of {len(stats)} heads put more than half their weight on the first "
+                  "token (the attention sink).")
+    if args.png:
+        from .inspect.draw import draw_png
+        draw_png(record, stats, args.png, title)
+        console.print(f"wrote {args.png}")
+    if args.html:
+        from .inspect.page import write_html
+        write_html(record, stats, args.html, title)
+        console.print(f"wrote {args.html}")
+    if args.json:
+        doc = {"model": str(path), "prompt": args.prompt, "token_ids": record.token_ids,
+               "tokens": record.tokens, "layers": layers, "heads": heads,
+               "weights": record.weights.tolist(),
+               "stats": [s.__dict__ for s in stats]}
+        if args.json == "-":
+            json.dump(doc, sys.stdout)
+            print()
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+            console.print(f"wrote {args.json}")
 
 
 def _nonneg_float(text):
@@ -168,6 +239,20 @@ def build_parser():
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true", help="one JSON object on stdout")
     gen.set_defaults(func=cmd_generate)
+
+    ins = sub.add_parser("inspect", help="record and draw the attention matrix of a prompt, per "
+                                         "layer and head")
+    ins.add_argument("prompt")
+    ins.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct)")
+    ins.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    ins.add_argument("--system", help="system message (with --chat)")
+    ins.add_argument("--layers", help="'all' or indices such as 0,14,-1 (default: first, middle, "
+                                      "last)")
+    ins.add_argument("--heads", default="all", help="'all' (default) or indices such as 0,3")
+    ins.add_argument("--png", metavar="FILE", help="a grid of heatmaps, layers x heads")
+    ins.add_argument("--html", metavar="FILE", help="a self-contained interactive page")
+    ins.add_argument("--json", metavar="FILE", help="weights and statistics ('-': stdout)")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 

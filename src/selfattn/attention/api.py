@@ -18,6 +18,7 @@ import numpy as np
 from .decode import decode_attention
 from .flash import flash_attention
 from .reference import attention_reference
+from .reference import attention_weights as _reference_weights
 
 IMPLS = ("auto", "reference", "flash", "decode")
 DECODE_MAX_T = 16  # "auto" sends T <= this to the split-K decode path
@@ -169,3 +170,18 @@ def warmup():
     kv = rng.standard_normal((1, 1, 40, 16), np.float32)
     attention(q, kv, kv, causal=True, impl="flash")
     attention(q[:, :, -1:], kv, kv, causal=True, impl="decode")
+
+
+def attention_weights(q, k, *, causal=False, mask=None, window=None, softcap=None, scale=None,
+                      kv_len=None):
+    """The attention matrix softmax(q kᵀ · scale + mask) itself: (B, H, T, S) float64, rows
+    summing to 1 (0 where a row sees no key). Same arguments and conventions as `attention`.
+
+    It is computed by the reference and costs B·H·T·S·8 bytes: for looking at, not for speed.
+    """
+    batched = _as_array(q, "q").ndim == 4
+    q, k, _, band, mask, softcap, scale, S = _validate(q, k, k, causal, mask, window, softcap,
+                                                       scale, "reference", kv_len)
+    p, _, _ = _reference_weights(q, k[:, :, :S], band=band, mask=mask, softcap=softcap,
+                                 scale=scale)
+    return p if batched else p[0]

@@ -31,17 +31,17 @@ def band_mask(T: int, S: int, left, right) -> np.ndarray:
     return ok
 
 
-def attention_reference(q, k, v, *, band=(None, None), mask=None, softcap=None, scale=None):
-    """q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> out (B, H, T, Dv), lse (B, H, T).
+def attention_weights(q, k, *, band=(None, None), mask=None, softcap=None, scale=None):
+    """The attention matrix itself: softmax of the masked, scaled logits, (B, H, T, S) float64.
 
-    band: (left, right) as in `band_mask`. mask: bool (True = may attend) or additive float,
-    broadcastable to (B, H, T, S). Computed and returned in float64.
+    Arguments as `attention_reference`. Returns (p, m, l): p normalized (rows sum to 1, a row
+    that sees no key is all zeros), and each row's max logit m and unnormalized sum l (B, H, T, 1)
+    from which lse = m + log l.
     """
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     k = np.repeat(k, H // H_kv, axis=1)  # GQA: query head h uses kv head h // (H / H_kv)
-    v = np.repeat(v, H // H_kv, axis=1)
     scale = 1.0 / np.sqrt(D) if scale is None else scale
 
     logits = (q @ k.swapaxes(-1, -2)) * scale
@@ -61,6 +61,20 @@ def attention_reference(q, k, v, *, band=(None, None), mask=None, softcap=None, 
     p = np.exp(logits - m)
     l = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(l > 0, (p @ v) / l, 0.0)
+        p = np.where(l > 0, p / l, 0.0)
+    return p, m, l
+
+
+def attention_reference(q, k, v, *, band=(None, None), mask=None, softcap=None, scale=None):
+    """q (B, H, T, D), k (B, H_kv, S, D), v (B, H_kv, S, Dv) -> out (B, H, T, Dv), lse (B, H, T).
+
+    band: (left, right) as in `band_mask`. mask: bool (True = may attend) or additive float,
+    broadcastable to (B, H, T, S). Computed and returned in float64.
+    """
+    p, m, l = attention_weights(q, k, band=band, mask=mask, softcap=softcap, scale=scale)
+    v = np.asarray(v, np.float64)
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
+    out = p @ v
+    with np.errstate(divide="ignore"):
         lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
     return out, lse

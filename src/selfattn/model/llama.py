@@ -174,10 +174,12 @@ class Llama:
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, observe=None) -> np.ndarray:
         """tokens (T,) at positions pos .. pos+T-1, after `pos` tokens already in `cache`.
 
         Writes their K/V into the cache. Returns logits (vocab,) of the last token, or (T, vocab).
+        observe(layer, q, k, kv_len, window), if given, sees each layer's attention inputs after
+        RoPE: q (1, H, T, D) and the cached keys k (1, H_kv, >= kv_len, D), valid up to kv_len.
         """
         a, w = self.args, self.weights
         tokens = np.asarray(tokens)
@@ -204,6 +206,8 @@ class Llama:
             k = self.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(T, H_kv, D), pos)
             v = qkv[:, q_dim + kv_dim:].reshape(T, H_kv, D)
             k_cache, v_cache = cache.write(i, pos, k, v)
+            if observe is not None:
+                observe(i, q.transpose(1, 0, 2)[None], k_cache, pos + T, window)
             t = time.perf_counter()
             o = attention(q.transpose(1, 0, 2)[None], k_cache, v_cache, causal=True,
                           window=window, kv_len=pos + T)  # (1, H, T, D)

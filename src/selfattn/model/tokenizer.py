@@ -115,6 +115,11 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
+    def token_texts(self, ids) -> list[str]:
+        """Each token's own text (special tokens included; a token holding part of a multi-byte
+        character shows U+FFFD)."""
+        return [self.tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ModelError("this model's file has no chat template (tokenizer.chat_template)")
