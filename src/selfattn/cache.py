@@ -11,6 +11,18 @@ import numpy as np
 from .errors import ContextError
 
 
+KV_BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}  # bits per cached value (ggml's
+# q8_0 and q4_0: blocks of 32 values with one f16 scale, so 34 and 18 bytes per 32 values)
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, positions: int,
+                   kv_dtype: str = "f32") -> int:
+    """Bytes of K and V for `positions` positions of every layer: 2·L·H_kv·D·positions·bits/8."""
+    if kv_dtype not in KV_BITS:
+        raise ValueError(f"kv dtype must be one of {', '.join(KV_BITS)}, got {kv_dtype!r}")
+    return int(2 * n_layers * n_kv_heads * head_dim * positions * KV_BITS[kv_dtype] / 8)
+
+
 def available_memory() -> int | None:
     """Bytes the OS says can be allocated without swapping (MemAvailable), if it says."""
     try:
@@ -29,7 +41,8 @@ class KVCache:
         if max_len < 1:
             raise ContextError(f"context length must be >= 1, got {max_len}")
         shape = (n_layers, 1, n_kv_heads, max_len, head_dim)
-        need = 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        kind = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}[np.dtype(dtype)]
+        need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, max_len, kind)
         free = available_memory()
         if free is not None and need > free:
             per_position = need // max_len

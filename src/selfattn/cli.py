@@ -20,6 +20,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def _console(stderr=False):
+    """rich's Console; wide enough for the tables when the output is a file or a pipe."""
+    from rich.console import Console
+
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 150)
+
+
 def _positive_int(text):
     try:
         n = int(text)
@@ -31,7 +40,6 @@ def _positive_int(text):
 
 
 def cmd_demo(args):
-    from rich.console import Console
     from rich.table import Table
 
     from .measure.wall import quadratic_wall
@@ -45,7 +53,7 @@ def cmd_demo(args):
     while n <= args.max_n:
         ns.append(n)
         n *= 2
-    console = Console()
+    console = _console()
     console.print(f"[bold]The quadratic wall[/]: causal self-attention, H={args.heads} "
                   f"H_kv={args.kv_heads} D={args.dim}, float32. Reference (builds the n x n "
                   f"matrix, float64) against selfattn's flash path (never builds it).")
@@ -143,7 +151,6 @@ def _prompt_ids(tok, args):
 def cmd_inspect(args):
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from .inspect import head_stats, parse_selection, record_attention
@@ -166,7 +173,7 @@ def cmd_inspect(args):
              for x, layer in enumerate(layers) for y, head in enumerate(heads)]
     name = os.path.basename(str(path))
     title = f"{name}: {len(ids)} tokens"
-    console = Console(stderr=args.json == "-")
+    console = _console(stderr=args.json == "-")
     table = Table(title=f"attention per head ({title}); averages over rows 1..n-1")
     for col in ("layer", "head", "sink (token 0)", "previous", "self", "looks back", "entropy bit",
                 "kind"):
@@ -198,6 +205,207 @@ def cmd_inspect(args):
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(doc, f)
             console.print(f"wrote {args.json}")
+
+
+def _int_list(text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") \
+            from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
+def _gb(n):
+    return f"{n / 1e9:,.2f} GB"
+
+
+def cmd_roofline(args):
+    import json
+
+    from rich.table import Table
+
+    from .measure.roofline import load_or_measure
+
+    console = _console(stderr=True)
+    with console.status("measuring this machine's matmul FLOP/s and read bandwidth..."):
+        r, fresh = load_or_measure(refresh=args.refresh)
+    if args.json:
+        print(json.dumps(dict(r, measured_now=fresh)))
+        return
+    table = Table(title=f"roofline of this machine ({r['cpu']}), "
+                        f"{'measured now' if fresh else 'measured ' + r['date']}")
+    for col in ("", "1 thread", f"{r['threads']} threads"):
+        table.add_column(col, justify="right")
+    table.add_row("float32 matmul GFLOP/s", f"{r['matmul_gflops_1t']:.1f}",
+                  f"{r['matmul_gflops']:.1f}")
+    table.add_row("read bandwidth GB/s", f"{r['read_gbs_1t']:.1f}", f"{r['read_gbs']:.1f}")
+    table.add_row("ridge point FLOP/byte", "", f"{r['matmul_gflops'] / r['read_gbs']:.1f}")
+    _console().print(table)
+    _console().print(f"BLAS: {r['blas']}. Cached in {_store_path('roofline')}; --refresh "
+                    "measures again.")
+
+
+def _store_path(kind):
+    from .measure.store import cache_dir
+    return cache_dir() / f"{kind}.json"
+
+
+def _model_shape(model_arg, quant=None):
+    """--model as a GGUF file (its own metadata and tensor sizes) or a catalog name."""
+    from .model import default_model_path
+    from .model.gguf_file import open_gguf
+    from .plan import ModelShape, find_model
+
+    if model_arg is None:
+        model_arg = str(default_model_path())
+    if os.path.exists(model_arg) or model_arg.endswith(".gguf"):
+        if quant:
+            raise CLIError("--quant is for catalog models; a GGUF file has its own types")
+        return ModelShape.from_gguf(open_gguf(model_arg), model_arg)
+    return ModelShape.from_catalog(find_model(model_arg), quant or "Q4_K_M")
+
+
+def cmd_bench(args):
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .measure import bench, store
+    from .measure.roofline import load_or_measure
+    from .model.gguf_file import open_gguf
+    from .plan import ModelShape
+
+    for flag in ("json", "plot"):
+        target = getattr(args, flag)
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise CLIError(f"--{flag} {target}: its folder does not exist")
+    console = _console(stderr=True)
+    with console.status("roofline..."):
+        roofline, _ = load_or_measure()
+    path = args.model
+    if path is None:
+        from .model import default_model_path
+        path = str(default_model_path())
+    shape = ModelShape.from_gguf(open_gguf(path), path)
+    depths = sorted(set(args.depths))
+    with Progress(console=console, transient=True) as progress:
+        if args.kernels:
+            total = len(depths) + sum(1 for d in depths if d > 0)
+            task = progress.add_task("attention kernels", total=total)
+            records = bench.run_kernel_bench(shape, roofline, args.p, depths, args.reps,
+                                             on_step=lambda _: progress.advance(task))
+        else:
+            task = progress.add_task("loading the model", total=bench.count_steps(depths))
+            model, _, _, _ = _load(path)
+            progress.update(task, description="benchmarking")
+            records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
+                                      args.ttft_reps, on_step=lambda s: progress.update(
+                                          task, advance=1, description=s))
+    name = os.path.basename(path)
+    table = Table(title=f"selfattn bench: {name} on {roofline['cpu']} ({roofline['threads']} "
+                        f"threads; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
+                        f"{roofline['read_gbs']:.1f} GB/s)")
+    for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
+                "of roofline"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r.test, f"{r.avg_ts:,.1f} ± {r.stddev_ts:,.1f}",
+                      f"{r.ttft_s:.3f}" if r.ttft_s else "",
+                      f"{100 * r.attention_share:.0f}%", f"{r.attention_pairs:,}",
+                      f"{r.weight_bytes_per_token / 1e6:,.0f} MB" if r.weight_bytes_per_token else "",
+                      f"{r.kv_bytes_per_token / 1e6:,.1f} MB" if r.kv_bytes_per_token else "",
+                      f"{100 * r.roofline_fraction:.0f}% {'BW' if r.n_gen else 'FLOP/s'}")
+    out = _console()
+    out.print(table)
+    calibration = None
+    if not args.kernels:
+        try:
+            calibration = bench.calibrate(records, shape, roofline)
+        except ValueError as e:
+            out.print(f"not calibrated: {e}")
+        else:
+            store.save("calibration", calibration)
+            out.print(f"calibrated `selfattn plan --hardware this` ({_store_path('calibration')}): "
+                      f"matmul efficiency {calibration['e_linear']:.2f}, attention "
+                      f"{calibration['e_attention']:.2f} (of peak FLOP/s); weight reads "
+                      f"{calibration['e_weights']:.2f}, KV reads {calibration['e_kv']:.2f} (of "
+                      "bandwidth)")
+    if args.plot:
+        if calibration is None:
+            raise CLIError("--plot needs a calibrated run (without --kernels, two or more depths)")
+        from .measure.plot import plot_bench
+        plot_bench(records, shape, roofline, calibration, args.plot, f"selfattn bench: {name}")
+        out.print(f"wrote {args.plot}")
+    if args.json:
+        doc = [dict(r.as_dict(), model=name, model_params=shape.params,
+                    model_bytes=shape.file_bytes, threads=roofline["threads"],
+                    backend="selfattn (CPU)") for r in records]
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        out.print(f"wrote {args.json}")
+
+
+def cmd_plan(args):
+    import json
+
+    from rich.table import Table
+
+    from .cache import available_memory
+    from .plan import device_for_this_machine, find_hardware, hardware_entries, plan
+    from .plan.predict import catalog_device
+
+    shape = _model_shape(args.model, args.quant)
+
+    def device(name):
+        if name == "this":
+            from .measure import store
+            from .measure.roofline import load_or_measure
+
+            roofline, _ = load_or_measure()
+            return device_for_this_machine(roofline, store.load("calibration"),
+                                           available_memory() or 0)
+        return catalog_device(find_hardware(name))
+
+    if args.rank:
+        devices = [catalog_device(e) for e in hardware_entries()]
+    else:
+        devices = [device(n.strip()) for n in args.hardware.split(",")]
+    kv = args.kv_dtype
+    preds = [plan(shape, d, args.ctx, kv or ("f32" if d.name == "this" else "f16"), args.min_tps)
+             for d in devices]
+    if args.rank:
+        preds.sort(key=lambda p: (not p.fits, -p.decode_tps))
+    if args.json:
+        docs = [dict(p.as_dict(), hardware_label=d.label, source=d.source)
+                for p, d in zip(preds, devices)]
+        print(json.dumps(docs[0] if len(docs) == 1 and not args.rank else docs))
+        return
+    out = _console()
+    table = Table(title=f"selfattn plan: {shape.name} ({shape.quant}, {shape.params / 1e9:.2f} B "
+                        f"params) at {args.ctx:,} tokens of context")
+    for col in ("hardware", "fits", "weights", "KV cache", "total / usable", "max ctx",
+                f"TTFT {args.ctx:,}", f"tok/s @ d{args.ctx}", "tok/s empty") + \
+            (("below min @",) if args.min_tps else ()):
+        table.add_column(col, justify="right")
+    for p in preds:
+        table.add_row(p.hardware + ("" if p.calibrated else " (uncalibrated)"),
+                      "yes" if p.fits else "[red]no[/]", _gb(p.weights_bytes),
+                      f"{_gb(p.kv_cache_bytes)} {p.kv_dtype}",
+                      f"{_gb(p.total_bytes)} / {_gb(p.usable_bytes)}", f"{p.max_ctx:,}",
+                      f"{p.ttft_s:,.2f} s", f"{p.decode_tps:,.1f}", f"{p.decode_tps_empty:,.1f}",
+                      *((("never" if p.min_tps_depth is None else f"{p.min_tps_depth:,}"),)
+                        if args.min_tps else ()))
+    out.print(table)
+    if len(preds) == 1:
+        for line in preds[0].advice:
+            out.print(f"- {line}")
+    if any(not p.calibrated for p in preds):
+        out.print("this machine is not calibrated yet: run `selfattn bench` (its efficiencies "
+                  "replace the defaults)")
 
 
 def _nonneg_float(text):
@@ -253,6 +461,40 @@ def build_parser():
     ins.add_argument("--html", metavar="FILE", help="a self-contained interactive page")
     ins.add_argument("--json", metavar="FILE", help="weights and statistics ('-': stdout)")
     ins.set_defaults(func=cmd_inspect)
+
+    roof = sub.add_parser("roofline", help="this machine's float32 FLOP/s and read bandwidth")
+    roof.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    roof.add_argument("--refresh", action="store_true", help="measure again (else cached)")
+    roof.set_defaults(func=cmd_roofline)
+
+    b = sub.add_parser("bench", help="llama-bench's pp/tg tests and TTFT against depth, with "
+                                     "attention share and roofline fractions")
+    b.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct)")
+    b.add_argument("-p", type=_positive_int, default=512, help="prompt tokens per pp test")
+    b.add_argument("-n", type=_positive_int, default=128, help="tokens per tg test")
+    b.add_argument("--depths", type=_int_list, default=[0, 512, 2048, 8192],
+                   help="tokens already in the cache (default 0,512,2048,8192)")
+    b.add_argument("--reps", type=_positive_int, default=5)
+    b.add_argument("--ttft-reps", type=_positive_int, help="repetitions of each TTFT prefill "
+                                                           "(default: --reps)")
+    b.add_argument("--json", metavar="FILE", help="the records, llama-bench's fields and ours")
+    b.add_argument("--plot", metavar="FILE", help="PNG: TTFT against n, tok/s against depth")
+    b.add_argument("--kernels", action="store_true", help="the attention kernels alone")
+    b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plan", help="will a model fit at a context, and how fast will it run")
+    pl.add_argument("--model", help="a GGUF file or a catalog name (default: SmolLM2-135M)")
+    pl.add_argument("--ctx", type=_positive_int, required=True)
+    pl.add_argument("--quant", help="for catalog models: Q4_0, Q4_K_M (default), Q5_K_M, Q6_K, "
+                                    "Q8_0, F16, BF16")
+    pl.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"],
+                    help="default f32 on this machine (selfattn), f16 on catalog hardware")
+    pl.add_argument("--hardware", default="this", help="'this', a catalog name, or several "
+                                                       "separated by commas")
+    pl.add_argument("--rank", action="store_true", help="every catalog entry, by tokens/s")
+    pl.add_argument("--min-tps", type=float, help="report the depth where tokens/s falls below")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -81,6 +81,20 @@ def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
     return x.nbytes / t / 1e9
 
 
+def load_or_measure(refresh: bool = False) -> tuple[dict, bool]:
+    """This machine's roofline as a dict (with 'date' and 'cpu'), from the cache unless refresh
+    or none is stored; -> (roofline, measured_now)."""
+    from . import store
+
+    if not refresh:
+        stored = store.load("roofline")
+        if stored is not None:
+            return stored, False
+    record = dict(asdict(measure()), cpu=store.cpu_name())
+    store.save("roofline", record)
+    return store.load("roofline") or record, True
+
+
 def measure(threads=None) -> Roofline:
     from ..attention.threads import num_threads
 

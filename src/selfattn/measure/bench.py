@@ -1,0 +1,239 @@
+"""`selfattn bench`: llama-bench's tests on selfattn's runner, with where the time went.
+
+For each depth d (tokens already in the KV cache):
+- TTFT for a prompt of d tokens (prefill from an empty cache, then the first token chosen);
+- pp{p} @ d{d}: p prompt tokens processed after d cached ones, tokens/s;
+- tg{n} @ d{d}: n tokens generated one at a time after d cached ones, tokens/s.
+Prompts are fixed pseudo-random token ids, as llama-bench's are. Each test runs `reps` times
+(TTFT: `ttft_reps`); the median and standard deviation are reported, and every sample is kept.
+
+`calibrate` fits the planner's efficiencies to these samples (see selfattn.plan.predict):
+prefill seconds = linear FLOPs / (F·e_linear) + attention FLOPs / (F·e_attention) by least
+squares on relative error over every TTFT and pp sample; seconds per generated token =
+weight bytes / (B·e_weights) + KV bytes(d) / (B·e_kv) over the tg samples.
+"""
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..cache import KVCache
+from ..model.generate import prefill
+from ..model.llama import Timings
+
+
+@dataclass
+class Record:
+    test: str  # llama-bench's name: "pp512 @ d2048", "tg128 @ d2048", or "ttft @ 2048"
+    n_prompt: int
+    n_gen: int
+    n_depth: int
+    avg_ts: float  # median tokens/s over the samples (llama-bench: mean; the median resists noise)
+    stddev_ts: float
+    samples_ns: list = field(default_factory=list)  # wall time of each sample, ns
+    samples_ts: list = field(default_factory=list)
+    ttft_s: float | None = None  # TTFT for a prompt of n_depth tokens (n_prompt at depth 0)
+    attention_share: float = 0.0
+    attention_pairs: int = 0  # per sample
+    kv_bytes_per_token: int = 0  # KV cache bytes read per generated token (tg) at this depth
+    weight_bytes_per_token: int = 0  # weight bytes read per generated token
+    flops: float = 0.0  # per sample (pp, ttft)
+    roofline_fraction: float = 0.0  # FLOP/s over peak (pp, ttft); bytes/s over bandwidth (tg)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _summary(tokens: int, samples_s: list[float]) -> tuple[float, float, list, list]:
+    ts = [tokens / s for s in samples_s]
+    return (statistics.median(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            [int(s * 1e9) for s in samples_s], ts)
+
+
+def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(0, 512, 2048),
+              reps: int = 5, ttft_reps: int | None = None, on_step=None, seed: int = 0):
+    """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
+    from ..plan.predict import device_for_this_machine, weights_bytes
+
+    if p < 1 or n < 1 or reps < 1:
+        raise ValueError("-p, -n and --reps must be >= 1")
+    if any(d < 0 for d in depths):
+        raise ValueError(f"depths must be >= 0, got {list(depths)}")
+    ttft_reps = reps if ttft_reps is None else ttft_reps
+    a = model.args
+    rng = np.random.default_rng(seed)
+    max_depth = max(depths)
+    tokens = rng.integers(0, a.vocab_size, max_depth + p)
+    cache = KVCache.for_model(a, max_depth + max(p, n))
+    device = device_for_this_machine(roofline, None, 0)
+    w_tok = int(weights_bytes(shape, device) * shape.streamed_fraction())
+    peak_flops = roofline["matmul_gflops"] * 1e9
+    bandwidth = roofline["read_gbs"] * 1e9
+    head_flops = 2.0 * a.vocab_size * a.dim  # the LM head, once per forward call
+    records = []
+
+    def step(label):
+        if on_step:
+            on_step(label)
+
+    for d in sorted(set(depths)):
+        ttft = None
+        if d > 0:  # TTFT for a prompt of d tokens: prefill from empty + the first token chosen
+            samples, t_ = [], Timings()
+            for _ in range(ttft_reps):
+                cache.length = 0
+                t0 = time.perf_counter()
+                logits = prefill(model, tokens[:d], cache, t_)
+                int(np.argmax(logits))
+                samples.append(time.perf_counter() - t0)
+            step(f"ttft @ {d}")
+            flops = shape.linear_flops_per_token() * d + shape.attention_flops(d) + head_flops
+            med, sd, ns, ts = _summary(d, samples)
+            ttft = statistics.median(samples)
+            records.append(Record(test=f"ttft @ {d}", n_prompt=d, n_gen=0, n_depth=0,
+                                  avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+                                  ttft_s=ttft, attention_share=t_.attention_share,
+                                  attention_pairs=t_.attention_pairs // ttft_reps, flops=flops,
+                                  roofline_fraction=flops / ttft / peak_flops))
+        else:
+            cache.length = 0
+        # pp p @ d
+        samples, t_ = [], Timings()
+        for _ in range(reps):
+            cache.length = d
+            t0 = time.perf_counter()
+            prefill(model, tokens[d:d + p], cache, t_)
+            samples.append(time.perf_counter() - t0)
+        step(f"pp{p} @ d{d}")
+        flops = shape.linear_flops_per_token() * p + shape.attention_flops(p, d) + head_flops
+        med, sd, ns, ts = _summary(p, samples)
+        records.append(Record(test=f"pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, avg_ts=med,
+                              stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+                              ttft_s=ttft if d else statistics.median(samples),
+                              attention_share=t_.attention_share,
+                              attention_pairs=t_.attention_pairs // reps, flops=flops,
+                              roofline_fraction=flops * med / p / peak_flops))
+        # tg n @ d: the cache holds d tokens; n more, one at a time
+        samples, t_ = [], Timings()
+        for _ in range(reps):
+            cache.length = d
+            token = np.array([int(tokens[d])])
+            t0 = time.perf_counter()
+            for _ in range(n):
+                logits = model.forward(token, cache, cache.length, t_)
+                token[0] = int(np.argmax(logits))
+            samples.append(time.perf_counter() - t0)
+        step(f"tg{n} @ d{d}")
+        med, sd, ns, ts = _summary(n, samples)
+        kv_tok = shape.kv_bytes(d + n // 2, "f32")  # the mean depth over the n tokens
+        records.append(Record(test=f"tg{n} @ d{d}", n_prompt=0, n_gen=n, n_depth=d, avg_ts=med,
+                              stddev_ts=sd, samples_ns=ns, samples_ts=ts, ttft_s=ttft,
+                              attention_share=t_.attention_share,
+                              attention_pairs=t_.attention_pairs // reps,
+                              kv_bytes_per_token=kv_tok, weight_bytes_per_token=w_tok,
+                              roofline_fraction=(w_tok + kv_tok) * med / bandwidth))
+    return records
+
+
+def count_steps(depths) -> int:
+    depths = set(depths)
+    return 2 * len(depths) + sum(1 for d in depths if d > 0)
+
+
+def _relative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative coefficients c minimizing Σ ((X c - y) / y)²."""
+    from scipy.optimize import nnls
+
+    c, _ = nnls(X / y[:, None], np.ones_like(y))
+    return c
+
+
+def calibrate(records: list, shape, roofline: dict) -> dict:
+    """The planner's efficiencies for this machine from bench records (see module docstring)."""
+    from ..plan.predict import device_for_this_machine, weights_bytes
+
+    peak = roofline["matmul_gflops"] * 1e9
+    bw = roofline["read_gbs"] * 1e9
+    rows, y = [], []
+    for r in records:
+        if r.n_gen:
+            continue
+        n_new, depth = r.n_prompt, r.n_depth
+        for s in r.samples_ns:
+            rows.append([shape.linear_flops_per_token() * n_new / peak,
+                         shape.attention_flops(n_new, depth) / peak])
+            y.append(s / 1e9)
+    if len(rows) < 2:
+        raise ValueError("calibration needs prompt tests at two or more sizes")
+    inv_lin, inv_attn = _relative_lstsq(np.array(rows), np.array(y))
+    device = device_for_this_machine(roofline, None, 0)
+    w_tok = weights_bytes(shape, device) * shape.streamed_fraction()
+    rows, y = [], []
+    for r in records:
+        if not r.n_gen:
+            continue
+        for s in r.samples_ns:
+            rows.append([w_tok / bw, shape.kv_bytes(r.n_depth + r.n_gen // 2, "f32") / bw])
+            y.append(s / 1e9 / r.n_gen)
+    inv_w, inv_kv = _relative_lstsq(np.array(rows), np.array(y))
+    depths = sorted({r.n_depth for r in records if r.n_gen})
+    if len(depths) < 2:
+        raise ValueError("calibration needs tg tests at two or more depths")
+    big = 1e9  # a coefficient of 0 means "no measurable cost": an efficiency of at most 1e9
+    return {"e_linear": 1 / max(inv_lin, 1 / big), "e_attention": 1 / max(inv_attn, 1 / big),
+            "e_weights": 1 / max(inv_w, 1 / big), "e_kv": 1 / max(inv_kv, 1 / big),
+            "model": shape.name, "depths": depths,
+            "samples": sum(len(r.samples_ns) for r in records)}
+
+
+def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048), reps: int = 5,
+                     on_step=None, seed: int = 0):
+    """The same sweep over the attention kernels alone, one layer of the model's shape, float32:
+    'attn pp{p} @ d{d}' (the flash path: p causal queries after d keys) and 'attn tg1 @ d{d}'
+    (the decode path: one query against d keys; reads the layer's K and V once)."""
+    from ..attention import attention
+
+    rng = np.random.default_rng(seed)
+    H, H_kv, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
+    peak = roofline["matmul_gflops"] * 1e9
+    bw = roofline["read_gbs"] * 1e9
+    records = []
+    for d in sorted(set(depths)):
+        S = d + p
+        k = rng.standard_normal((1, H_kv, S, D), np.float32)
+        v = rng.standard_normal((1, H_kv, S, D), np.float32)
+        q = rng.standard_normal((1, H, p, D), np.float32)
+        attention(q, k, v, causal=True)  # warm
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            attention(q, k, v, causal=True)
+            samples.append(time.perf_counter() - t0)
+        med, sd, ns, ts = _summary(p, samples)
+        pairs = H * (p * (d + 1) + p * (p - 1) // 2)
+        records.append(Record(test=f"attn pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d,
+                              avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+                              attention_share=1.0, attention_pairs=pairs, flops=4.0 * D * pairs,
+                              roofline_fraction=4.0 * D * pairs * med / p / peak))
+        if on_step:
+            on_step(f"attn pp{p} @ d{d}")
+        if d == 0:
+            continue
+        q1 = q[:, :, :1]
+        attention(q1, k, v, causal=True, kv_len=d)
+        samples = []
+        for _ in range(reps * 20):  # one call is short: more samples
+            t0 = time.perf_counter()
+            attention(q1, k, v, causal=True, kv_len=d)
+            samples.append(time.perf_counter() - t0)
+        med, sd, ns, ts = _summary(1, samples)
+        kv = 2 * H_kv * d * D * 4
+        records.append(Record(test=f"attn tg1 @ d{d}", n_prompt=0, n_gen=1, n_depth=d,
+                              avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+                              attention_share=1.0, attention_pairs=H * d, kv_bytes_per_token=kv,
+                              roofline_fraction=kv * med / bw))
+        if on_step:
+            on_step(f"attn tg1 @ d{d}")
+    return records

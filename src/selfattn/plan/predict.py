@@ -1,0 +1,194 @@
+"""Predictions: memory (does it fit, the largest context that does) and speed (TTFT, tokens/s).
+
+    TTFT(N)      = linear FLOPs(N) / (peak FLOP/s · e_linear) + attention FLOPs(N) / (peak · e_attn)
+    1 / tps(d)   = weight bytes / (bandwidth · e_weights) + KV bytes(d) / (bandwidth · e_kv)
+
+linear FLOPs = 2 · (layer weights) · N; attention FLOPs = 4 · D · (query, key) pairs, summed over
+heads and layers (N(N+1)/2 per head and layer for a causal prompt: the quadratic wall); KV bytes(d)
+= 2 · layers · kv heads · D · d · bytes per value (the bandwidth wall). The e's are efficiencies:
+the share of the peak an engine reaches. For catalog hardware they are a llama.cpp-class engine's
+(data/efficiency.json, fitted to published llama-bench results); for this machine they are
+selfattn's own, fitted by `selfattn bench` from measured TTFT and tokens/s against the measured
+roofline (uncalibrated defaults until bench has run).
+"""
+
+from dataclasses import asdict, dataclass, field
+
+from ..cache import KV_BITS
+from .catalog import efficiency
+from .shape import ModelShape
+
+MAX_PLANNED_CTX = 1 << 24  # the largest context the planner searches (16M positions)
+
+
+@dataclass
+class Device:
+    name: str
+    label: str
+    memory_bytes: int
+    usable: float  # share of memory a model may take
+    bandwidth_gbs: float
+    tflops: float
+    e_weights: float
+    e_kv: float
+    e_linear: float
+    e_attention: float
+    weight_bits: float | None = None  # None: the file's own (quantized) bytes; 32: float32 copy
+    calibrated: bool = True
+    source: str = ""
+
+
+@dataclass
+class Prediction:
+    model: str
+    hardware: str
+    ctx: int
+    kv_dtype: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    buffer_bytes: int
+    total_bytes: int
+    memory_bytes: int
+    usable_bytes: int
+    fits: bool
+    max_ctx: int
+    max_ctx_by_kv_dtype: dict
+    ttft_s: float
+    decode_tps: float  # at depth ctx
+    decode_tps_empty: float
+    weight_bytes_per_token: int
+    kv_bytes_per_token: int  # at depth ctx
+    min_tps: float | None = None
+    min_tps_depth: int | None = None  # the first depth at which tokens/s < min_tps
+    calibrated: bool = True
+    advice: list = field(default_factory=list)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def catalog_device(entry: dict) -> Device:
+    e = efficiency(entry["kind"])
+    return Device(name=entry["name"], label=entry["label"],
+                  memory_bytes=int(entry["memory_gb"] * 1e9), usable=entry["usable"],
+                  bandwidth_gbs=entry["bandwidth_gbs"], tflops=entry["tflops"],
+                  e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
+                  e_attention=e["prefill"], source=entry["source"])
+
+
+def device_for_this_machine(roofline: dict, calibration: dict | None,
+                            memory_bytes: int) -> Device:
+    """This machine running selfattn: its measured roofline, and bench's efficiencies.
+
+    selfattn holds weights as float32 (dequantized at load), so 32 bits per weight; memory_bytes
+    is what the OS says is available now (all of it usable)."""
+    defaults = dict(e_weights=0.6, e_kv=0.5, e_linear=0.5, e_attention=0.3)
+    fitted = {k: calibration[k] for k in defaults} if calibration else defaults
+    return Device(name="this", label=f"this machine ({roofline.get('cpu', 'CPU')})",
+                  memory_bytes=memory_bytes, usable=1.0, bandwidth_gbs=roofline["read_gbs"],
+                  tflops=roofline["matmul_gflops"] / 1e3, weight_bits=32.0,
+                  calibrated=calibration is not None,
+                  source="measured: selfattn roofline" + (", calibrated by selfattn bench"
+                                                          if calibration else ""), **fitted)
+
+
+def weights_bytes(shape: ModelShape, device: Device) -> int:
+    if device.weight_bits is None:
+        return shape.file_bytes
+    return int(shape.params * device.weight_bits / 8)
+
+
+def buffer_bytes(shape: ModelShape, device: Device) -> int:
+    """Working memory besides weights and cache: the activations of one prefill batch (selfattn:
+    2048-token chunks, one row of logits; llama.cpp: 512-token micro-batches with their logits)."""
+    if device.name == "this":
+        chunk = 2048
+        per_token = 4 * shape.dim + 3 * shape.ffn_dim + (shape.n_heads + 2 * shape.n_kv_heads) \
+            * shape.head_dim
+        return 4 * (chunk * per_token + shape.vocab)
+    ubatch = 512
+    return 4 * ubatch * (shape.vocab + 4 * shape.dim + 2 * shape.ffn_dim)
+
+
+def ttft_s(shape: ModelShape, device: Device, n: int) -> float:
+    peak = device.tflops * 1e12
+    return (shape.linear_flops_per_token() * n / (peak * device.e_linear)
+            + shape.attention_flops(n) / (peak * device.e_attention))
+
+
+def token_seconds(shape: ModelShape, device: Device, depth: int, kv_dtype: str) -> float:
+    bw = device.bandwidth_gbs * 1e9
+    w = weights_bytes(shape, device) * shape.streamed_fraction()
+    return w / (bw * device.e_weights) + shape.kv_bytes(depth, kv_dtype) / (bw * device.e_kv)
+
+
+def max_ctx(shape: ModelShape, device: Device, kv_dtype: str) -> int:
+    """The largest context whose weights + buffers + KV cache fit the usable memory (0: none)."""
+    room = int(device.memory_bytes * device.usable) - weights_bytes(shape, device) \
+        - buffer_bytes(shape, device)
+    if room < shape.kv_bytes(1, kv_dtype):
+        return 0
+    lo, hi = 1, MAX_PLANNED_CTX
+    if shape.kv_bytes(hi, kv_dtype) <= room:
+        return hi
+    while lo < hi:  # kv_bytes grows with ctx (flat past a sliding window): bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if shape.kv_bytes(mid, kv_dtype) <= room else (lo, mid - 1)
+    return lo
+
+
+def min_tps_depth(shape: ModelShape, device: Device, kv_dtype: str, min_tps: float) -> int | None:
+    """The first depth at which tokens/s drops below min_tps (0 if already at an empty cache;
+    None if it never does, e.g. every layer has a sliding window)."""
+    limit = 1.0 / min_tps
+    if token_seconds(shape, device, 0, kv_dtype) > limit:
+        return 0
+    if token_seconds(shape, device, MAX_PLANNED_CTX, kv_dtype) <= limit:
+        return None
+    lo, hi = 0, MAX_PLANNED_CTX
+    while hi - lo > 1:  # invariant: fast enough at lo, too slow at hi
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if token_seconds(shape, device, mid, kv_dtype) <= limit else (lo, mid)
+    return hi
+
+
+def plan(shape: ModelShape, device: Device, ctx: int, kv_dtype: str = "f32",
+         min_tps: float | None = None) -> Prediction:
+    if ctx < 1:
+        raise ValueError(f"--ctx must be >= 1, got {ctx}")
+    if kv_dtype not in KV_BITS:
+        raise ValueError(f"--kv-dtype must be one of {', '.join(KV_BITS)}, got {kv_dtype!r}")
+    if min_tps is not None and not min_tps > 0:
+        raise ValueError(f"--min-tps must be > 0, got {min_tps}")
+    w = weights_bytes(shape, device)
+    kv = shape.kv_bytes(ctx, kv_dtype)
+    buf = buffer_bytes(shape, device)
+    total = w + kv + buf
+    usable = int(device.memory_bytes * device.usable)
+    by_type = {t: max_ctx(shape, device, t) for t in KV_BITS}
+    p = Prediction(
+        model=shape.name, hardware=device.name, ctx=ctx, kv_dtype=kv_dtype, weights_bytes=w,
+        kv_cache_bytes=kv, buffer_bytes=buf, total_bytes=total,
+        memory_bytes=device.memory_bytes, usable_bytes=usable, fits=total <= usable,
+        max_ctx=by_type[kv_dtype], max_ctx_by_kv_dtype=by_type,
+        ttft_s=ttft_s(shape, device, ctx),
+        decode_tps=1.0 / token_seconds(shape, device, ctx, kv_dtype),
+        decode_tps_empty=1.0 / token_seconds(shape, device, 0, kv_dtype),
+        weight_bytes_per_token=int(w * shape.streamed_fraction()),
+        kv_bytes_per_token=shape.kv_bytes(ctx, kv_dtype), min_tps=min_tps,
+        calibrated=device.calibrated)
+    if min_tps is not None:
+        p.min_tps_depth = min_tps_depth(shape, device, kv_dtype, min_tps)
+    if not p.fits:
+        if p.max_ctx > 0:
+            p.advice.append(f"a context of at most {p.max_ctx:,} fits with {kv_dtype} KV")
+        else:
+            p.advice.append("the weights alone do not fit: a smaller --quant or model")
+        for t, n in by_type.items():
+            if KV_BITS[t] < KV_BITS[kv_dtype] and n >= ctx:
+                p.advice.append(f"--kv-dtype {t} fits the whole context (up to {n:,})")
+                break
+    if ctx > shape.context:
+        p.advice.append(f"{ctx:,} is past the model's trained context ({shape.context:,}): "
+                        "quality is not predicted, only memory and speed")
+    return p
