@@ -123,13 +123,22 @@ def _validate(q, k, v, causal, mask, window, softcap, scale, impl, kv_len=None):
 
 
 def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, scale=None,
-              return_lse=False, impl="auto", kv_len=None):
+              return_lse=False, impl="auto", kv_len=None, kv_format=None):
     """Exact scaled dot-product attention; see the module docstring for the conventions.
 
     Returns out (B, H, T, D_v) in q's dtype (no B axis if q had none), and with return_lse also
     lse (B, H, T): the log-sum-exp of each row's scaled logits, float32 (float64 for float64 q).
     float16 is computed in float32; float64 in float64.
+
+    kv_format ("f16", "q8_0", "q4_0"): k and v are a compact KV cache, rows stored as
+    `selfattn.attention.kvformat` describes ((B, H_kv, S, row items) uint16 or uint8, D_v = D).
+    The decode path reads them in place, decoding each row inside the kernel; the other paths
+    widen the kv_len visible rows to float32 first.
     """
+    if kv_format not in (None, "f32"):
+        return _attention_compact(q, k, v, causal=causal, mask=mask, window=window,
+                                  softcap=softcap, scale=scale, return_lse=return_lse, impl=impl,
+                                  kv_len=kv_len, kv_format=kv_format)
     batched = _as_array(q, "q").ndim == 4
     q, k, v, band, mask, softcap, scale, S = _validate(q, k, v, causal, mask, window, softcap,
                                                        scale, impl, kv_len)
@@ -157,6 +166,58 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
 
     out = out.astype(in_dtype, copy=False)
     lse = lse.astype(np.float64 if in_dtype == np.float64 else np.float32, copy=False)
+    if not batched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags):
+    from . import kvformat
+
+    q, k, v = _as_array(q, "q"), _as_array(k, "k"), _as_array(v, "v")
+    if kv_format not in kvformat.FORMATS:
+        raise ValueError(f"kv_format must be one of {kvformat.FORMATS}, got {kv_format!r}")
+    if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError(f"q, k, v must be (B, H, T, D) / (B, H_kv, S, row) or without B: "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    D = q.shape[-1]
+    items, dtype = kvformat.row_shape(kv_format, D)
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != dtype or x.shape[-1] != items:
+            raise ValueError(f"{name}: a {kv_format} cache of head dim {D} has rows of {items} "
+                             f"{dtype}, got {x.dtype} {x.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape: k {k.shape}, v {v.shape}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype must be float16, float32 or float64, got {q.dtype}")
+    # validate everything else against zero-byte float stand-ins of the decoded shapes
+    proxy = np.broadcast_to(np.zeros((), q.dtype), k.shape[:-1] + (D,))
+    T = q.shape[-2]
+    chosen = impl if impl != "auto" else ("decode" if T <= DECODE_MAX_T else "flash")
+    if chosen != "decode":
+        S = _validate(q, proxy, proxy, flags["causal"], flags["mask"], flags["window"],
+                      flags["softcap"], flags["scale"], impl, kv_len)[-1]
+        wide = [kvformat.decode_rows(x[..., :S, :], kv_format, D) for x in (k, v)]
+        return attention(q, *wide, impl=chosen, return_lse=return_lse, **flags)
+    batched = q.ndim == 4
+    q4, _, _, band, mask, softcap, scale, S = _validate(q, proxy, proxy, flags["causal"],
+                                                        flags["mask"], flags["window"],
+                                                        flags["softcap"], flags["scale"], impl,
+                                                        kv_len)
+    k4, v4 = (x if batched else x[None] for x in (k, v))
+    in_dtype = q4.dtype
+    work = np.float32  # compact rows decode to float32
+    q4 = np.ascontiguousarray(q4, work)
+    k4, v4 = np.ascontiguousarray(k4), np.ascontiguousarray(v4)
+    if mask is not None:
+        B, H, T, _ = q4.shape
+        if mask.dtype == bool:
+            mask = np.where(mask, work(0), work(-np.inf))
+        mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
+    edges = tuple(S + T if e is None else e for e in band)
+    out, lse = decode_attention(q4, k4, v4, S, edges, mask, softcap, scale, kv_format)
+    out = out.astype(in_dtype, copy=False)
+    lse = lse.astype(np.float32, copy=False)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

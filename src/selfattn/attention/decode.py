@@ -16,6 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .kvformat import load_tile
 from .softmax import FASTMATH, online_softmax_row
 from .threads import num_threads, prepare_numba_threads
 
@@ -24,10 +25,11 @@ MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
-def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mask,
+def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, mask, has_mask,
                   acc, m_i, l_i, out, lse):
-    """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, D|Dv)
-    of which the first S keys are used.
+    """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, ·) stored
+    rows (float, or a compact format decoded a tile at a time by `load_tile`; code and table as in
+    kvformat) of which the first S keys are used.
 
     Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
     mask is additive, (B, H_kv, G, T, S) (a broadcast view). Chunk c of C covers `chunk`
@@ -35,7 +37,7 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
     (B, H_kv, C, R); the merged result to out (B, H, T, Dv) and lse (B, H, T).
     """
     B, H_kv, R, D = q.shape
-    Dv = v.shape[3]
+    Dv = acc.shape[4]
     C = acc.shape[2]
     T = mask.shape[3]
     ninf = q.dtype.type(-np.inf)
@@ -48,6 +50,8 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
         j_end = min(S, j_start + chunk)
         s = np.empty((R, KEY_TILE), q.dtype)
         ibuf = np.empty(KEY_TILE, np.int32)
+        kbuf = np.empty((KEY_TILE, D), q.dtype)  # a compact tile decoded (unused for float rows)
+        vbuf = np.empty((KEY_TILE, Dv), q.dtype)
         a = acc[b, g, c]
         mm = m_i[b, g, c]
         ll = l_i[b, g, c]
@@ -58,8 +62,9 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
                 a[r, d] = 0.0
         for j0 in range(j_start, j_end, KEY_TILE):
             nk = min(KEY_TILE, j_end - j0)
+            ktile, kbase = load_tile(k, b, g, j0, nk, code, table, kbuf)
             for jj in range(nk):
-                krow = k[b, g, j0 + jj]
+                krow = ktile[kbase + jj]
                 for r in range(R):
                     dot = q.dtype.type(0.0)
                     for d in range(D):
@@ -81,8 +86,9 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
                     any_seen = True
             if not any_seen:
                 continue
+            vtile, vbase = load_tile(v, b, g, j0, nk, code, table, vbuf)
             for jj in range(nk):
-                vrow = v[b, g, j0 + jj]
+                vrow = vtile[vbase + jj]
                 for r in range(R):
                     p = s[r, jj]
                     if p != 0.0:
@@ -116,10 +122,14 @@ def decode_chunks(q, k, v, S, j_base, chunk, left, right, softcap, mask, has_mas
                 lse[b, h, t] = M + math.log(total)
 
 
-def decode_attention(q, k, v, S, band, mask, softcap, scale):
-    """Same contract as `flash.flash_attention`; meant for T <= ~16 queries."""
+def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
+    """Same contract as `flash.flash_attention`; meant for T <= ~16 queries. k, v may be stored
+    rows of a compact format (kvformat): they are decoded row by row inside the kernel."""
+    from .kvformat import HALF_TABLE, format_code
+
     B, H, T, D = q.shape
-    H_kv, Dv = k.shape[1], v.shape[3]
+    H_kv = k.shape[1]
+    Dv = D if fmt != "f32" else v.shape[3]
     G = H // H_kv
     dtype = q.dtype
     left, right = band
@@ -144,6 +154,6 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale):
     m_i = np.empty((B, H_kv, C, G * T), dtype)
     l_i = np.empty((B, H_kv, C, G * T), dtype)
     prepare_numba_threads()
-    decode_chunks(qs, k, v, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
+    decode_chunks(qs, k, v, format_code(fmt), HALF_TABLE, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
                   mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

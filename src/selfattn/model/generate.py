@@ -72,6 +72,7 @@ def prefill(model, tokens, cache: KVCache, timings: Timings | None = None,
             chunk: int = PREFILL_CHUNK) -> np.ndarray:
     """Run the prompt through the model in chunks; returns the last position's logits."""
     logits = None
+    chunk = min(chunk, cache.max_chunk)
     for start in range(0, len(tokens), chunk):
         logits = model.forward(tokens[start:start + chunk], cache, cache.length, timings)
     return logits

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..attention import attention, warmup
+from ..attention import warmup
 from ..errors import ModelError
 from .config import ModelArgs
 from .gguf_file import dequantize, open_gguf, tensor_index
@@ -140,17 +140,21 @@ class Llama:
 
     # -- pieces ---------------------------------------------------------------------------------
 
+    def inv_freq(self) -> np.ndarray:
+        """RoPE's angular frequency per rotated pair (rope_dim/2,), float64."""
+        a = self.args
+        inv = 1.0 / (a.rope_theta ** (np.arange(0, a.rope_dim, 2, dtype=np.float64) / a.rope_dim))
+        if self.weights.rope_freq_factors is not None:
+            inv = inv / self.weights.rope_freq_factors.astype(np.float64)
+        return inv
+
     def rope_tables(self, n_positions: int):
         """cos, sin: (n_positions, rope_dim/2) float32, computed in float64."""
         have, cos, sin = self._rope_cache
         if n_positions > have:
             a = self.args
-            inv_freq = 1.0 / (a.rope_theta ** (np.arange(0, a.rope_dim, 2, dtype=np.float64)
-                                               / a.rope_dim))
-            if self.weights.rope_freq_factors is not None:
-                inv_freq = inv_freq / self.weights.rope_freq_factors.astype(np.float64)
             n = max(n_positions, 2 * have)
-            angles = np.outer(np.arange(n, dtype=np.float64) / a.rope_scale, inv_freq)
+            angles = np.outer(np.arange(n, dtype=np.float64) / a.rope_scale, self.inv_freq())
             cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
             self._rope_cache = (n, cos, sin)
         return cos, sin
@@ -167,6 +171,19 @@ class Llama:
         x[..., half:2 * half] = x2 * c + x1 * s
         return x
 
+    def rotate(self, q: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """q (1, H, T, D) already at its positions, turned by delta[t] more positions (a new
+        array): RoPE composes, R(p + delta) = R(delta) R(p)."""
+        half = self.args.rope_dim // 2
+        angles = np.outer(np.asarray(delta, np.float64) / self.args.rope_scale, self.inv_freq())
+        c = np.cos(angles).astype(np.float32)[None, None]
+        s = np.sin(angles).astype(np.float32)[None, None]
+        out = q.copy()
+        x1, x2 = q[..., :half], q[..., half:2 * half]
+        out[..., :half] = x1 * c - x2 * s
+        out[..., half:2 * half] = x2 * c + x1 * s
+        return out
+
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
         return x * (1.0 / np.sqrt(ms + np.float32(self.args.rms_eps))) * w
@@ -179,7 +196,7 @@ class Llama:
 
         Writes their K/V into the cache. Returns logits (vocab,) of the last token, or (T, vocab).
         observe(layer, q, k, kv_len, window), if given, sees each layer's attention inputs after
-        RoPE: q (1, H, T, D) and the cached keys k (1, H_kv, >= kv_len, D), valid up to kv_len.
+        RoPE: q (1, H, T, D) and the cached keys k (1, H_kv, kv_len, D) as float32 (a full cache).
         """
         a, w = self.args, self.weights
         tokens = np.asarray(tokens)
@@ -194,8 +211,7 @@ class Llama:
         H, H_kv, D = a.n_heads, a.n_kv_heads, a.head_dim
         q_dim, kv_dim = H * D, H_kv * D
         window = a.sliding_window
-        seen = np.arange(pos + 1, pos + T + 1)  # keys each new query sees, causal
-        layer_pairs = int((seen if window is None else np.minimum(seen, window)).sum())
+        layer_pairs = int(cache.keys_seen(np.arange(pos, pos + T), window).sum())
         x = w.token_embd[tokens]  # (T, dim)
         for i, layer in enumerate(w.layers):
             h = self.rmsnorm(x, layer.attn_norm)
@@ -205,13 +221,12 @@ class Llama:
             q = self.rope(qkv[:, :q_dim].reshape(T, H, D), pos)
             k = self.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(T, H_kv, D), pos)
             v = qkv[:, q_dim + kv_dim:].reshape(T, H_kv, D)
-            k_cache, v_cache = cache.write(i, pos, k, v)
-            if observe is not None:
-                observe(i, q.transpose(1, 0, 2)[None], k_cache, pos + T, window)
+            q4 = q.transpose(1, 0, 2)[None]  # (1, H, T, D)
             t = time.perf_counter()
-            o = attention(q.transpose(1, 0, 2)[None], k_cache, v_cache, causal=True,
-                          window=window, kv_len=pos + T)  # (1, H, T, D)
+            o = cache.attend(i, pos, q4, k, v, window, self.rotate)  # (1, H, T, D)
             attn_s += time.perf_counter() - t
+            if observe is not None:
+                observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
             pairs += H * layer_pairs
             x = x + o[0].transpose(1, 0, 2).reshape(T, q_dim) @ layer.w_o.T
             h = self.rmsnorm(x, layer.ffn_norm)

@@ -1,0 +1,75 @@
+"""How honest is `selfattn plan --hardware this`? Calibrate on one bench run, predict another.
+
+    python benchmarks/plan_vs_bench.py CALIBRATION.json CHECK.json [--model PATH]
+
+Both files are `selfattn bench --json` outputs on the same model and machine, at different depths.
+The efficiencies are fitted to the first (as `selfattn bench` does), the roofline is this machine's
+stored one, and every TTFT, pp and tg test of the second is predicted and compared: the error of a
+prediction made before the measurement it is checked against.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from selfattn.measure import bench
+from selfattn.measure.roofline import load_or_measure
+from selfattn.model import default_model_path
+from selfattn.model.gguf_file import open_gguf
+from selfattn.plan import ModelShape, device_for_this_machine
+from selfattn.plan.predict import token_seconds
+
+
+def records(path):
+    return [bench.Record(**{k: v for k, v in r.items() if k in bench.Record.__dataclass_fields__})
+            for r in json.load(open(path))]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("calibration")
+    ap.add_argument("check")
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args()
+    path = args.model or str(default_model_path())
+    shape = ModelShape.from_gguf(open_gguf(path), path)
+    roofline, _ = load_or_measure()
+    fit = bench.calibrate(records(args.calibration), shape, roofline)
+    dev = device_for_this_machine(roofline, fit, 0)
+    peak = roofline["matmul_gflops"] * 1e9
+    table = Table(title=f"plan --hardware this (calibrated on {args.calibration}) against "
+                        f"{args.check}")
+    for col in ("test", "measured", "predicted", "error", "in the issue's range"):
+        table.add_column(col, justify="right")
+    errors = []
+    for r in records(args.check):
+        med_s = statistics.median(r.samples_ns) / 1e9
+        if r.n_gen:
+            depth = r.n_depth + r.n_gen // 2
+            pred = 1 / token_seconds(shape, dev, depth, "f32")
+            meas, unit, judged = r.avg_ts, "tok/s", r.n_depth >= 2048
+        else:
+            pred = (shape.linear_flops_per_token() * r.n_prompt / (peak * fit["e_linear"])
+                    + shape.attention_flops(r.n_prompt, r.n_depth) / (peak * fit["e_attention"]))
+            meas, unit = med_s, "s"
+            judged = r.test.startswith("ttft") and r.n_prompt >= 1024
+        err = pred / meas - 1
+        if judged:
+            errors.append(err)
+        table.add_row(r.test, f"{meas:.3f} {unit}", f"{pred:.3f} {unit}", f"{err:+.1%}",
+                      "yes" if judged else "")
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"efficiencies fitted: { {k: round(float(v), 3) for k, v in fit.items() if k.startswith('e_')} }")
+    if errors:
+        console.print(f"TTFT at prompts >= 1024 and tok/s at depths >= 2048: worst error "
+                      f"{max(map(abs, errors)):.1%} over {len(errors)} tests")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Compact KV cache formats, and reading them inside compiled kernels.
+
+    f32   float32                                   32 bits per value
+    f16   IEEE half, stored as its uint16 bits      16
+    q8_0  ggml's block_q8_0: 32 values = f16 scale d + 32 int8 q;    x = d·q        8.5
+    q4_0  ggml's block_q4_0: 32 values = f16 scale d + 16 bytes of nibbles; value j of the block
+          is the low nibble of byte j (j < 16) or the high nibble of byte j-16, x = d·(n - 8)  4.5
+
+A stored row of D values is a 1-d array: float32 (D), uint16 (D), or uint8 bytes (D/32 blocks of
+34 or 18 bytes, exactly ggml's layout, so the bits per value are llama.cpp's). Quantization is
+ggml's reference rounding, through the `gguf` package (`gguf.quants.quantize`), the same code
+path llama.cpp's Python tools use. `load_tile` turns a tile of stored rows into float32 inside a
+kernel: the compact bytes are what streams from memory, and the float32 rows live in a small
+scratch tile in L1.
+"""
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+FORMATS = ("f32", "f16", "q8_0", "q4_0")
+BLOCK = 32
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+Q8_0, Q4_0 = 1, 2  # format codes the uint8 kernels branch on
+
+
+def row_shape(fmt: str, D: int) -> tuple[int, np.dtype]:
+    """(items per stored row, dtype) of one row of D values."""
+    if fmt == "f32":
+        return D, np.dtype(np.float32)
+    if fmt == "f16":
+        return D, np.dtype(np.uint16)
+    if fmt in _BLOCK_BYTES:
+        if D % BLOCK:
+            raise ValueError(f"{fmt} needs a head dim that is a multiple of {BLOCK}, got {D}")
+        return D // BLOCK * _BLOCK_BYTES[fmt], np.dtype(np.uint8)
+    raise ValueError(f"kv format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def format_code(fmt: str) -> int:
+    return {"q8_0": Q8_0, "q4_0": Q4_0}.get(fmt, 0)
+
+
+def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
+    """x (..., D) float -> stored rows (..., row items) in fmt."""
+    x = np.ascontiguousarray(x, np.float32)
+    if fmt == "f32":
+        return x
+    if fmt == "f16":
+        return x.astype(np.float16).view(np.uint16)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    row_shape(fmt, x.shape[-1])
+    return gguf_quantize(x, GGMLQuantizationType.Q8_0 if fmt == "q8_0" else
+                         GGMLQuantizationType.Q4_0)
+
+
+def dequantize(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
+    """Stored rows (..., row items) -> float32 (..., D): the plain NumPy reading, via gguf."""
+    if fmt == "f32":
+        return stored
+    if fmt == "f16":
+        return stored.view(np.float16).astype(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    t = GGMLQuantizationType.Q8_0 if fmt == "q8_0" else GGMLQuantizationType.Q4_0
+    return gguf_dequantize(stored, t).reshape(*stored.shape[:-1], D).astype(np.float32)
+
+
+# -- inside kernels -------------------------------------------------------------------------------
+
+_F16_EXP_SHIFT = np.float32(2.0 ** 112)  # rebias a half's exponent (15) to a float's (127)
+# every half's value as float32, for the one scale per 32-value block (256 KiB, stays in L2)
+HALF_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16) \
+    .astype(np.float32)
+
+
+@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
+def _halves_to_floats(src, b, g, j0, nk, buf):
+    """src[b, g, j0:j0+nk] (uint16 half bits) -> buf[:nk] float32. Branch-free, so LLVM
+    vectorizes it: the magnitude bits shifted into a float's place and scaled by 2^112 (exact for
+    normals and subnormals), then the sign, and exponent 31 (inf/NaN) forced to 255.
+    (Loops run over slice lengths: with computed offsets numba's index code stays scalar.)"""
+    bits = buf.view(np.uint32)
+    for jj in range(nk):
+        row = src[b, g, j0 + jj]
+        out = bits[jj]
+        val = buf[jj]
+        n = row.shape[0]
+        for i in range(n):
+            out[i] = np.uint32(row[i] & 0x7FFF) << 13
+        for i in range(n):
+            val[i] = val[i] * _F16_EXP_SHIFT
+        for i in range(n):
+            h = np.uint32(row[i])
+            special = np.uint32(0x7F800000) if (h & 0x7C00) == 0x7C00 else np.uint32(0)
+            out[i] = out[i] | ((h & 0x8000) << 16) | special
+
+
+@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
+def _blocks_to_floats(src, b, g, j0, nk, code, table, buf):
+    """src[b, g, j0:j0+nk] (ggml q8_0 / q4_0 blocks, uint8) -> buf[:nk] float32."""
+    D = buf.shape[1]
+    signed = src.view(np.int8)
+    for jj in range(nk):
+        row = src[b, g, j0 + jj]
+        out = buf[jj]
+        if code == Q8_0:
+            qrow = signed[b, g, j0 + jj]
+            for blk in range(D // 32):
+                o = blk * 34
+                d = table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
+                qs = qrow[o + 2:o + 34]
+                dst = out[blk * 32:blk * 32 + 32]
+                for i in range(qs.shape[0]):
+                    dst[i] = d * np.float32(qs[i])
+        else:
+            for blk in range(D // 32):
+                o = blk * 18
+                d = table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
+                qs = row[o + 2:o + 18]
+                lo = out[blk * 32:blk * 32 + 16]
+                hi = out[blk * 32 + 16:blk * 32 + 32]
+                for i in range(qs.shape[0]):
+                    lo[i] = d * np.float32(np.int32(qs[i] & 0x0F) - 8)
+                for i in range(qs.shape[0]):
+                    hi[i] = d * np.float32(np.int32(qs[i] >> 4) - 8)
+
+
+def load_tile(src, b, g, j0, nk, code, table, buf):
+    """Rows j0 .. j0+nk-1 of src[b, g] as float32: -> (rows, base) with row j at rows[base + j - j0].
+    Float rows are returned in place (src[b, g], j0); compact rows are decoded into buf (KEY_TILE,
+    D) (buf, 0). Compiled code only; the overload below picks by src's dtype."""
+    raise NotImplementedError("load_tile runs inside numba-compiled kernels")
+
+
+@overload(load_tile)
+def _load_tile_by_dtype(src, b, g, j0, nk, code, table, buf):
+    if src.dtype in (types.float32, types.float64):
+        return lambda src, b, g, j0, nk, code, table, buf: (src[b, g], j0)
+    if src.dtype == types.uint16:
+        def halves(src, b, g, j0, nk, code, table, buf):
+            _halves_to_floats(src, b, g, j0, nk, buf)
+            return buf, 0
+        return halves
+
+    def blocks(src, b, g, j0, nk, code, table, buf):
+        _blocks_to_floats(src, b, g, j0, nk, code, table, buf)
+        return buf, 0
+    return blocks
+
+
+@nb.njit(parallel=True, nogil=True, cache=True)
+def _decode_rows(stored, code, table, out):
+    """stored (N, 1, R, items) -> out (N, R, D); one task per leading index."""
+    for n in nb.prange(stored.shape[0]):
+        rows, _ = load_tile(stored, n, 0, 0, stored.shape[2], code, table, out[n])
+
+
+def decode_rows(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
+    """Stored rows (..., row items) -> float32 (..., D) with the kernels' own decoding, on all
+    cores (prefill widens one layer's visible cache with it; tests hold it equal to
+    `dequantize`)."""
+    if fmt == "f32":
+        return stored
+    from .threads import prepare_numba_threads
+
+    flat = np.ascontiguousarray(stored).reshape(-1, stored.shape[-1])
+    n = flat.shape[0]
+    tile = 256  # rows per task
+    n_tiles = -(-n // tile)
+    padded = np.zeros((n_tiles * tile, flat.shape[1]), flat.dtype)
+    padded[:n] = flat
+    out = np.empty((n_tiles, tile, D), np.float32)
+    prepare_numba_threads()
+    _decode_rows(padded.reshape(n_tiles, 1, tile, -1), format_code(fmt), HALF_TABLE, out)
+    return out.reshape(-1, D)[:n].reshape(*stored.shape[:-1], D)

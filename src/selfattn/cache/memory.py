@@ -1,0 +1,48 @@
+"""Cache sizes and the memory they need: one arithmetic for the runner, the guard and the planner."""
+
+KV_BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}  # bits per cached value (ggml's
+# q8_0 and q4_0: blocks of 32 values with one f16 scale, so 34 and 18 bytes per 32 values)
+
+
+def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, positions: int,
+                   kv_dtype: str = "f32") -> int:
+    """Bytes of K and V for `positions` positions of every layer: 2·L·H_kv·D·positions·bits/8."""
+    if kv_dtype not in KV_BITS:
+        raise ValueError(f"kv dtype must be one of {', '.join(KV_BITS)}, got {kv_dtype!r}")
+    return int(2 * n_layers * n_kv_heads * head_dim * positions * KV_BITS[kv_dtype] / 8)
+
+
+def available_memory() -> int | None:
+    """Bytes the OS says can be allocated without swapping (MemAvailable), if it says."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(n_layers: int, n_kv_heads: int, head_dim: int, positions: int, kv_dtype: str,
+               reserve: int = 0):
+    """ContextError, before anything is allocated, when a cache of this size does not fit the
+    memory available now (less `reserve` bytes kept for other buffers). The message names the
+    largest context that fits with this KV type and with each smaller one."""
+    from ..errors import ContextError
+
+    need = kv_cache_bytes(n_layers, n_kv_heads, head_dim, positions, kv_dtype)
+    free = available_memory()
+    if free is None or need <= free - reserve:
+        return
+    room = max(free - reserve, 0)
+
+    def fits(kind):
+        per_position = kv_cache_bytes(n_layers, n_kv_heads, head_dim, 1, kind)
+        return room // per_position
+
+    smaller = [f"{kind}: {fits(kind):,}" for kind in KV_BITS if KV_BITS[kind] < KV_BITS[kv_dtype]]
+    raise ContextError(
+        f"a {kv_dtype} KV cache for {positions:,} positions needs {need / 2**30:.2f} GiB, "
+        f"{room / 2**30:.2f} GiB is available: at most {fits(kv_dtype):,} positions fit with "
+        f"{kv_dtype}" + (f" (smaller KV types: {', '.join(smaller)})" if smaller else ""))

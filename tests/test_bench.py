@@ -1,0 +1,154 @@
+"""`selfattn roofline` and `selfattn bench`: records, calibration, the stored roofline, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from selfattn.measure import bench, store
+from selfattn.model import Llama
+from selfattn.model.gguf_file import open_gguf
+from selfattn.plan import ModelShape
+from selfattn.plan.predict import device_for_this_machine, ttft_s, token_seconds
+
+from .tiny_gguf import make_weights, write_gguf
+
+ROOFLINE = {"matmul_gflops": 100.0, "read_gbs": 20.0, "cpu": "test", "threads": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    w, cfg = make_weights(np.random.default_rng(5), ffn=128)
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, w, cfg)
+    reader = open_gguf(path)
+    return path, Llama.from_reader(reader, path), ModelShape.from_gguf(reader, path)
+
+
+def test_bench_records(tiny):
+    _, model, shape = tiny
+    steps = []
+    recs = bench.run_bench(model, shape, ROOFLINE, p=8, n=4, depths=(0, 16, 40), reps=3,
+                           on_step=steps.append)
+    assert [r.test for r in recs] == ["pp8 @ d0", "tg4 @ d0", "ttft @ 16", "pp8 @ d16",
+                                      "tg4 @ d16", "ttft @ 40", "pp8 @ d40", "tg4 @ d40"]
+    assert len(steps) == bench.count_steps((0, 16, 40))
+    for r in recs:
+        assert len(r.samples_ns) == 3 and all(s > 0 for s in r.samples_ns)
+        assert r.avg_ts == pytest.approx(np.median(r.samples_ts))
+        tokens = r.n_gen or r.n_prompt
+        assert r.samples_ts == pytest.approx([tokens / (s / 1e9) for s in r.samples_ns], rel=1e-5)
+        assert 0 < r.attention_share < 1 and r.roofline_fraction > 0
+    pp40 = recs[6]
+    assert pp40.attention_pairs == shape.attention_pairs(8, 40)
+    assert recs[5].attention_pairs == shape.attention_pairs(40, 0)
+    tg = recs[7]
+    assert tg.kv_bytes_per_token == shape.kv_bytes(42, "f32")
+    # float32 in memory; of the (untied) embedding table one row is read per token, not streamed
+    assert tg.weight_bytes_per_token == (shape.params - shape.embedding_params) * 4
+    assert recs[4].ttft_s == recs[3].ttft_s == pytest.approx(np.median(recs[2].samples_ns) / 1e9,
+                                                          rel=1e-5)
+
+
+def test_calibration_recovers_known_efficiencies(tiny):
+    """Records made from the speed model itself with chosen efficiencies: the fit returns them."""
+    _, _, shape = tiny
+    truth = dict(e_weights=0.7, e_kv=0.3, e_linear=0.45, e_attention=0.2)
+    dev = device_for_this_machine(ROOFLINE, truth, 0)
+    recs = []
+    for d in (0, 512, 2048, 8192):
+        for test, n_prompt, n_gen, depth in (("pp", 512, 0, d), ("tg", 0, 128, d),
+                                              ("ttft", d, 0, 0)):
+            if n_prompt == 0 and n_gen == 0:
+                continue
+            if n_gen:
+                t = n_gen * token_seconds(shape, dev, depth + n_gen // 2, "f32")
+            else:
+                t = (shape.linear_flops_per_token() * n_prompt / (1e11 * 0.45)
+                     + shape.attention_flops(n_prompt, depth) / (1e11 * 0.2))
+            recs.append(bench.Record(test=test, n_prompt=n_prompt, n_gen=n_gen, n_depth=depth,
+                                     avg_ts=0, stddev_ts=0, samples_ns=[t * 1e9] * 2))
+    fit = bench.calibrate(recs, shape, ROOFLINE)
+    for k, v in truth.items():
+        assert fit[k] == pytest.approx(v, rel=1e-3)
+    assert ttft_s(shape, device_for_this_machine(ROOFLINE, fit, 0), 1000) == pytest.approx(
+        ttft_s(shape, dev, 1000), rel=1e-3)
+    with pytest.raises(ValueError, match="two or more depths"):
+        bench.calibrate([r for r in recs if r.n_depth == 0 or not r.n_gen], shape, ROOFLINE)
+
+
+def test_kernel_bench(tiny):
+    _, _, shape = tiny
+    recs = bench.run_kernel_bench(shape, ROOFLINE, p=16, depths=(0, 32), reps=2)
+    assert [r.test for r in recs] == ["attn pp16 @ d0", "attn pp16 @ d32", "attn tg1 @ d32"]
+    assert recs[1].attention_pairs == shape.n_heads * (16 * 33 + 16 * 15 // 2)
+    assert recs[2].kv_bytes_per_token == 2 * shape.n_kv_heads * 32 * shape.head_dim * 4
+
+
+def test_store_is_per_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert store.load("roofline") is None
+    store.save("roofline", {"read_gbs": 1.5})
+    doc = store.load("roofline")
+    assert doc["read_gbs"] == 1.5 and doc["machine"] == store.machine_key() and doc["date"]
+    monkeypatch.setattr(store, "machine_key", lambda: "another machine")
+    assert store.load("roofline") is None
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")))
+
+
+def run(*args, env):
+    return subprocess.run([sys.executable, "-m", "selfattn.cli", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_cli_roofline_measures_then_caches(cli_env):
+    r = run("roofline", "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["measured_now"] is True
+    assert doc["matmul_gflops"] > 1 and doc["read_gbs"] > 0.5 and doc["threads"] >= 1
+    assert doc["matmul_gflops_1t"] > 0.5 and doc["read_gbs_1t"] > 0.2
+    assert "blas" in doc and doc["blas"] != "unknown BLAS"
+    again = json.loads(run("roofline", "--json", env=cli_env).stdout)
+    assert again["measured_now"] is False and again["date"] == doc["date"]
+    r = run("roofline", env=cli_env)
+    assert r.returncode == 0 and "GFLOP/s" in r.stdout and "GB/s" in r.stdout
+
+
+def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):
+    run("roofline", env=cli_env)  # measured once per test session (cached)
+    path = str(tiny[0])
+    r = run("bench", "--model", path, "-p", "8", "-n", "4", "--depths", "0,24,48", "--reps", "2",
+            "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "pp8 @ d24" in r.stdout and "tg4 @ d48" in r.stdout and "calibrated" in r.stdout
+    recs = json.loads((tmp_path / "b.json").read_text())
+    for rec in recs:
+        for key in ("test", "n_prompt", "n_gen", "n_depth", "avg_ts", "stddev_ts", "samples_ns",
+                    "ttft_s", "attention_share", "kv_bytes_per_token", "weight_bytes_per_token",
+                    "roofline_fraction"):
+            assert key in rec
+    from PIL import Image
+    with Image.open(tmp_path / "b.png") as im:
+        assert im.size == (1200, 480)
+    r = run("plan", "--model", path, "--ctx", "200", "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["calibrated"] is True and doc["hardware"] == "this" and doc["fits"]
+    r = run("bench", "--model", path, "--kernels", "-p", "16", "--depths", "0,32", "--reps", "2",
+            env=cli_env)
+    assert r.returncode == 0 and "attn tg1 @ d32" in r.stdout, r.stderr
+
+
+def test_cli_bench_errors(cli_env, tmp_path):
+    r = run("bench", "--depths", "0,-5", env=cli_env)
+    assert r.returncode == 2 and "numbers" in r.stderr and "Traceback" not in r.stderr
+    r = run("bench", "--json", str(tmp_path / "missing" / "x.json"), env=cli_env)
+    assert r.returncode == 2 and "folder does not exist" in r.stderr

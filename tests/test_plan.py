@@ -1,0 +1,194 @@
+"""`selfattn plan`: catalogs, memory arithmetic, speed model, and agreement with the runner."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from selfattn.cache import KV_BITS, KVCache
+from selfattn.model import Llama, default_model_path
+from selfattn.model.gguf_file import open_gguf
+from selfattn.model.llama import Timings
+from selfattn.plan import (ModelShape, find_hardware, find_model, hardware_entries, model_entries,
+                           plan)
+from selfattn.plan.catalog import load
+from selfattn.plan.predict import catalog_device, device_for_this_machine, token_seconds
+
+from .tiny_gguf import make_weights, write_gguf
+
+ROOFLINE = {"matmul_gflops": 100.0, "read_gbs": 20.0, "cpu": "test"}  # an input, not a finding
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    w, cfg = make_weights(np.random.default_rng(3))
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, w, cfg)
+    return path
+
+
+def this_device(memory=8 << 30):
+    return device_for_this_machine(ROOFLINE, None, memory)
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_planned_kv_bytes_equal_what_the_runner_allocates(which, tiny):
+    path = tiny if which == "tiny" else default_model_path()
+    reader = open_gguf(path)
+    shape = ModelShape.from_gguf(reader, path)
+    from selfattn.model.config import ModelArgs
+    args = ModelArgs.from_gguf(reader, path)
+    for ctx in (1, 100, 4096):
+        for kv in KV_BITS:  # every cache type the runner has
+            if args.head_dim % 32 and kv in ("q8_0", "q4_0"):
+                continue
+            cache = KVCache(args.n_layers, args.n_kv_heads, args.head_dim, ctx, kv)
+            assert plan(shape, this_device(), ctx, kv).kv_cache_bytes == cache.nbytes
+
+
+def test_planned_attention_pairs_equal_the_runners_count(tiny):
+    reader = open_gguf(tiny)
+    shape = ModelShape.from_gguf(reader, tiny)
+    model = Llama.from_reader(reader, tiny)
+    cache = KVCache.for_model(model.args, 64)
+    t = Timings()
+    model.forward(np.arange(20) % 50, cache, 0, t)
+    assert t.attention_pairs == shape.attention_pairs(20, 0)
+    t = Timings()
+    model.forward(np.arange(7) % 50, cache, 20, t)
+    assert t.attention_pairs == shape.attention_pairs(7, 20)
+
+
+def test_gguf_shape_counts_the_files_tensors(tiny):
+    reader = open_gguf(tiny)
+    shape = ModelShape.from_gguf(reader, tiny)
+    assert shape.file_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert shape.params == sum(int(t.n_elements) for t in reader.tensors)
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (2, 4, 2, 16)
+
+
+def test_catalogs_are_complete_and_sourced():
+    hw, models = hardware_entries(), model_entries()
+    assert len(hw) >= 20 and len(models) >= 10
+    kinds = {e["kind"] for e in hw}
+    assert kinds == {"nvidia", "amd", "apple", "cpu"}
+    for e in hw:
+        assert e["memory_gb"] > 0 and e["bandwidth_gbs"] > 0 and e["tflops"] > 0 and e["source"]
+        assert 0 < e["usable"] <= 1
+    for e in models:
+        assert e["source"] and e["n_heads"] % e["n_kv_heads"] == 0 and e["params"] > 1e8
+    assert len({e["name"] for e in hw}) == len(hw) and len({e["name"] for e in models}) == len(models)
+
+
+def test_unknown_names_list_the_closest():
+    with pytest.raises(ValueError, match="rtx-4090"):
+        find_hardware("rtx4090")
+    with pytest.raises(ValueError, match="qwen2.5-7b"):
+        find_model("qwen2.5-7")
+
+
+def test_kv_arithmetic_known_values():
+    llama8 = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    # 2 (K, V) x 32 layers x 8 kv heads x 128 dims x 8192 positions x 2 bytes = 1 GiB exactly
+    assert llama8.kv_bytes(8192, "f16") == 1 << 30
+    assert llama8.kv_bytes(8192, "q8_0") == (1 << 30) * 8.5 / 16
+    assert llama8.kv_bytes(8192, "q4_0") == (1 << 30) * 4.5 / 16
+    gemma = ModelShape.from_catalog(find_model("gemma-2-9b"), "Q4_K_M")
+    per_pos_layer = 2 * 8 * 256 * 2
+    assert gemma.kv_bytes(32768, "f16") == 21 * per_pos_layer * (32768 + 4096)
+    assert llama8.file_bytes == int(8.03e9 * 4.89 / 8)
+
+
+def test_attention_pairs_closed_form_matches_counting():
+    shape = ModelShape.from_catalog(find_model("gemma-2-9b"), "Q8_0")
+    for n, depth in ((1, 0), (10, 0), (37, 5000), (6000, 0), (100, 4090)):
+        seen = depth + 1 + np.arange(n)
+        expect = shape.n_heads * (21 * seen.sum() + 21 * np.minimum(seen, 4096).sum())
+        assert shape.attention_pairs(n, depth) == expect
+
+
+def test_max_ctx_is_the_boundary_and_advice_names_smaller_kv_types():
+    shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    dev = catalog_device(find_hardware("rtx-3060-12gb"))
+    p = plan(shape, dev, 131072, "f16")
+    assert not p.fits and 0 < p.max_ctx < 131072
+    assert plan(shape, dev, p.max_ctx, "f16").fits and not plan(shape, dev, p.max_ctx + 1, "f16").fits
+    assert p.max_ctx_by_kv_dtype["q4_0"] > p.max_ctx_by_kv_dtype["q8_0"] > p.max_ctx
+    assert any("a context of at most" in a for a in p.advice)
+    p = plan(shape, dev, 60000, "f16")  # f16 fits 46,819 positions on 12 GB, q8_0 88,130
+    assert not p.fits and any("--kv-dtype q8_0 fits the whole context" in a for a in p.advice)
+    huge = ModelShape.from_catalog(find_model("llama-3.1-70b"), "Q4_K_M")
+    p = plan(huge, dev, 1024, "f16")
+    assert p.max_ctx == 0 and "weights alone do not fit" in p.advice[0]
+
+
+def test_speed_model_walls():
+    shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    dev = catalog_device(find_hardware("rtx-4090"))
+    p1, p2 = plan(shape, dev, 16384, "f16"), plan(shape, dev, 32768, "f16")
+    assert p2.ttft_s > 2 * p1.ttft_s  # the quadratic term
+    assert p2.decode_tps < p1.decode_tps < p1.decode_tps_empty  # the bandwidth wall
+    p = plan(shape, dev, 8192, "f16", min_tps=100)
+    d = p.min_tps_depth
+    assert 1 / token_seconds(shape, dev, d - 1, "f16") >= 100 > 1 / token_seconds(shape, dev, d,
+                                                                                  "f16")
+    assert plan(shape, dev, 8192, "f16", min_tps=1e6).min_tps_depth == 0
+
+
+def test_catalog_predictions_against_published_llama_bench_results():
+    """The error docs/plan.md reports: within ±35% on every published point we hold."""
+    for r in load("validation.json")["results"]:
+        shape = ModelShape.from_catalog(find_model(r["model"]), r["quant"])
+        dev = catalog_device(find_hardware(r["hardware"]))
+        p = plan(shape, dev, 512, "f16")
+        assert abs(512 / p.ttft_s / r["pp512"] - 1) < 0.35, r
+        assert abs(p.decode_tps_empty / r["tg128"] - 1) < 0.35, r
+
+
+def test_bad_plan_arguments():
+    shape = ModelShape.from_catalog(find_model("mistral-7b"), "Q8_0")
+    dev = this_device()
+    with pytest.raises(ValueError, match="--ctx"):
+        plan(shape, dev, 0)
+    with pytest.raises(ValueError, match="--kv-dtype"):
+        plan(shape, dev, 10, "q2")
+    with pytest.raises(ValueError, match="unknown --quant"):
+        ModelShape.from_catalog(find_model("mistral-7b"), "Q3_XS")
+    assert set(KV_BITS) == {"f32", "f16", "q8_0", "q4_0"}
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "selfattn.cli", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def test_cli_plan_json_and_rank():
+    r = run("plan", "--model", "qwen2.5-14b", "--ctx", "32768", "--quant", "Q5_K_M",
+            "--kv-dtype", "q8_0", "--hardware", "rtx-4090", "--min-tps", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for key in ("weights_bytes", "kv_cache_bytes", "total_bytes", "memory_bytes", "fits",
+                "max_ctx", "ttft_s", "decode_tps", "min_tps_depth"):
+        assert key in doc
+    assert doc["total_bytes"] == doc["weights_bytes"] + doc["kv_cache_bytes"] + doc["buffer_bytes"]
+    r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--rank", "--json")
+    ranked = json.loads(r.stdout)
+    assert len(ranked) == len(hardware_entries())
+    fitting = [p["decode_tps"] for p in ranked if p["fits"]]
+    assert fitting == sorted(fitting, reverse=True)
+    r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--hardware", "rtx-4090,apple-m4")
+    assert r.returncode == 0 and "rtx-4090" in r.stdout and "apple-m4" in r.stdout
+
+
+def test_cli_plan_errors_are_one_line(tiny):
+    for args, words in ((("--model", "llama-3-8b", "--ctx", "10"), "closest"),
+                        (("--model", "mistral-7b", "--ctx", "10", "--hardware", "rtx-9090"),
+                         "unknown hardware"),
+                        (("--model", str(tiny), "--ctx", "10", "--quant", "Q8_0"),
+                         "--quant is for catalog models"),
+                        (("--model", "mistral-7b", "--ctx", "0"), "expected a number >= 1")):
+        r = run("plan", *args)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
