@@ -21,3 +21,14 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     while len(ids) < n_tokens:
         ids = ids + ids
     return ids[:n_tokens]
+
+
+PERPLEXITY_FILES = ["GPL-3", "Apache-2.0", "GFDL-1.3", "MPL-2.0", "LGPL-2.1", "GPL-2", "Artistic"]
+
+
+def perplexity_text() -> str:
+    """About 30k tokens of English prose (legal, but prose): Debian's license texts, each once."""
+    files = [LICENSES / name for name in PERPLEXITY_FILES if (LICENSES / name).is_file()]
+    if not files:
+        raise SystemExit(f"no text found under {LICENSES}")
+    return "\n\n".join(f.read_text(errors="replace") for f in files)

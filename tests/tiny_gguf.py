@@ -132,3 +132,55 @@ def reference_forward(w, cfg, tokens):
         g, u = h @ w[p + "ffn_gate"].T, h @ w[p + "ffn_up"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
     return rmsnorm(x, w["output_norm"]) @ w["output"].T
+
+
+def streaming_reference(w, cfg, tokens, sinks, window):
+    """StreamingLLM done literally, token by token, in float64: each layer caches the un-rotated
+    K/V of the first `sinks` tokens and of the last `window` (the current one included); every
+    step rotates the cached keys by their slot in the cache and the query by its own slot
+    (Xiao et al. 2023, section 3.2). -> logits (T, vocab)."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    H, H_kv, dim = cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"]
+    D = dim // H
+    inv = 1.0 / cfg["theta"] ** (np.arange(0, D, 2) / D)
+
+    def rmsnorm(x, g):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg["eps"]) * g
+
+    def rope(x, positions):  # x (n, heads, D)
+        ang = np.outer(positions, inv)
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    caches = [([], []) for _ in range(cfg["n_layers"])]
+    out = []
+    for tok in tokens:
+        x = w["token_embd"][tok]
+        for i in range(cfg["n_layers"]):
+            p = f"blk.{i}."
+            h = rmsnorm(x, w[p + "attn_norm"])
+            q, k, v = h @ w[p + "attn_q"].T, h @ w[p + "attn_k"].T, h @ w[p + "attn_v"].T
+            if cfg["arch"] == "qwen2":
+                q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
+            ks, vs = caches[i]
+            ks.append(k.reshape(H_kv, D))
+            vs.append(v.reshape(H_kv, D))
+            if len(ks) > sinks + window:  # evict the oldest non-sink token
+                del ks[sinks], vs[sinks]
+            n = len(ks)
+            K = rope(np.stack(ks), np.arange(n))  # (n, H_kv, D) at their slots
+            V = np.stack(vs)
+            qr = rope(q.reshape(1, H, D), np.array([n - 1]))[0]
+            o = np.zeros((H, D))
+            for hh in range(H):
+                kh = hh // (H // H_kv)
+                s = K[:, kh] @ qr[hh] / np.sqrt(D)
+                e = np.exp(s - s.max())
+                o[hh] = (e / e.sum()) @ V[:, kh]
+            x = x + o.reshape(H * D) @ w[p + "attn_output"].T
+            h = rmsnorm(x, w[p + "ffn_norm"])
+            g, u = h @ w[p + "ffn_gate"].T, h @ w[p + "ffn_up"].T
+            x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
+        out.append(rmsnorm(x, w["output_norm"]) @ w["output"].T)
+    return np.array(out)

@@ -75,7 +75,7 @@ def cmd_demo(args):
                   "output and per-task buffers), never n².")
 
 
-def _load(model_path):
+def _load(model_path, kv_dtype="f32"):
     """-> (model, tokenizer, path, load_s); ModelError on a bad file."""
     import time
 
@@ -85,7 +85,7 @@ def _load(model_path):
     path = model_path or default_model_path()
     t = time.perf_counter()
     reader = open_gguf(path)
-    model = Llama.from_reader(reader, path)
+    model = Llama.from_reader(reader, path, kv_dtype)
     tokenizer = Tokenizer.from_gguf(reader, path)
     return model, tokenizer, path, time.perf_counter() - t
 
@@ -93,19 +93,21 @@ def _load(model_path):
 def cmd_generate(args):
     import json
 
-    from .cache import KVCache
+    from .cache import make_cache
     from .model import Sampler, StreamDecoder, generate
 
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed)
     _check_system(args)
-    model, tok, path, load_s = _load(args.model)
-    ctx = args.ctx or model.args.context_length
+    policy, ctx = _guard_memory(args)
+    model, tok, path, load_s = _load(args.model, args.kv_dtype)
     ids = _prompt_ids(tok, args)
-    if len(ids) >= ctx:
-        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx "
-                       "(or shorten the prompt)")
-    cache = KVCache.for_model(model.args, ctx)
+    if policy.kind == "full" and len(ids) >= ctx:
+        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
+                       "shorten the prompt, or let old tokens go with --context-policy "
+                       "sink:4,window:W")
+    cache = make_cache(model.args, policy, ctx, args.kv_dtype)
+    budget = args.max_tokens if policy.kind != "full" else min(args.max_tokens, ctx - len(ids))
     stream = StreamDecoder(tok)
     on_token = None
     if not args.json:
@@ -114,8 +116,7 @@ def cmd_generate(args):
                 sys.stdout.write(stream.push(token_id))
                 sys.stdout.flush()
     eos = {tok.eos_id} if tok.eos_id is not None else set()
-    stats = generate(model, ids, min(args.max_tokens, ctx - len(ids)), sampler, cache, eos,
-                     on_token)
+    stats = generate(model, ids, budget, sampler, cache, eos, on_token)
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
     if args.json:
@@ -127,7 +128,33 @@ def cmd_generate(args):
               f"({stats.stop_reason}) | load {load_s:.2f} s | TTFT {stats.ttft_s * 1e3:.0f} ms "
               f"({stats.prefill_tps:.0f} tok/s) | decode {stats.decode_tps:.1f} tok/s | "
               f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
-              f"{stats.kv_cache_bytes / 2**20:.0f} MiB for {ctx} positions]", file=sys.stderr)
+              f"{stats.kv_cache_bytes / 2**20:.0f} MiB {args.kv_dtype}, "
+              f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
+
+
+def _guard_memory(args):
+    """-> (policy, ctx). Reads the file's shape only; refuses, before the weights or the cache are
+    allocated, what this machine's free memory cannot hold."""
+    from .cache import available_memory, parse_policy
+    from .model import default_model_path
+    from .model.gguf_file import open_gguf
+    from .plan import ModelShape
+    from .plan.predict import memory_guard
+
+    path = args.model or str(default_model_path())
+    shape = ModelShape.from_gguf(open_gguf(path), path)
+    text = args.context_policy or (f"window:{shape.sliding_window}" if shape.sliding_window
+                                   else "full")
+    policy = parse_policy(text)
+    if args.kv_dtype in ("q8_0", "q4_0") and shape.head_dim % 32:
+        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32; "
+                       f"this model's is {shape.head_dim}")
+    ctx = args.ctx or shape.context
+    positions = ctx if policy.kind == "full" else policy.sinks + policy.window + 512
+    available = available_memory()
+    if available is not None:
+        memory_guard(shape, positions, args.kv_dtype, available)
+    return policy, ctx
 
 
 def _check_system(args):
@@ -300,13 +327,15 @@ def cmd_bench(args):
                                              on_step=lambda _: progress.advance(task))
         else:
             task = progress.add_task("loading the model", total=bench.count_steps(depths))
-            model, _, _, _ = _load(path)
+            model, _, _, _ = _load(path, args.kv_dtype)
             progress.update(task, description="benchmarking")
             records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
                                       args.ttft_reps, on_step=lambda s: progress.update(
-                                          task, advance=1, description=s))
+                                          task, advance=1, description=s),
+                                      kv_dtype=args.kv_dtype)
     name = os.path.basename(path)
-    table = Table(title=f"selfattn bench: {name} on {roofline['cpu']} ({roofline['threads']} "
+    table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, on {roofline['cpu']} "
+                        f"({roofline['threads']} "
                         f"threads; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
                         f"{roofline['read_gbs']:.1f} GB/s)")
     for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
@@ -324,12 +353,13 @@ def cmd_bench(args):
     calibration = None
     if not args.kernels:
         try:
-            calibration = bench.calibrate(records, shape, roofline)
+            calibration = bench.calibrate(records, shape, roofline, args.kv_dtype)
         except ValueError as e:
             out.print(f"not calibrated: {e}")
         else:
-            store.save("calibration", calibration)
-            out.print(f"calibrated `selfattn plan --hardware this` ({_store_path('calibration')}): "
+            kind = "calibration" if args.kv_dtype == "f32" else f"calibration-{args.kv_dtype}"
+            store.save(kind, calibration)
+            out.print(f"calibrated `selfattn plan --hardware this` ({_store_path(kind)}): "
                       f"matmul efficiency {calibration['e_linear']:.2f}, attention "
                       f"{calibration['e_attention']:.2f} (of peak FLOP/s); weight reads "
                       f"{calibration['e_weights']:.2f}, KV reads {calibration['e_kv']:.2f} (of "
@@ -366,8 +396,9 @@ def cmd_plan(args):
             from .measure.roofline import load_or_measure
 
             roofline, _ = load_or_measure()
-            return device_for_this_machine(roofline, store.load("calibration"),
-                                           available_memory() or 0)
+            kv = args.kv_dtype or "f32"  # efficiencies fitted with this KV type, else f32's
+            calibration = store.load(f"calibration-{kv}") or store.load("calibration")
+            return device_for_this_machine(roofline, calibration, available_memory() or 0)
         return catalog_device(find_hardware(name))
 
     if args.rank:
@@ -408,6 +439,58 @@ def cmd_plan(args):
                   "replace the defaults)")
 
 
+def _cache_options(parser):
+    parser.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                        help="KV cache type (q8_0, q4_0: ggml's blocks; default f32)")
+    parser.add_argument("--context-policy", metavar="POLICY",
+                        help="full (default), window:W, or sink:S,window:W (StreamingLLM): "
+                             "what is kept once the stream outgrows the cache")
+
+
+def cmd_perplexity(args):
+    import json
+
+    from rich.progress import Progress
+
+    from .cache import parse_policy
+    from .model import perplexity as ppl
+
+    try:
+        text = open(args.file, encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    policy = parse_policy(args.context_policy or "full")
+    if args.recompute and policy.kind != "full":
+        raise CLIError("--recompute is its own method: leave --context-policy out")
+    model, tok, path, _ = _load(args.model, args.kv_dtype)
+    if args.kv_dtype in ("q8_0", "q4_0") and model.args.head_dim % 32:
+        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32")
+    ids = tok.encode(text)
+    if args.max_text_tokens:
+        ids = ids[:args.max_text_tokens]
+    console = _console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("perplexity", total=None)
+
+        def on_step(done, total):
+            progress.update(task, completed=done, total=total)
+        if args.recompute:
+            r = ppl.recompute(model, ids, args.recompute, args.stride, args.kv_dtype,
+                              args.first or 0, on_step)
+        elif policy.kind == "full":
+            r = ppl.windows(model, ids, args.ctx, args.kv_dtype, on_step)
+        else:
+            r = ppl.stream(model, ids, policy.sinks, policy.window, args.kv_dtype,
+                           args.first or 1, on_step=on_step)
+    doc = dict(r.as_dict(), model=str(path), file=args.file, kv_dtype=args.kv_dtype,
+               policy=str(policy), ctx=args.ctx)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        _console().print(f"perplexity {r.ppl:.4f} ({r.method}, {args.kv_dtype} KV): {r.scored:,} "
+                         f"of {r.tokens:,} tokens scored in {r.seconds:.1f} s")
+
+
 def _nonneg_float(text):
     try:
         x = float(text)
@@ -446,7 +529,26 @@ def build_parser():
     gen.add_argument("--top-p", type=_nonneg_float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _cache_options(gen)
     gen.set_defaults(func=cmd_generate)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of the model on a text file "
+                                            "(llama-perplexity's method, or a stream)")
+    ppl.add_argument("file", help="a UTF-8 text file")
+    ppl.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct)")
+    ppl.add_argument("--ctx", type=_positive_int, default=512,
+                     help="window size (default 512); each window's second half is scored")
+    ppl.add_argument("--recompute", type=_positive_int, metavar="W",
+                     help="instead: the exact baseline, each token predicted from a fresh "
+                          "forward over the W tokens before it")
+    ppl.add_argument("--stride", type=_positive_int, default=1,
+                     help="with --recompute: targets scored per forward (default 1, exact)")
+    ppl.add_argument("--first", type=int, default=None,
+                     help="score targets from this token index on (stream, recompute)")
+    ppl.add_argument("--max-text-tokens", type=_positive_int, help="use only the first N tokens")
+    ppl.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _cache_options(ppl)
+    ppl.set_defaults(func=cmd_perplexity)
 
     ins = sub.add_parser("inspect", help="record and draw the attention matrix of a prompt, per "
                                          "layer and head")
@@ -480,6 +582,8 @@ def build_parser():
     b.add_argument("--json", metavar="FILE", help="the records, llama-bench's fields and ours")
     b.add_argument("--plot", metavar="FILE", help="PNG: TTFT against n, tok/s against depth")
     b.add_argument("--kernels", action="store_true", help="the attention kernels alone")
+    b.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                   help="KV cache type of the runner (default f32)")
     b.set_defaults(func=cmd_bench)
 
     pl = sub.add_parser("plan", help="will a model fit at a context, and how fast will it run")

@@ -223,14 +223,22 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
     return (out, lse) if return_lse else out
 
 
-def warmup():
-    """Compile (or load from numba's cache) every kernel for float32 now, not in the first timed
-    call: a fresh process spends ~0.1-1 s per kernel on that."""
+def warmup(kv_formats=("f32",)):
+    """Compile (or load from numba's cache) the kernels for float32 now, and the decode kernel for
+    each compact KV format asked for, not in the first timed call: a fresh process spends ~0.1-1 s
+    per kernel on that (and ~10 s the very first time, when numba compiles and caches it)."""
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, 2, 40, 16), np.float32)
-    kv = rng.standard_normal((1, 1, 40, 16), np.float32)
+    q = rng.standard_normal((1, 2, 40, 32), np.float32)
+    kv = rng.standard_normal((1, 1, 40, 32), np.float32)
     attention(q, kv, kv, causal=True, impl="flash")
     attention(q[:, :, -1:], kv, kv, causal=True, impl="decode")
+    for fmt in kv_formats:
+        if fmt != "f32":
+            from .kvformat import quantize
+
+            stored = quantize(kv, fmt)
+            attention(q[:, :, -1:], stored, stored, causal=True, kv_format=fmt)
+            attention(q, stored, stored, causal=True, kv_format=fmt)
 
 
 def attention_weights(q, k, *, causal=False, mask=None, window=None, softcap=None, scale=None,

@@ -53,7 +53,8 @@ def _summary(tokens: int, samples_s: list[float]) -> tuple[float, float, list, l
 
 
 def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(0, 512, 2048),
-              reps: int = 5, ttft_reps: int | None = None, on_step=None, seed: int = 0):
+              reps: int = 5, ttft_reps: int | None = None, on_step=None, seed: int = 0,
+              kv_dtype: str = "f32"):
     """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
     from ..plan.predict import device_for_this_machine, weights_bytes
 
@@ -66,7 +67,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
     rng = np.random.default_rng(seed)
     max_depth = max(depths)
     tokens = rng.integers(0, a.vocab_size, max_depth + p)
-    cache = KVCache.for_model(a, max_depth + max(p, n))
+    cache = KVCache.for_model(a, max_depth + max(p, n), kv_dtype)
     device = device_for_this_machine(roofline, None, 0)
     w_tok = int(weights_bytes(shape, device) * shape.streamed_fraction())
     peak_flops = roofline["matmul_gflops"] * 1e9
@@ -127,7 +128,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
             samples.append(time.perf_counter() - t0)
         step(f"tg{n} @ d{d}")
         med, sd, ns, ts = _summary(n, samples)
-        kv_tok = shape.kv_bytes(d + n // 2, "f32")  # the mean depth over the n tokens
+        kv_tok = shape.kv_bytes(d + n // 2, kv_dtype)  # the mean depth over the n tokens
         records.append(Record(test=f"tg{n} @ d{d}", n_prompt=0, n_gen=n, n_depth=d, avg_ts=med,
                               stddev_ts=sd, samples_ns=ns, samples_ts=ts, ttft_s=ttft,
                               attention_share=t_.attention_share,
@@ -150,7 +151,7 @@ def _relative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return c
 
 
-def calibrate(records: list, shape, roofline: dict) -> dict:
+def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> dict:
     """The planner's efficiencies for this machine from bench records (see module docstring)."""
     from ..plan.predict import device_for_this_machine, weights_bytes
 
@@ -175,7 +176,7 @@ def calibrate(records: list, shape, roofline: dict) -> dict:
         if not r.n_gen:
             continue
         for s in r.samples_ns:
-            rows.append([w_tok / bw, shape.kv_bytes(r.n_depth + r.n_gen // 2, "f32") / bw])
+            rows.append([w_tok / bw, shape.kv_bytes(r.n_depth + r.n_gen // 2, kv_dtype) / bw])
             y.append(s / 1e9 / r.n_gen)
     inv_w, inv_kv = _relative_lstsq(np.array(rows), np.array(y))
     depths = sorted({r.n_depth for r in records if r.n_gen})
@@ -184,7 +185,7 @@ def calibrate(records: list, shape, roofline: dict) -> dict:
     big = 1e9  # a coefficient of 0 means "no measurable cost": an efficiency of at most 1e9
     return {"e_linear": 1 / max(inv_lin, 1 / big), "e_attention": 1 / max(inv_attn, 1 / big),
             "e_weights": 1 / max(inv_w, 1 / big), "e_kv": 1 / max(inv_kv, 1 / big),
-            "model": shape.name, "depths": depths,
+            "model": shape.name, "depths": depths, "kv_dtype": kv_dtype,
             "samples": sum(len(r.samples_ns) for r in records)}
 
 

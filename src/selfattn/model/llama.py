@@ -72,12 +72,13 @@ class Llama:
         self._rope_cache = (0, None, None)
 
     @classmethod
-    def load(cls, path) -> "Llama":
-        return cls.from_reader(open_gguf(path), path)
+    def load(cls, path, kv_dtype: str = "f32") -> "Llama":
+        return cls.from_reader(open_gguf(path), path, kv_dtype)
 
     @classmethod
-    def from_reader(cls, reader, path) -> "Llama":
-        """From an open gguf.GGUFReader (opening one parses every field: share it)."""
+    def from_reader(cls, reader, path, kv_dtype: str = "f32") -> "Llama":
+        """From an open gguf.GGUFReader (opening one parses every field: share it); kernels are
+        warmed up for the KV cache type the caller will use."""
         args = ModelArgs.from_gguf(reader, path)
         tensors = tensor_index(reader)
 
@@ -126,16 +127,16 @@ class Llama:
                           output_norm=get("output_norm.weight", (a.dim,)),
                           layers=layers, rope_freq_factors=get("rope_freqs.weight", required=False))
         model = cls(args, weights, path)
-        model.warmup()
+        model.warmup(kv_dtype)
         return model
 
-    def warmup(self):
+    def warmup(self, kv_dtype: str = "f32"):
         """Compile/load the attention kernels and run one token through every layer, so that
         one-time costs (JIT cache, BLAS thread start, first page touches) land in load time, not
         in the first request's TTFT (llama.cpp warms up the same way)."""
         from ..cache import KVCache
 
-        warmup()
+        warmup((kv_dtype,))
         self.forward(np.zeros(1, np.int64), KVCache.for_model(self.args, 1), 0)
 
     # -- pieces ---------------------------------------------------------------------------------

@@ -152,6 +152,27 @@ def min_tps_depth(shape: ModelShape, device: Device, kv_dtype: str, min_tps: flo
     return hi
 
 
+def memory_guard(shape: ModelShape, ctx: int, kv_dtype: str, available: int):
+    """Before a model and its cache are allocated on this machine: ContextError if the float32
+    weights, the KV cache and the working buffers do not fit `available` bytes, naming the largest
+    context that fits with this KV type and with the others (the figures `selfattn plan` gives)."""
+    from ..errors import ContextError
+
+    dev = Device(name="this", label="this machine", memory_bytes=available, usable=1.0,
+                 bandwidth_gbs=1.0, tflops=1.0, e_weights=1.0, e_kv=1.0, e_linear=1.0,
+                 e_attention=1.0, weight_bits=32.0)
+    w, buf, kv = weights_bytes(shape, dev), buffer_bytes(shape, dev), shape.kv_bytes(ctx, kv_dtype)
+    if w + buf + kv <= available:
+        return
+    gib = 2 ** 30
+    others = ", ".join(f"{t}: {max_ctx(shape, dev, t):,}" for t in KV_BITS if t != kv_dtype)
+    raise ContextError(
+        f"{ctx:,} positions need {(w + buf + kv) / gib:.2f} GiB (weights {w / gib:.2f}, {kv_dtype} "
+        f"KV cache {kv / gib:.2f}, buffers {buf / gib:.2f}); {available / gib:.2f} GiB is "
+        f"available: at most {max_ctx(shape, dev, kv_dtype):,} positions fit with {kv_dtype} KV "
+        f"({others})")
+
+
 def plan(shape: ModelShape, device: Device, ctx: int, kv_dtype: str = "f32",
          min_tps: float | None = None) -> Prediction:
     if ctx < 1:
