@@ -132,8 +132,8 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
 
     kv_format ("f16", "q8_0", "q4_0"): k and v are a compact KV cache, rows stored as
     `selfattn.attention.kvformat` describes ((B, H_kv, S, row items) uint16 or uint8, D_v = D).
-    The decode path reads them in place, decoding each row inside the kernel; the other paths
-    widen the kv_len visible rows to float32 first.
+    The decode and flash paths read them in place, decoding one key block at a time inside the
+    kernel; the reference widens the kv_len visible rows to float32 first.
     """
     if kv_format not in (None, "f32"):
         return _attention_compact(q, k, v, causal=causal, mask=mask, window=window,
@@ -194,7 +194,7 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
     proxy = np.broadcast_to(np.zeros((), q.dtype), k.shape[:-1] + (D,))
     T = q.shape[-2]
     chosen = impl if impl != "auto" else ("decode" if T <= DECODE_MAX_T else "flash")
-    if chosen != "decode":
+    if chosen == "reference":  # the spec reads the decoded values
         S = _validate(q, proxy, proxy, flags["causal"], flags["mask"], flags["window"],
                       flags["softcap"], flags["scale"], impl, kv_len)[-1]
         wide = [kvformat.decode_rows(x[..., :S, :], kv_format, D) for x in (k, v)]
@@ -215,7 +215,8 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
             mask = np.where(mask, work(0), work(-np.inf))
         mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
     edges = tuple(S + T if e is None else e for e in band)
-    out, lse = decode_attention(q4, k4, v4, S, edges, mask, softcap, scale, kv_format)
+    kernel = decode_attention if chosen == "decode" else flash_attention
+    out, lse = kernel(q4, k4, v4, S, edges, mask, softcap, scale, fmt=kv_format)
     out = out.astype(in_dtype, copy=False)
     lse = lse.astype(np.float32, copy=False)
     if not batched:

@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from .kvformat import load_tile
+from .kvformat import load_rows
 from .softmax import FASTMATH, online_softmax_row
 from .threads import num_threads, prepare_numba_threads
 
@@ -28,7 +28,7 @@ MIN_CHUNK = 256  # keys per chunk at least, so per-chunk overhead stays small
 def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, mask, has_mask,
                   acc, m_i, l_i, out, lse):
     """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, ·) stored
-    rows (float, or a compact format decoded a tile at a time by `load_tile`; code and table as in
+    rows (float, or a compact format decoded a tile at a time by `load_rows`; code and table as in
     kvformat) of which the first S keys are used.
 
     Query t of T sits at position p = S - T + t and may see keys p - left .. p + right;
@@ -62,7 +62,7 @@ def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, 
                 a[r, d] = 0.0
         for j0 in range(j_start, j_end, KEY_TILE):
             nk = min(KEY_TILE, j_end - j0)
-            ktile, kbase = load_tile(k, b, g, j0, nk, code, table, kbuf)
+            ktile, kbase = load_rows(k[b, g], j0, nk, code, table, kbuf)
             for jj in range(nk):
                 krow = ktile[kbase + jj]
                 for r in range(R):
@@ -86,7 +86,7 @@ def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, 
                     any_seen = True
             if not any_seen:
                 continue
-            vtile, vbase = load_tile(v, b, g, j0, nk, code, table, vbuf)
+            vtile, vbase = load_rows(v[b, g], j0, nk, code, table, vbuf)
             for jj in range(nk):
                 vrow = vtile[vbase + jj]
                 for r in range(R):

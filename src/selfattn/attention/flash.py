@@ -18,6 +18,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .kvformat import load_rows
 from .softmax import FASTMATH, online_softmax_row
 from .threads import blas_single_threaded, num_threads, pool
 
@@ -54,17 +55,18 @@ def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softca
 
 
 @nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, has_mask,
-               block_keys, out_rows, lse_rows):
+def flash_task(qs, kh, vh, code, table, rows_per_head, p0, p1, left, right, softcap, mask,
+               has_mask, block_keys, out_rows, lse_rows):
     """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.
 
-    kh (S, D), vh (S, Dv): this kv head's keys and values. Rows see keys p - left .. p + right
-    for their position p in p0 .. p1. mask: additive (G, rows_per_head, S) view, if has_mask.
+    kh (S, ·), vh (S, ·): this kv head's keys and values, float rows or a compact format decoded
+    one key block at a time (kvformat.load_rows). Rows see keys p - left .. p + right for their
+    position p in p0 .. p1. mask: additive (G, rows_per_head, S) view, if has_mask.
     Writes the normalised output rows (R, Dv) and their lse (R).
     """
     R, D = qs.shape
     S = kh.shape[0]
-    Dv = vh.shape[1]
+    Dv = out_rows.shape[1]
     dtype = qs.dtype
     m_i = np.full(R, -np.inf, dtype)
     l_i = np.zeros(R, dtype)
@@ -72,19 +74,23 @@ def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, ha
     s_buf = np.empty(R * block_keys, dtype)
     pv = np.empty((R, Dv), dtype)
     ibuf = np.empty(block_keys, np.int32)
+    kbuf = np.empty((block_keys, D), dtype)  # a compact key block decoded (unused for floats)
+    vbuf = np.empty((block_keys, Dv), dtype)
     lo = max(0, p0 - left)
     hi = min(S - 1, p1 + right)
     for j0 in range(lo - lo % block_keys, hi + 1, block_keys):
         j1 = min(S, j0 + block_keys)
         nk = j1 - j0
         s = s_buf[:R * nk].reshape(R, nk)  # contiguous, so BLAS writes it and loops vectorize
-        np.dot(qs, kh[j0:j1].T, s)
+        kt, kb = load_rows(kh, j0, nk, code, table, kbuf)
+        np.dot(qs, kt[kb:kb + nk].T, s)
         # the band test is needed unless every (row, key) of the block is inside it
         needs_band = (j0 < p1 - left) or (j1 - 1 > p0 + right)
         mblk = mask[:, :, j0:j1] if has_mask else mask
         block_update(s, m_i, l_i, acc, rows_per_head, p0, j0, left, right, softcap, mblk,
                      has_mask, needs_band, ibuf)
-        np.dot(s, vh[j0:j1], pv)
+        vt, vb = load_rows(vh, j0, nk, code, table, vbuf)
+        np.dot(s, vt[vb:vb + nk], pv)
         acc += pv
     for r in range(R):
         if l_i[r] > 0:
@@ -99,16 +105,21 @@ def flash_task(qs, kh, vh, rows_per_head, p0, p1, left, right, softcap, mask, ha
 
 
 def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
-                    block_keys=BLOCK_KEYS):
+                    block_keys=BLOCK_KEYS, fmt="f32"):
     """q (B, H, T, D), k (B, H_kv, S_max, D), v (B, H_kv, S_max, Dv), float32 or float64,
-    validated and contiguous; the first S keys are used.
+    validated and contiguous; the first S keys are used. With fmt (f16, q8_0, q4_0), k and v are
+    stored rows of a compact cache (kvformat), decoded a key block at a time; then Dv = D.
 
     band: (left, right) ints: query i, at position p = S - T + i, sees keys p - left .. p + right.
     mask: additive float array broadcast to (B, H, T, S), or None. softcap: float or 0.
     Returns out (B, H, T, Dv) and lse (B, H, T), both in q's dtype.
     """
+    from .kvformat import HALF_TABLE, format_code
+
     B, H, T, D = q.shape
-    H_kv, Dv = k.shape[1], v.shape[3]
+    H_kv = k.shape[1]
+    Dv = v.shape[3] if fmt == "f32" else D
+    code = format_code(fmt)
     G = H // H_kv
     dtype = q.dtype
     Tq = max(1, min(T, block_rows // G))
@@ -131,8 +142,8 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
         o = np.empty((G * tq, Dv), dtype)
         row_lse = np.empty(G * tq, dtype)
         m = no_mask if mask is None else mask[b, h0:h0 + G, i0:i1]
-        flash_task(qs, k[b, kvh, :S], v[b, kvh, :S], tq, off + i0, off + i1 - 1, left, right,
-                   softcap, m, mask is not None, Sk, o, row_lse)
+        flash_task(qs, k[b, kvh, :S], v[b, kvh, :S], code, HALF_TABLE, tq, off + i0, off + i1 - 1,
+                   left, right, softcap, m, mask is not None, Sk, o, row_lse)
         out[b, h0:h0 + G, i0:i1] = o.reshape(G, tq, Dv)
         lse[b, h0:h0 + G, i0:i1] = row_lse.reshape(G, tq)
 

@@ -9,7 +9,7 @@
 A stored row of D values is a 1-d array: float32 (D), uint16 (D), or uint8 bytes (D/32 blocks of
 34 or 18 bytes, exactly ggml's layout, so the bits per value are llama.cpp's). Quantization is
 ggml's reference rounding, through the `gguf` package (`gguf.quants.quantize`), the same code
-path llama.cpp's Python tools use. `load_tile` turns a tile of stored rows into float32 inside a
+path llama.cpp's Python tools use. `load_rows` turns a block of stored rows into float32 inside a
 kernel: the compact bytes are what streams from memory, and the float32 rows live in a small
 scratch tile in L1.
 """
@@ -79,14 +79,14 @@ HALF_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float
 
 
 @nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
-def _halves_to_floats(src, b, g, j0, nk, buf):
-    """src[b, g, j0:j0+nk] (uint16 half bits) -> buf[:nk] float32. Branch-free, so LLVM
+def _halves_to_floats(src, j0, nk, buf):
+    """src[j0:j0+nk] (rows of uint16 half bits) -> buf[:nk] float32. Branch-free, so LLVM
     vectorizes it: the magnitude bits shifted into a float's place and scaled by 2^112 (exact for
     normals and subnormals), then the sign, and exponent 31 (inf/NaN) forced to 255.
     (Loops run over slice lengths: with computed offsets numba's index code stays scalar.)"""
     bits = buf.view(np.uint32)
     for jj in range(nk):
-        row = src[b, g, j0 + jj]
+        row = src[j0 + jj]
         out = bits[jj]
         val = buf[jj]
         n = row.shape[0]
@@ -101,15 +101,15 @@ def _halves_to_floats(src, b, g, j0, nk, buf):
 
 
 @nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
-def _blocks_to_floats(src, b, g, j0, nk, code, table, buf):
-    """src[b, g, j0:j0+nk] (ggml q8_0 / q4_0 blocks, uint8) -> buf[:nk] float32."""
+def _blocks_to_floats(src, j0, nk, code, table, buf):
+    """src[j0:j0+nk] (rows of ggml q8_0 / q4_0 blocks, uint8) -> buf[:nk] float32."""
     D = buf.shape[1]
     signed = src.view(np.int8)
     for jj in range(nk):
-        row = src[b, g, j0 + jj]
+        row = src[j0 + jj]
         out = buf[jj]
         if code == Q8_0:
-            qrow = signed[b, g, j0 + jj]
+            qrow = signed[j0 + jj]
             for blk in range(D // 32):
                 o = blk * 34
                 d = table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
@@ -130,34 +130,34 @@ def _blocks_to_floats(src, b, g, j0, nk, code, table, buf):
                     hi[i] = d * np.float32(np.int32(qs[i] >> 4) - 8)
 
 
-def load_tile(src, b, g, j0, nk, code, table, buf):
-    """Rows j0 .. j0+nk-1 of src[b, g] as float32: -> (rows, base) with row j at rows[base + j - j0].
-    Float rows are returned in place (src[b, g], j0); compact rows are decoded into buf (KEY_TILE,
-    D) (buf, 0). Compiled code only; the overload below picks by src's dtype."""
-    raise NotImplementedError("load_tile runs inside numba-compiled kernels")
+def load_rows(src, j0, nk, code, table, buf):
+    """Rows j0 .. j0+nk-1 of src (N, row items) as float32: -> (rows, base), row j at
+    rows[base + j - j0]. Float rows are returned in place (src, j0); compact rows are decoded into
+    buf (>= nk, D) (buf, 0). Compiled code only; the overload below picks by src's dtype."""
+    raise NotImplementedError("load_rows runs inside numba-compiled kernels")
 
 
-@overload(load_tile)
-def _load_tile_by_dtype(src, b, g, j0, nk, code, table, buf):
+@overload(load_rows)
+def _load_rows_by_dtype(src, j0, nk, code, table, buf):
     if src.dtype in (types.float32, types.float64):
-        return lambda src, b, g, j0, nk, code, table, buf: (src[b, g], j0)
+        return lambda src, j0, nk, code, table, buf: (src, j0)
     if src.dtype == types.uint16:
-        def halves(src, b, g, j0, nk, code, table, buf):
-            _halves_to_floats(src, b, g, j0, nk, buf)
+        def halves(src, j0, nk, code, table, buf):
+            _halves_to_floats(src, j0, nk, buf)
             return buf, 0
         return halves
 
-    def blocks(src, b, g, j0, nk, code, table, buf):
-        _blocks_to_floats(src, b, g, j0, nk, code, table, buf)
+    def blocks(src, j0, nk, code, table, buf):
+        _blocks_to_floats(src, j0, nk, code, table, buf)
         return buf, 0
     return blocks
 
 
 @nb.njit(parallel=True, nogil=True, cache=True)
 def _decode_rows(stored, code, table, out):
-    """stored (N, 1, R, items) -> out (N, R, D); one task per leading index."""
+    """stored (N, R, items) -> out (N, R, D); one task per leading index."""
     for n in nb.prange(stored.shape[0]):
-        rows, _ = load_tile(stored, n, 0, 0, stored.shape[2], code, table, out[n])
+        load_rows(stored[n], 0, stored.shape[1], code, table, out[n])
 
 
 def decode_rows(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
@@ -176,5 +176,5 @@ def decode_rows(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
     padded[:n] = flat
     out = np.empty((n_tiles, tile, D), np.float32)
     prepare_numba_threads()
-    _decode_rows(padded.reshape(n_tiles, 1, tile, -1), format_code(fmt), HALF_TABLE, out)
+    _decode_rows(padded.reshape(n_tiles, tile, -1), format_code(fmt), HALF_TABLE, out)
     return out.reshape(-1, D)[:n].reshape(*stored.shape[:-1], D)
