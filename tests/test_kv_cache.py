@@ -46,6 +46,21 @@ def test_every_half_decodes_exactly():
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_quantization_is_ggmls_bit_for_bit(fmt):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3, 64), np.float32) * rng.choice([1e-7, 1e-3, 1, 7e4],
+                                                                  (40, 1, 1)).astype(np.float32)
+    x[0] = 0
+    x[1, 0, :32] = np.arange(32) - 15.5  # ties after scaling
+    x[2, 1, :32] = -(np.arange(32) % 3)  # negative extremes, repeated magnitudes
+    t = GGMLQuantizationType.Q8_0 if fmt == "q8_0" else GGMLQuantizationType.Q4_0
+    np.testing.assert_array_equal(kvformat.quantize(x, fmt), gguf_quantize(x, t))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_ggml_blocks_decode_as_gguf_reads_them(fmt):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 2, 50, 64), np.float32) * rng.choice([1e-6, 1.0, 300.0],
