@@ -51,7 +51,7 @@ def main():
         if r.n_gen:
             depth = r.n_depth + r.n_gen // 2
             pred = 1 / token_seconds(shape, dev, depth, "f32")
-            meas, unit, judged = r.avg_ts, "tok/s", r.n_depth >= 2048
+            meas, unit, judged = statistics.median(r.samples_ts), "tok/s", r.n_depth >= 2048
         else:
             pred = (shape.linear_flops_per_token() * r.n_prompt / (peak * fit["e_linear"])
                     + shape.attention_flops(r.n_prompt, r.n_depth) / (peak * fit["e_attention"]))

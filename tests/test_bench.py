@@ -10,21 +10,17 @@ import pytest
 
 from selfattn.measure import bench, store
 from selfattn.model import Llama
-from selfattn.model.gguf_file import open_gguf
 from selfattn.plan import ModelShape
 from selfattn.plan.predict import device_for_this_machine, ttft_s, token_seconds
 
-from .tiny_gguf import make_weights, write_gguf
+from .tiny_gguf import tiny_model_file
 
 ROOFLINE = {"matmul_gflops": 100.0, "read_gbs": 20.0, "cpu": "test", "threads": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    w, cfg = make_weights(np.random.default_rng(5), ffn=128)
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_gguf(path, w, cfg)
-    reader = open_gguf(path)
+    path, reader, _, _ = tiny_model_file(tmp_path_factory, 5, ffn=128)
     return path, Llama.from_reader(reader, path), ModelShape.from_gguf(reader, path)
 
 
@@ -38,7 +34,8 @@ def test_bench_records(tiny):
     assert len(steps) == bench.count_steps((0, 16, 40))
     for r in recs:
         assert len(r.samples_ns) == 3 and all(s > 0 for s in r.samples_ns)
-        assert r.avg_ts == pytest.approx(np.median(r.samples_ts))
+        assert r.avg_ts == pytest.approx(np.mean(r.samples_ts))  # llama-bench's avg_ts
+        assert r.median_ts == pytest.approx(np.median(r.samples_ts))
         tokens = r.n_gen or r.n_prompt
         assert r.samples_ts == pytest.approx([tokens / (s / 1e9) for s in r.samples_ns], rel=1e-5)
         assert 0 < r.attention_share < 1 and r.roofline_fraction > 0

@@ -16,15 +16,12 @@ from selfattn.inspect.record import MAX_TOKENS, check_size
 from selfattn.model import Llama, Tokenizer
 from selfattn.model.gguf_file import open_gguf
 
-from .tiny_gguf import make_weights, write_gguf
+from .tiny_gguf import tiny_model_file
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    w, cfg = make_weights(np.random.default_rng(11), n_layers=3)
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_gguf(path, w, cfg)
-    reader = open_gguf(path)
+    path, reader, _, _ = tiny_model_file(tmp_path_factory, 11, n_layers=3)
     return path, Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
 
 

@@ -94,16 +94,42 @@ def write_gguf(path, w, cfg, q8_names=(), drop=(), arch_name=None):
     g.close()
 
 
+def _attention_input(w, cfg, x, p):
+    """rmsnorm, then q, k, v (+ qwen2 biases) of layer prefix p, float64 rows."""
+    h = _rmsnorm(x, w[p + "attn_norm"], cfg["eps"])
+    q, k, v = h @ w[p + "attn_q"].T, h @ w[p + "attn_k"].T, h @ w[p + "attn_v"].T
+    if cfg["arch"] == "qwen2":
+        q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
+    return q, k, v
+
+
+def _rmsnorm(x, g, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
+
+
+def _ffn_block(w, cfg, x, p):
+    """x + SwiGLU(rmsnorm(x)) of layer prefix p."""
+    h = _rmsnorm(x, w[p + "ffn_norm"], cfg["eps"])
+    g, u = h @ w[p + "ffn_gate"].T, h @ w[p + "ffn_up"].T
+    return x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
+
+
+def tiny_model_file(tmp_path_factory, seed, **shape):
+    """Write a tiny random llama GGUF; -> (path, reader, weights, cfg)."""
+    from selfattn.model.gguf_file import open_gguf
+
+    w, cfg = make_weights(np.random.default_rng(seed), **shape)
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, w, cfg)
+    return path, open_gguf(path), w, cfg
+
+
 def reference_forward(w, cfg, tokens):
     """Plain float64 forward over all tokens at positions 0..T-1 -> logits (T, vocab)."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
     T = len(tokens)
     H, H_kv, dim = cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"]
     D = dim // H
-
-    def rmsnorm(x, g):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg["eps"]) * g
-
     inv = 1.0 / cfg["theta"] ** (np.arange(0, D, 2) / D)
     ang = np.outer(np.arange(T), inv)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
@@ -115,10 +141,7 @@ def reference_forward(w, cfg, tokens):
     x = w["token_embd"][tokens]
     for i in range(cfg["n_layers"]):
         p = f"blk.{i}."
-        h = rmsnorm(x, w[p + "attn_norm"])
-        q, k, v = h @ w[p + "attn_q"].T, h @ w[p + "attn_k"].T, h @ w[p + "attn_v"].T
-        if cfg["arch"] == "qwen2":
-            q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
+        q, k, v = _attention_input(w, cfg, x, p)
         q, k, v = rope(q.reshape(T, H, D)), rope(k.reshape(T, H_kv, D)), v.reshape(T, H_kv, D)
         out = np.zeros((T, H, D))
         for hh in range(H):
@@ -127,11 +150,8 @@ def reference_forward(w, cfg, tokens):
             s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
             p_ = np.exp(s - s.max(-1, keepdims=True))
             out[:, hh] = (p_ / p_.sum(-1, keepdims=True)) @ v[:, kh]
-        x = x + out.reshape(T, H * D) @ w[p + "attn_output"].T
-        h = rmsnorm(x, w[p + "ffn_norm"])
-        g, u = h @ w[p + "ffn_gate"].T, h @ w[p + "ffn_up"].T
-        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
-    return rmsnorm(x, w["output_norm"]) @ w["output"].T
+        x = _ffn_block(w, cfg, x + out.reshape(T, H * D) @ w[p + "attn_output"].T, p)
+    return _rmsnorm(x, w["output_norm"], cfg["eps"]) @ w["output"].T
 
 
 def streaming_reference(w, cfg, tokens, sinks, window):
@@ -143,9 +163,6 @@ def streaming_reference(w, cfg, tokens, sinks, window):
     H, H_kv, dim = cfg["n_heads"], cfg["n_kv_heads"], cfg["dim"]
     D = dim // H
     inv = 1.0 / cfg["theta"] ** (np.arange(0, D, 2) / D)
-
-    def rmsnorm(x, g):
-        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + cfg["eps"]) * g
 
     def rope(x, positions):  # x (n, heads, D)
         ang = np.outer(positions, inv)
@@ -159,10 +176,7 @@ def streaming_reference(w, cfg, tokens, sinks, window):
         x = w["token_embd"][tok]
         for i in range(cfg["n_layers"]):
             p = f"blk.{i}."
-            h = rmsnorm(x, w[p + "attn_norm"])
-            q, k, v = h @ w[p + "attn_q"].T, h @ w[p + "attn_k"].T, h @ w[p + "attn_v"].T
-            if cfg["arch"] == "qwen2":
-                q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
+            q, k, v = _attention_input(w, cfg, x, p)
             ks, vs = caches[i]
             ks.append(k.reshape(H_kv, D))
             vs.append(v.reshape(H_kv, D))
@@ -178,9 +192,6 @@ def streaming_reference(w, cfg, tokens, sinks, window):
                 s = K[:, kh] @ qr[hh] / np.sqrt(D)
                 e = np.exp(s - s.max())
                 o[hh] = (e / e.sum()) @ V[:, kh]
-            x = x + o.reshape(H * D) @ w[p + "attn_output"].T
-            h = rmsnorm(x, w[p + "ffn_norm"])
-            g, u = h @ w[p + "ffn_gate"].T, h @ w[p + "ffn_up"].T
-            x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down"].T
-        out.append(rmsnorm(x, w["output_norm"]) @ w["output"].T)
+            x = _ffn_block(w, cfg, x + o.reshape(H * D) @ w[p + "attn_output"].T, p)
+        out.append(_rmsnorm(x, w["output_norm"], cfg["eps"]) @ w["output"].T)
     return np.array(out)

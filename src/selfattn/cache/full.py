@@ -10,15 +10,12 @@ faults land in the middle of a timed forward pass.
 
 import numpy as np
 
-from ..attention import attention
-from ..attention import kvformat
+from ..attention import attention, kvformat
 from ..errors import ContextError
 from .memory import check_fits
 
 
 class KVCache:
-    policy = "full"
-
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
                  kv_dtype: str = "f32"):
         if max_len < 1:

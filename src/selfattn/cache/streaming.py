@@ -25,8 +25,6 @@ from .memory import check_fits
 
 
 class StreamingCache:
-    policy = "streaming"
-
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, sinks: int, window: int,
                  chunk: int = 512, kv_dtype: str = "f32"):
         if sinks < 0 or window < 1 or chunk < 1:

@@ -5,7 +5,8 @@ For each depth d (tokens already in the KV cache):
 - pp{p} @ d{d}: p prompt tokens processed after d cached ones, tokens/s;
 - tg{n} @ d{d}: n tokens generated one at a time after d cached ones, tokens/s.
 Prompts are fixed pseudo-random token ids, as llama-bench's are. Each test runs `reps` times
-(TTFT: `ttft_reps`); the median and standard deviation are reported, and every sample is kept.
+(TTFT: `ttft_reps`); mean (llama-bench's avg_ts), median and standard deviation are reported,
+and every sample is kept.
 
 `calibrate` fits the planner's efficiencies to these samples (see selfattn.plan.predict):
 prefill seconds = linear FLOPs / (F·e_linear) + attention FLOPs / (F·e_attention) by least
@@ -30,8 +31,9 @@ class Record:
     n_prompt: int
     n_gen: int
     n_depth: int
-    avg_ts: float  # median tokens/s over the samples (llama-bench: mean; the median resists noise)
+    avg_ts: float  # mean tokens/s over the samples, as llama-bench reports it
     stddev_ts: float
+    median_ts: float = 0.0  # what the table shows: the median resists this machine's noise
     samples_ns: list = field(default_factory=list)  # wall time of each sample, ns
     samples_ts: list = field(default_factory=list)
     ttft_s: float | None = None  # TTFT for a prompt of n_depth tokens (n_prompt at depth 0)
@@ -46,10 +48,12 @@ class Record:
         return asdict(self)
 
 
-def _summary(tokens: int, samples_s: list[float]) -> tuple[float, float, list, list]:
+def _summary(tokens: int, samples_s: list[float]) -> dict:
+    """Record fields for samples of `tokens` tokens each taking samples_s seconds."""
     ts = [tokens / s for s in samples_s]
-    return (statistics.median(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0,
-            [int(s * 1e9) for s in samples_s], ts)
+    return dict(avg_ts=statistics.fmean(ts), median_ts=statistics.median(ts),
+                stddev_ts=statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                samples_ns=[int(s * 1e9) for s in samples_s], samples_ts=ts)
 
 
 def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(0, 512, 2048),
@@ -91,11 +95,10 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                 samples.append(time.perf_counter() - t0)
             step(f"ttft @ {d}")
             flops = shape.linear_flops_per_token() * d + shape.attention_flops(d) + head_flops
-            med, sd, ns, ts = _summary(d, samples)
             ttft = statistics.median(samples)
             records.append(Record(test=f"ttft @ {d}", n_prompt=d, n_gen=0, n_depth=0,
-                                  avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
-                                  ttft_s=ttft, attention_share=t_.attention_share,
+                                  **_summary(d, samples), ttft_s=ttft,
+                                  attention_share=t_.attention_share,
                                   attention_pairs=t_.attention_pairs // ttft_reps, flops=flops,
                                   roofline_fraction=flops / ttft / peak_flops))
         else:
@@ -109,9 +112,9 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
             samples.append(time.perf_counter() - t0)
         step(f"pp{p} @ d{d}")
         flops = shape.linear_flops_per_token() * p + shape.attention_flops(p, d) + head_flops
-        med, sd, ns, ts = _summary(p, samples)
-        records.append(Record(test=f"pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, avg_ts=med,
-                              stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+        stats = _summary(p, samples)
+        med = stats["median_ts"]
+        records.append(Record(test=f"pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, **stats,
                               ttft_s=ttft if d else statistics.median(samples),
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps, flops=flops,
@@ -127,10 +130,11 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                 token[0] = int(np.argmax(logits))
             samples.append(time.perf_counter() - t0)
         step(f"tg{n} @ d{d}")
-        med, sd, ns, ts = _summary(n, samples)
+        stats = _summary(n, samples)
+        med = stats["median_ts"]
         kv_tok = shape.kv_bytes(d + n // 2, kv_dtype)  # the mean depth over the n tokens
-        records.append(Record(test=f"tg{n} @ d{d}", n_prompt=0, n_gen=n, n_depth=d, avg_ts=med,
-                              stddev_ts=sd, samples_ns=ns, samples_ts=ts, ttft_s=ttft,
+        records.append(Record(test=f"tg{n} @ d{d}", n_prompt=0, n_gen=n, n_depth=d, **stats,
+                              ttft_s=ttft,
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps,
                               kv_bytes_per_token=kv_tok, weight_bytes_per_token=w_tok,
@@ -212,10 +216,10 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
             t0 = time.perf_counter()
             attention(q, k, v, causal=True)
             samples.append(time.perf_counter() - t0)
-        med, sd, ns, ts = _summary(p, samples)
+        stats = _summary(p, samples)
+        med = stats["median_ts"]
         pairs = H * (p * (d + 1) + p * (p - 1) // 2)
-        records.append(Record(test=f"attn pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d,
-                              avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+        records.append(Record(test=f"attn pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, **stats,
                               attention_share=1.0, attention_pairs=pairs, flops=4.0 * D * pairs,
                               roofline_fraction=4.0 * D * pairs * med / p / peak))
         if on_step:
@@ -229,10 +233,10 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
             t0 = time.perf_counter()
             attention(q1, k, v, causal=True, kv_len=d)
             samples.append(time.perf_counter() - t0)
-        med, sd, ns, ts = _summary(1, samples)
+        stats = _summary(1, samples)
+        med = stats["median_ts"]
         kv = 2 * H_kv * d * D * 4
-        records.append(Record(test=f"attn tg1 @ d{d}", n_prompt=0, n_gen=1, n_depth=d,
-                              avg_ts=med, stddev_ts=sd, samples_ns=ns, samples_ts=ts,
+        records.append(Record(test=f"attn tg1 @ d{d}", n_prompt=0, n_gen=1, n_depth=d, **stats,
                               attention_share=1.0, attention_pairs=H * d, kv_bytes_per_token=kv,
                               roofline_fraction=kv * med / bw))
         if on_step:

@@ -40,7 +40,7 @@ def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: s
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
 
-    tg = sorted((r.n_depth + r.n_gen // 2, r.avg_ts, r.stddev_ts) for r in records if r.n_gen)
+    tg = sorted((r.n_depth + r.n_gen // 2, r.median_ts, r.stddev_ts) for r in records if r.n_gen)
     if tg:
         d_pts, ts_pts, sd_pts = map(np.array, zip(*tg))
         d = np.linspace(0, d_pts.max() * 1.1 + 1, 200)

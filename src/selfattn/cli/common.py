@@ -1,0 +1,146 @@
+"""What every command shares: one-line errors, argument types, the console, loading a model."""
+
+import argparse
+import os
+import sys
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def terminal(stderr=False):
+    """rich's Console; wide enough for the tables when the output is a file or a pipe."""
+    from rich.console import Console
+
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 150)
+
+
+def positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") \
+            from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
+def nonneg_float(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return x
+
+
+def gb(n):
+    return f"{n / 1e9:,.2f} GB"
+
+
+def store_path(kind):
+    from ..measure.store import cache_dir
+    return cache_dir() / f"{kind}.json"
+
+
+def load_model(model_path, kv_dtype="f32"):
+    """-> (model, tokenizer, path, load_s); ModelError on a bad file."""
+    import time
+
+    from ..model import Llama, Tokenizer, default_model_path
+    from ..model.gguf_file import open_gguf
+
+    path = model_path or default_model_path()
+    t = time.perf_counter()
+    reader = open_gguf(path)
+    model = Llama.from_reader(reader, path, kv_dtype)
+    tokenizer = Tokenizer.from_gguf(reader, path)
+    return model, tokenizer, path, time.perf_counter() - t
+
+
+def check_system(args):
+    if args.system and not args.chat:
+        raise CLIError("--system needs --chat (it is part of the chat template)")
+
+
+def prompt_ids(tok, args):
+    """The prompt as token ids, wrapped in the chat template with --chat."""
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
+    else:
+        text = args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise CLIError("the prompt is empty")
+    return ids
+
+
+def model_shape(model_arg, quant=None):
+    """--model as a GGUF file (its own metadata and tensor sizes) or a catalog name."""
+    from ..model import default_model_path
+    from ..model.gguf_file import open_gguf
+    from ..plan import ModelShape, find_model
+
+    if model_arg is None:
+        model_arg = str(default_model_path())
+    if os.path.exists(model_arg) or model_arg.endswith(".gguf"):
+        if quant:
+            raise CLIError("--quant is for catalog models; a GGUF file has its own types")
+        return ModelShape.from_gguf(open_gguf(model_arg), model_arg)
+    return ModelShape.from_catalog(find_model(model_arg), quant or "Q4_K_M")
+
+
+def cache_options(parser):
+    parser.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                        help="KV cache type (q8_0, q4_0: ggml's blocks; default f32)")
+    parser.add_argument("--context-policy", metavar="POLICY",
+                        help="full (default), window:W, or sink:S,window:W (StreamingLLM): "
+                             "what is kept once the stream outgrows the cache")
+
+
+def guard_memory(args):
+    """-> (policy, ctx). Reads the file's shape only; refuses, before the weights or the cache are
+    allocated, what this machine's free memory cannot hold."""
+    from ..cache import available_memory, parse_policy
+    from ..model import default_model_path
+    from ..model.gguf_file import open_gguf
+    from ..plan import ModelShape
+    from ..plan.predict import memory_guard
+
+    path = args.model or str(default_model_path())
+    shape = ModelShape.from_gguf(open_gguf(path), path)
+    text = args.context_policy or (f"window:{shape.sliding_window}" if shape.sliding_window
+                                   else "full")
+    policy = parse_policy(text)
+    if args.kv_dtype in ("q8_0", "q4_0") and shape.head_dim % 32:
+        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32; "
+                       f"this model's is {shape.head_dim}")
+    ctx = args.ctx or shape.context
+    positions = ctx if policy.kind == "full" else policy.sinks + policy.window + 512
+    available = available_memory()
+    if available is not None:
+        memory_guard(shape, positions, args.kv_dtype, available)
+    return policy, ctx

@@ -1,0 +1,211 @@
+"""`selfattn demo`, `roofline`, `bench` and `plan`: the walls, this machine's limits, predictions."""
+
+import os
+
+from .common import CLIError, gb, load_model, model_shape, store_path, terminal
+
+
+def cmd_demo(args):
+    from rich.table import Table
+
+    from ..measure.wall import quadratic_wall
+
+    if args.max_n < 256:
+        raise CLIError(f"--max-n must be at least 256, got {args.max_n}")
+    if args.heads % args.kv_heads:
+        raise CLIError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    ns = []
+    n = 256
+    while n <= args.max_n:
+        ns.append(n)
+        n *= 2
+    console = terminal()
+    console.print(f"[bold]The quadratic wall[/]: causal self-attention, H={args.heads} "
+                  f"H_kv={args.kv_heads} D={args.dim}, float32. Reference (builds the n x n "
+                  f"matrix, float64) against selfattn's flash path (never builds it).")
+    table = Table()
+    for col in ("n", "pairs", "impl", "ms (median)", "x prev n", "GFLOP/s", "peak extra MiB"):
+        table.add_column(col, justify="right")
+    prev = {}
+    with console.status("measuring...") as status:
+        for p in quadratic_wall(ns, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
+                                reference_max_n=args.reference_max_n):
+            status.update(f"measured {p.impl} at n={p.n}")
+            grow = f"{p.median_s / prev[p.impl]:.1f}x" if p.impl in prev else ""
+            prev[p.impl] = p.median_s
+            table.add_row(str(p.n), f"{p.pairs:,}", p.impl, f"{p.median_s * 1e3:.1f}", grow,
+                          f"{p.gflops:.1f}", f"{p.peak_bytes / 2**20:.1f}")
+    console.print(table)
+    console.print("Doubling n multiplies the pairs, and so the time, by ~4: the quadratic wall. "
+                  "The reference's memory grows by ~4 too; the flash path's only by ~2 (its "
+                  "output and per-task buffers), never n².")
+
+
+def cmd_roofline(args):
+    import json
+
+    from rich.table import Table
+
+    from ..measure.roofline import load_or_measure
+
+    console = terminal(stderr=True)
+    with console.status("measuring this machine's matmul FLOP/s and read bandwidth..."):
+        r, fresh = load_or_measure(refresh=args.refresh)
+    if args.json:
+        print(json.dumps(dict(r, measured_now=fresh)))
+        return
+    table = Table(title=f"roofline of this machine ({r['cpu']}), "
+                        f"{'measured now' if fresh else 'measured ' + r['date']}")
+    for col in ("", "1 thread", f"{r['threads']} threads"):
+        table.add_column(col, justify="right")
+    table.add_row("float32 matmul GFLOP/s", f"{r['matmul_gflops_1t']:.1f}",
+                  f"{r['matmul_gflops']:.1f}")
+    table.add_row("read bandwidth GB/s", f"{r['read_gbs_1t']:.1f}", f"{r['read_gbs']:.1f}")
+    table.add_row("ridge point FLOP/byte", "", f"{r['matmul_gflops'] / r['read_gbs']:.1f}")
+    terminal().print(table)
+    terminal().print(f"BLAS: {r['blas']}. Cached in {store_path('roofline')}; --refresh "
+                    "measures again.")
+
+
+def cmd_bench(args):
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from ..measure import bench, store
+    from ..measure.roofline import load_or_measure
+    from ..model.gguf_file import open_gguf
+    from ..plan import ModelShape
+
+    for flag in ("json", "plot"):
+        target = getattr(args, flag)
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise CLIError(f"--{flag} {target}: its folder does not exist")
+    console = terminal(stderr=True)
+    with console.status("roofline..."):
+        roofline, _ = load_or_measure()
+    path = args.model
+    if path is None:
+        from ..model import default_model_path
+        path = str(default_model_path())
+    shape = ModelShape.from_gguf(open_gguf(path), path)
+    depths = sorted(set(args.depths))
+    with Progress(console=console, transient=True) as progress:
+        if args.kernels:
+            total = len(depths) + sum(1 for d in depths if d > 0)
+            task = progress.add_task("attention kernels", total=total)
+            records = bench.run_kernel_bench(shape, roofline, args.p, depths, args.reps,
+                                             on_step=lambda _: progress.advance(task))
+        else:
+            task = progress.add_task("loading the model", total=bench.count_steps(depths))
+            model, _, _, _ = load_model(path, args.kv_dtype)
+            progress.update(task, description="benchmarking")
+            records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
+                                      args.ttft_reps, on_step=lambda s: progress.update(
+                                          task, advance=1, description=s),
+                                      kv_dtype=args.kv_dtype)
+    name = os.path.basename(path)
+    table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, on {roofline['cpu']} "
+                        f"({roofline['threads']} "
+                        f"threads; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
+                        f"{roofline['read_gbs']:.1f} GB/s)")
+    for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
+                "of roofline"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r.test, f"{r.median_ts:,.1f} ± {r.stddev_ts:,.1f}",
+                      f"{r.ttft_s:.3f}" if r.ttft_s else "",
+                      f"{100 * r.attention_share:.0f}%", f"{r.attention_pairs:,}",
+                      f"{r.weight_bytes_per_token / 1e6:,.0f} MB" if r.weight_bytes_per_token else "",
+                      f"{r.kv_bytes_per_token / 1e6:,.1f} MB" if r.kv_bytes_per_token else "",
+                      f"{100 * r.roofline_fraction:.0f}% {'BW' if r.n_gen else 'FLOP/s'}")
+    out = terminal()
+    out.print(table)
+    calibration = None
+    if not args.kernels:
+        try:
+            calibration = bench.calibrate(records, shape, roofline, args.kv_dtype)
+        except ValueError as e:
+            out.print(f"not calibrated: {e}")
+        else:
+            kind = "calibration" if args.kv_dtype == "f32" else f"calibration-{args.kv_dtype}"
+            store.save(kind, calibration)
+            out.print(f"calibrated `selfattn plan --hardware this` ({store_path(kind)}): "
+                      f"matmul efficiency {calibration['e_linear']:.2f}, attention "
+                      f"{calibration['e_attention']:.2f} (of peak FLOP/s); weight reads "
+                      f"{calibration['e_weights']:.2f}, KV reads {calibration['e_kv']:.2f} (of "
+                      "bandwidth)")
+    if args.plot:
+        if calibration is None:
+            raise CLIError("--plot needs a calibrated run (without --kernels, two or more depths)")
+        from ..measure.plot import plot_bench
+        plot_bench(records, shape, roofline, calibration, args.plot, f"selfattn bench: {name}")
+        out.print(f"wrote {args.plot}")
+    if args.json:
+        doc = [dict(r.as_dict(), model=name, model_params=shape.params,
+                    model_bytes=shape.file_bytes, threads=roofline["threads"],
+                    backend="selfattn (CPU)") for r in records]
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        out.print(f"wrote {args.json}")
+
+
+def cmd_plan(args):
+    import json
+
+    from rich.table import Table
+
+    from ..cache import available_memory
+    from ..plan import device_for_this_machine, find_hardware, hardware_entries, plan
+    from ..plan.predict import catalog_device
+
+    shape = model_shape(args.model, args.quant)
+
+    def device(name):
+        if name == "this":
+            from ..measure import store
+            from ..measure.roofline import load_or_measure
+
+            roofline, _ = load_or_measure()
+            kv = args.kv_dtype or "f32"  # efficiencies fitted with this KV type, else f32's
+            calibration = store.load(f"calibration-{kv}") or store.load("calibration")
+            return device_for_this_machine(roofline, calibration, available_memory() or 0)
+        return catalog_device(find_hardware(name))
+
+    if args.rank:
+        devices = [catalog_device(e) for e in hardware_entries()]
+    else:
+        devices = [device(n.strip()) for n in args.hardware.split(",")]
+    kv = args.kv_dtype
+    preds = [plan(shape, d, args.ctx, kv or ("f32" if d.name == "this" else "f16"), args.min_tps)
+             for d in devices]
+    if args.rank:
+        preds.sort(key=lambda p: (not p.fits, -p.decode_tps))
+    if args.json:
+        docs = [dict(p.as_dict(), hardware_label=d.label, source=d.source)
+                for p, d in zip(preds, devices)]
+        print(json.dumps(docs[0] if len(docs) == 1 and not args.rank else docs))
+        return
+    out = terminal()
+    table = Table(title=f"selfattn plan: {shape.name} ({shape.quant}, {shape.params / 1e9:.2f} B "
+                        f"params) at {args.ctx:,} tokens of context")
+    for col in ("hardware", "fits", "weights", "KV cache", "total / usable", "max ctx",
+                f"TTFT {args.ctx:,}", f"tok/s @ d{args.ctx}", "tok/s empty") + \
+            (("below min @",) if args.min_tps else ()):
+        table.add_column(col, justify="right")
+    for p in preds:
+        table.add_row(p.hardware + ("" if p.calibrated else " (uncalibrated)"),
+                      "yes" if p.fits else "[red]no[/]", gb(p.weights_bytes),
+                      f"{gb(p.kv_cache_bytes)} {p.kv_dtype}",
+                      f"{gb(p.total_bytes)} / {gb(p.usable_bytes)}", f"{p.max_ctx:,}",
+                      f"{p.ttft_s:,.2f} s", f"{p.decode_tps:,.1f}", f"{p.decode_tps_empty:,.1f}",
+                      *((("never" if p.min_tps_depth is None else f"{p.min_tps_depth:,}"),)
+                        if args.min_tps else ()))
+    out.print(table)
+    if len(preds) == 1:
+        for line in preds[0].advice:
+            out.print(f"- {line}")
+    if any(not p.calibrated for p in preds):
+        out.print("this machine is not calibrated yet: run `selfattn bench` (its efficiencies "
+                  "replace the defaults)")

@@ -1,0 +1,92 @@
+"""`selfattn generate` and `selfattn perplexity`: run a model over text."""
+
+import sys
+
+from .common import (CLIError, check_system, guard_memory, load_model, prompt_ids,
+                     terminal)
+
+
+def cmd_generate(args):
+    import json
+
+    from ..cache import make_cache
+    from ..model import Sampler, StreamDecoder, generate
+
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed)
+    check_system(args)
+    policy, ctx = guard_memory(args)
+    model, tok, path, load_s = load_model(args.model, args.kv_dtype)
+    ids = prompt_ids(tok, args)
+    if policy.kind == "full" and len(ids) >= ctx:
+        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
+                       "shorten the prompt, or let old tokens go with --context-policy "
+                       "sink:4,window:W")
+    cache = make_cache(model.args, policy, ctx, args.kv_dtype)
+    budget = args.max_tokens if policy.kind != "full" else min(args.max_tokens, ctx - len(ids))
+    stream = StreamDecoder(tok)
+
+    def show(token_id):
+        if token_id != tok.eos_id:
+            sys.stdout.write(stream.push(token_id))
+            sys.stdout.flush()
+    eos = {tok.eos_id} if tok.eos_id is not None else set()
+    stats = generate(model, ids, budget, sampler, cache, eos, None if args.json else show)
+    out_ids = [t for t in stats.token_ids if t not in eos]
+    text_out = tok.decode(out_ids, skip_special=True)
+    if args.json:
+        print(json.dumps(dict(model=str(path), text=text_out, load_s=load_s, ctx=ctx,
+                              kv_dtype=args.kv_dtype, context_policy=str(policy),
+                              **stats.as_dict())))
+    else:
+        print()
+        print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
+              f"({stats.stop_reason}) | load {load_s:.2f} s | TTFT {stats.ttft_s * 1e3:.0f} ms "
+              f"({stats.prefill_tps:.0f} tok/s) | decode {stats.decode_tps:.1f} tok/s | "
+              f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
+              f"{stats.kv_cache_bytes / 2**20:.0f} MiB {args.kv_dtype}, "
+              f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
+
+
+def cmd_perplexity(args):
+    import json
+
+    from rich.progress import Progress
+
+    from ..cache import parse_policy
+    from ..model import perplexity as ppl
+
+    try:
+        text = open(args.file, encoding="utf-8").read()
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    policy = parse_policy(args.context_policy or "full")
+    if args.recompute and policy.kind != "full":
+        raise CLIError("--recompute is its own method: leave --context-policy out")
+    model, tok, path, _ = load_model(args.model, args.kv_dtype)
+    if args.kv_dtype in ("q8_0", "q4_0") and model.args.head_dim % 32:
+        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32")
+    ids = tok.encode(text)
+    if args.max_text_tokens:
+        ids = ids[:args.max_text_tokens]
+    console = terminal(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("perplexity", total=None)
+
+        def on_step(done, total):
+            progress.update(task, completed=done, total=total)
+        if args.recompute:
+            r = ppl.recompute(model, ids, args.recompute, args.stride, args.kv_dtype,
+                              args.first or 0, on_step)
+        elif policy.kind == "full":
+            r = ppl.windows(model, ids, args.ctx, args.kv_dtype, on_step)
+        else:
+            r = ppl.stream(model, ids, policy.sinks, policy.window, args.kv_dtype,
+                           args.first or 1, on_step=on_step)
+    doc = dict(r.as_dict(), model=str(path), file=args.file, kv_dtype=args.kv_dtype,
+               policy=str(policy), ctx=args.ctx)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        terminal().print(f"perplexity {r.ppl:.4f} ({r.method}, {args.kv_dtype} KV): {r.scored:,} "
+                         f"of {r.tokens:,} tokens scored in {r.seconds:.1f} s")
