@@ -128,7 +128,9 @@ def test_html_is_self_contained(drawn):
     for needle in ("http://", "https://", "<script src", "<link rel=\"stylesheet", "@import",
                    "url("):
         assert needle not in page
-    assert "</script><b>" not in page.split("<body>")[1].split('id="data">')[1].split("</script>")[0]
+    # the title holds "</script>": escaped, the data block still ends where it should and parses
+    data = page.split('id="data">')[1].split("</script>")[0]
+    assert json.loads(data)["title"] == "tiny </script><b>"
 
 
 def _browser(tmp_path):

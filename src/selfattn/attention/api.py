@@ -151,21 +151,30 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
                                        softcap=softcap, scale=scale)
     else:
         work = np.float64 if in_dtype == np.float64 else np.float32
-        # a contiguous cache is used in place (kv_len says how much of it is valid); anything
-        # else is copied once to contiguous, so the compiled loops see unit strides
-        q, k, v = (np.ascontiguousarray(x, work) for x in (q, k, v))
-        if mask is not None:
-            B, H, T, D = q.shape
-            if mask.dtype == bool:
-                mask = np.where(mask, work(0), work(-np.inf))
-            mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
-        kernel = decode_attention if impl == "decode" else flash_attention
-        T = q.shape[2]
-        edges = tuple(S + T if e is None else e for e in band)  # an open side: past every key
-        out, lse = kernel(q, k, v, S, edges, mask, softcap, scale)
+        out, lse = _run_kernel(impl, q, k, v, S, band, mask, softcap, scale, work)
+    return _finish(out, lse, in_dtype, np.float64 if in_dtype == np.float64 else np.float32,
+                   batched, return_lse)
 
-    out = out.astype(in_dtype, copy=False)
-    lse = lse.astype(np.float64 if in_dtype == np.float64 else np.float32, copy=False)
+
+def _run_kernel(impl, q, k, v, S, band, mask, softcap, scale, work, fmt="f32"):
+    """The decode or flash kernel on validated 4-d input. A contiguous cache is used in place
+    (S says how much of it is valid); anything else is copied once to contiguous, so the compiled
+    loops see unit strides. Compact rows (fmt) keep their stored dtype."""
+    q = np.ascontiguousarray(q, work)
+    k, v = (np.ascontiguousarray(x, work if fmt == "f32" else None) for x in (k, v))
+    B, H, T, _ = q.shape
+    if mask is not None:
+        if mask.dtype == bool:
+            mask = np.where(mask, work(0), work(-np.inf))
+        mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
+    kernel = decode_attention if impl == "decode" else flash_attention
+    edges = tuple(S + T if e is None else e for e in band)  # an open side: past every key
+    return kernel(q, k, v, S, edges, mask, softcap, scale, fmt=fmt)
+
+
+def _finish(out, lse, out_dtype, lse_dtype, batched, return_lse):
+    out = out.astype(out_dtype, copy=False)
+    lse = lse.astype(lse_dtype, copy=False)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -205,23 +214,10 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
                                                         flags["softcap"], flags["scale"], impl,
                                                         kv_len)
     k4, v4 = (x if batched else x[None] for x in (k, v))
-    in_dtype = q4.dtype
-    work = np.float32  # compact rows decode to float32
-    q4 = np.ascontiguousarray(q4, work)
-    k4, v4 = np.ascontiguousarray(k4), np.ascontiguousarray(v4)
-    if mask is not None:
-        B, H, T, _ = q4.shape
-        if mask.dtype == bool:
-            mask = np.where(mask, work(0), work(-np.inf))
-        mask = np.broadcast_to(mask.astype(work, copy=False), (B, H, T, S))
-    edges = tuple(S + T if e is None else e for e in band)
-    kernel = decode_attention if chosen == "decode" else flash_attention
-    out, lse = kernel(q4, k4, v4, S, edges, mask, softcap, scale, fmt=kv_format)
-    out = out.astype(in_dtype, copy=False)
-    lse = lse.astype(np.float32, copy=False)
-    if not batched:
-        out, lse = out[0], lse[0]
-    return (out, lse) if return_lse else out
+    # compact rows decode to float32, so the work is float32 whatever q's dtype
+    out, lse = _run_kernel(chosen, q4, k4, v4, S, band, mask, softcap, scale, np.float32,
+                           kv_format)
+    return _finish(out, lse, q4.dtype, np.float32, batched, return_lse)
 
 
 def warmup(kv_formats=("f32",)):

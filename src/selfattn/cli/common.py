@@ -65,19 +65,32 @@ def store_path(kind):
     return cache_dir() / f"{kind}.json"
 
 
-def load_model(model_path, kv_dtype="f32"):
-    """-> (model, tokenizer, path, load_s); ModelError on a bad file."""
+def open_model_file(model_path):
+    """-> (path, reader, seconds): --model (or the default model) opened once; parsing a GGUF
+    takes seconds, so every later step shares this reader. ModelError on a bad file."""
     import time
 
-    from ..model import Llama, Tokenizer, default_model_path
+    from ..model import default_model_path
     from ..model.gguf_file import open_gguf
 
-    path = model_path or default_model_path()
+    path = model_path or str(default_model_path())
     t = time.perf_counter()
     reader = open_gguf(path)
+    return path, reader, time.perf_counter() - t
+
+
+def load_model(model_path, kv_dtype="f32", opened=None):
+    """-> (model, tokenizer, path, load_s), load_s counting the file's opening too; `opened` is
+    open_model_file's result when the caller has it already."""
+    import time
+
+    from ..model import Llama, Tokenizer
+
+    path, reader, open_s = opened or open_model_file(model_path)
+    t = time.perf_counter()
     model = Llama.from_reader(reader, path, kv_dtype)
     tokenizer = Tokenizer.from_gguf(reader, path)
-    return model, tokenizer, path, time.perf_counter() - t
+    return model, tokenizer, path, open_s + time.perf_counter() - t
 
 
 def check_system(args):
@@ -121,17 +134,15 @@ def cache_options(parser):
                              "what is kept once the stream outgrows the cache")
 
 
-def guard_memory(args):
-    """-> (policy, ctx). Reads the file's shape only; refuses, before the weights or the cache are
-    allocated, what this machine's free memory cannot hold."""
+def guard_memory(args, opened):
+    """-> (policy, ctx). Reads the file's shape only (opened: open_model_file's result); refuses,
+    before the weights or the cache are allocated, what this machine's free memory cannot hold."""
     from ..cache import available_memory, parse_policy
-    from ..model import default_model_path
-    from ..model.gguf_file import open_gguf
     from ..plan import ModelShape
     from ..plan.predict import memory_guard
 
-    path = args.model or str(default_model_path())
-    shape = ModelShape.from_gguf(open_gguf(path), path)
+    path, reader, _ = opened
+    shape = ModelShape.from_gguf(reader, path)
     text = args.context_policy or (f"window:{shape.sliding_window}" if shape.sliding_window
                                    else "full")
     policy = parse_policy(text)

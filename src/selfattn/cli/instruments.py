@@ -2,7 +2,8 @@
 
 import os
 
-from .common import CLIError, gb, load_model, model_shape, store_path, terminal
+from .common import (CLIError, gb, load_model, model_shape, open_model_file, store_path,
+                     terminal)
 
 
 def cmd_demo(args):
@@ -75,7 +76,6 @@ def cmd_bench(args):
 
     from ..measure import bench, store
     from ..measure.roofline import load_or_measure
-    from ..model.gguf_file import open_gguf
     from ..plan import ModelShape
 
     for flag in ("json", "plot"):
@@ -85,11 +85,9 @@ def cmd_bench(args):
     console = terminal(stderr=True)
     with console.status("roofline..."):
         roofline, _ = load_or_measure()
-    path = args.model
-    if path is None:
-        from ..model import default_model_path
-        path = str(default_model_path())
-    shape = ModelShape.from_gguf(open_gguf(path), path)
+    opened = open_model_file(args.model)
+    path, reader, _ = opened
+    shape = ModelShape.from_gguf(reader, path)
     depths = sorted(set(args.depths))
     with Progress(console=console, transient=True) as progress:
         if args.kernels:
@@ -99,7 +97,7 @@ def cmd_bench(args):
                                              on_step=lambda _: progress.advance(task))
         else:
             task = progress.add_task("loading the model", total=bench.count_steps(depths))
-            model, _, _, _ = load_model(path, args.kv_dtype)
+            model, _, _, _ = load_model(path, args.kv_dtype, opened)
             progress.update(task, description="benchmarking")
             records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
                                       args.ttft_reps, on_step=lambda s: progress.update(

@@ -2,8 +2,8 @@
 
 import sys
 
-from .common import (CLIError, check_system, guard_memory, load_model, prompt_ids,
-                     terminal)
+from .common import (CLIError, check_system, guard_memory, load_model, open_model_file,
+                     prompt_ids, terminal)
 
 
 def cmd_generate(args):
@@ -15,8 +15,9 @@ def cmd_generate(args):
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed)
     check_system(args)
-    policy, ctx = guard_memory(args)
-    model, tok, path, load_s = load_model(args.model, args.kv_dtype)
+    opened = open_model_file(args.model)
+    policy, ctx = guard_memory(args, opened)
+    model, tok, path, load_s = load_model(args.model, args.kv_dtype, opened)
     ids = prompt_ids(tok, args)
     if policy.kind == "full" and len(ids) >= ctx:
         raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
