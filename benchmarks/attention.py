@@ -130,6 +130,7 @@ def main():
                     help="largest n for the plain NumPy peer (its T x S matrix per head)")
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--keep-blas-env", action="store_true")
+    ap.add_argument("--phases", default="prefill,decode", help="which tables to run")
     args = ap.parse_args()
 
     console = Console(width=160)
@@ -155,6 +156,8 @@ def main():
     records = []
     for shape, (H, H_kv, D) in SHAPES.items():
         for phase, sizes in (("prefill", prefill_n), ("decode", decode_s)):
+            if phase not in args.phases.split(","):
+                continue
             samples = {}
             for name in names:
                 todo = [n for n in sizes

@@ -44,7 +44,9 @@ def test_bench_records(tiny):
     assert recs[5].attention_pairs == shape.attention_pairs(40, 0)
     tg = recs[7]
     assert tg.kv_bytes_per_token == shape.kv_bytes(42, "f32")
-    # float32 in memory; of the (untied) embedding table one row is read per token, not streamed
+    # float32 in memory (the tiny file's matrices are F32: none is read in a block type); of the
+    # (untied) embedding table one row is read per token, not streamed
+    assert shape.packed_bytes == 0
     assert tg.weight_bytes_per_token == (shape.params - shape.embedding_params) * 4
     assert recs[4].ttft_s == recs[3].ttft_s == pytest.approx(np.median(recs[2].samples_ns) / 1e9,
                                                           rel=1e-5)

@@ -122,7 +122,13 @@ def test_cached_equals_uncached_for_every_kv_type(tiny32, fmt):
     cache = KVCache.for_model(model.args, 32, fmt)
     model.forward(ids[:5], cache, 0)
     got = [model.forward(ids[t:t + 1], cache, t) for t in range(5, len(ids))]
-    np.testing.assert_allclose(np.array(got), want[5:], atol=2e-4, rtol=0)
+    # One token's K is computed by a matrix product (BLAS sgemm) in the prompt and a
+    # matrix-vector one (sgemv) in a decode step: the float32 values may differ in the last bit,
+    # and a last-bit difference can move a value to the neighbouring half when it is stored as
+    # f16 (seen: 2 ulp in one element of layer 1, also with SELFATTN_NATIVE=0), which moves the
+    # logits by a few 1e-4. q8_0/q4_0 steps are coarse enough that no value moved here.
+    atol = 1e-3 if fmt == "f16" else 2e-4
+    np.testing.assert_allclose(np.array(got), want[5:], atol=atol, rtol=0)
     assert cache.nbytes == kv_cache_bytes(model.args.n_layers, model.args.n_kv_heads,
                                           model.args.head_dim, 32, fmt)
 

@@ -84,7 +84,7 @@ def test_q8_0_tensors_dequantize(tmp_path):
     m = Llama.load(path)
     q8 = GGMLQuantizationType.Q8_0
     expect = dequantize(quantize(w["blk.0.ffn_up"], q8), q8)
-    np.testing.assert_array_equal(m.weights.layers[0].w_gate_up[cfg["ffn"]:], expect)
+    np.testing.assert_array_equal(m.weights.layers[0].w_gate_up.f32[cfg["ffn"]:], expect)
 
 
 def test_generation_greedy_is_deterministic_and_stops(tiny):

@@ -192,3 +192,29 @@ def test_cli_plan_errors_are_one_line(tiny):
         r = run("plan", *args)
         assert r.returncode == 2 and words in r.stderr, r.stderr
         assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_planned_weight_bytes_equal_what_the_runner_holds_and_reads():
+    """SmolLM2's Q4_1 / Q8_0 matrices: the planner's packed bytes are the bytes of the blocks the
+    loaded model keeps (and reads per decoded token), besides the float32 copies."""
+    from selfattn import native
+
+    path = default_model_path()
+    reader = open_gguf(path)
+    shape = ModelShape.from_gguf(reader, path)
+    model = Llama.from_reader(reader, path)
+    w = model.weights
+    held = sum(lin.packed_bytes for layer in w.layers
+               for lin in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down))
+    held += w.output.packed_bytes
+    if not native.available():
+        assert held == 0
+        return
+    assert shape.packed_bytes == held > 0
+    # tied embeddings: every weight is streamed; all matrices are packed, the norms stay float32
+    assert shape.packed_params == shape.params - sum(
+        int(t.n_elements) for t in reader.tensors if len(t.shape) == 1)
+    dev = this_device()
+    assert plan(shape, dev, 64).weights_bytes == shape.params * 4 + held
+    assert plan(shape, dev, 64).weight_bytes_per_token == \
+        (shape.params - shape.packed_params) * 4 + held

@@ -54,8 +54,11 @@ def make_weights(rng, arch="llama", n_layers=2, dim=64, n_heads=4, n_kv_heads=2,
     return w, cfg
 
 
-def write_gguf(path, w, cfg, q8_names=(), drop=(), arch_name=None):
-    """HF-layout weights -> a GGUF file as llama.cpp's converter would write it."""
+def write_gguf(path, w, cfg, q8_names=(), drop=(), arch_name=None, quant=None):
+    """HF-layout weights -> a GGUF file as llama.cpp's converter would write it. Tensors named in
+    q8_names are stored as Q8_0; quant maps other names to a GGMLQuantizationType."""
+    quant = dict(quant or {})
+    quant.update({name: GGMLQuantizationType.Q8_0 for name in q8_names})
     arch = arch_name or cfg["arch"]
     g = GGUFWriter(str(path), arch)
     g.add_block_count(cfg["n_layers"])
@@ -83,9 +86,8 @@ def write_gguf(path, w, cfg, q8_names=(), drop=(), arch_name=None):
             heads = cfg["n_heads"] if name.endswith("attn_q") else cfg["n_kv_heads"]
             t = permute(t, heads)
         full = name if name.endswith(".bias") else name + ".weight"
-        if name in q8_names:
-            g.add_tensor(full, quantize(t, GGMLQuantizationType.Q8_0),
-                         raw_dtype=GGMLQuantizationType.Q8_0)
+        if name in quant:
+            g.add_tensor(full, quantize(t, quant[name]), raw_dtype=quant[name])
         else:
             g.add_tensor(full, t)
     g.write_header_to_file()

@@ -220,6 +220,19 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
     return _finish(out, lse, q4.dtype, np.float32, batched, return_lse)
 
 
+def decode_cached(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: int, window,
+                  kv_format: str) -> np.ndarray:
+    """Causal attention of T <= DECODE_MAX_T queries q (B, H, T, D) float32 over the first kv_len
+    keys of a KV cache k, v (B, H_kv, S_max, row) that the caller built and so knows valid (the
+    model's KVCache): `attention`'s decode path without its argument checks, which cost more than
+    the kernel at small depths. window: None or an int (keys p-w+1 .. p)."""
+    T, D = q.shape[2], q.shape[3]
+    left = kv_len + T if window is None else window - 1
+    out, _ = decode_attention(np.ascontiguousarray(q, np.float32), k, v, kv_len, (left, 0), None,
+                              None, 1.0 / np.sqrt(D), fmt=kv_format)
+    return out
+
+
 def warmup(kv_formats=("f32",)):
     """Compile (or load from numba's cache) the kernels for float32 now, and the decode kernel for
     each compact KV format asked for, not in the first timed call: a fresh process spends ~0.1-1 s

@@ -7,6 +7,10 @@ cores idle here; instead the keys of each (batch, kv head) are cut into chunks, 
 all cores at once (numba prange), each keeps its own online-softmax state (`m_i`, `l_i`, `acc`),
 and the chunks are merged by their log-sum-exp at the end (Dao et al., "Flash-Decoding", 2023).
 
+When the compiled kernels are available (selfattn.native) and the call has no mask, the C twin of
+`decode_chunks` (native/attend.c, AVX2) runs instead; this numba kernel is the fallback and the
+tests hold the two to each other and to the reference.
+
 All G = H/H_kv query heads that share a kv head, and all T queries, are scored against a key while
 it is in cache, so K/V cross the memory bus once per kv head, not once per query head.
 """
@@ -16,6 +20,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .. import native
 from .kvformat import load_rows
 from .softmax import FASTMATH, online_softmax_row
 from .threads import num_threads, prepare_numba_threads
@@ -146,14 +151,19 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
     chunk = max(MIN_CHUNK, -(-span // want))
     C = -(-span // chunk)
     qs = q.reshape(B, H_kv, G * T, D) * dtype.type(scale)
+    if native.decode_supported(fmt, D, Dv, G * T, mask is not None, dtype) and \
+            k.flags.c_contiguous and v.flags.c_contiguous:
+        native.decode_attention(qs, k, v, fmt, S, T, j_lo, chunk, C, left, right,
+                                float(softcap or 0.0), out, lse)
+        return out, lse
+    acc = np.empty((B, H_kv, C, G * T, Dv), dtype)
+    m_i = np.empty((B, H_kv, C, G * T), dtype)
+    l_i = np.empty((B, H_kv, C, G * T), dtype)
     if mask is None:
         m5 = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (1, 1, 1, T, 1), (0,) * 5)
     else:
         m5 = mask.reshape(B, H_kv, G, T, S)  # splits an axis: a view, never a copy
-    acc = np.empty((B, H_kv, C, G * T, Dv), dtype)
-    m_i = np.empty((B, H_kv, C, G * T), dtype)
-    l_i = np.empty((B, H_kv, C, G * T), dtype)
     prepare_numba_threads()
-    decode_chunks(qs, k, v, format_code(fmt), HALF_TABLE, S, j_lo, chunk, left, right, float(softcap or 0.0), m5,
-                  mask is not None, acc, m_i, l_i, out, lse)
+    decode_chunks(qs, k, v, format_code(fmt), HALF_TABLE, S, j_lo, chunk, left, right,
+                  float(softcap or 0.0), m5, mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

@@ -12,10 +12,13 @@ _controller = None
 
 
 def num_threads() -> int:
-    """Cores the kernels may use: `set_num_threads`, else the cores this process may run on."""
-    if _threads is not None:
-        return _threads
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores the kernels may use: `set_num_threads`, else the cores this process may run on
+    (read once: a decode step asks ~150 times)."""
+    global _threads
+    if _threads is None:
+        _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+    return _threads
 
 
 def set_num_threads(n: int) -> None:

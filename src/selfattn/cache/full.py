@@ -11,6 +11,7 @@ faults land in the middle of a timed forward pass.
 import numpy as np
 
 from ..attention import attention, kvformat
+from ..attention.api import DECODE_MAX_T, decode_cached
 from ..errors import ContextError
 from .memory import check_fits
 
@@ -59,6 +60,8 @@ class KVCache:
         """Write k, v (T, H_kv, D) at pos and return causal attention of q (1, H, T, D) over
         positions 0 .. pos+T-1 (window: the model's sliding window, or None)."""
         k_all, v_all = self.write(layer, pos, k, v)
+        if q.shape[2] <= DECODE_MAX_T:
+            return decode_cached(q, k_all, v_all, pos + k.shape[0], window, self.kv_dtype)
         return attention(q, k_all, v_all, causal=True, window=window, kv_len=pos + k.shape[0],
                          kv_format=self.kv_dtype)
 

@@ -60,7 +60,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
               reps: int = 5, ttft_reps: int | None = None, on_step=None, seed: int = 0,
               kv_dtype: str = "f32"):
     """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
-    from ..plan.predict import device_for_this_machine, weights_bytes
+    from ..plan.predict import device_for_this_machine, weight_bytes_per_token
 
     if p < 1 or n < 1 or reps < 1:
         raise ValueError("-p, -n and --reps must be >= 1")
@@ -73,7 +73,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
     tokens = rng.integers(0, a.vocab_size, max_depth + p)
     cache = KVCache.for_model(a, max_depth + max(p, n), kv_dtype)
     device = device_for_this_machine(roofline, None, 0)
-    w_tok = int(weights_bytes(shape, device) * shape.streamed_fraction())
+    w_tok = weight_bytes_per_token(shape, device)
     peak_flops = roofline["matmul_gflops"] * 1e9
     bandwidth = roofline["read_gbs"] * 1e9
     head_flops = 2.0 * a.vocab_size * a.dim  # the LM head, once per forward call
@@ -157,7 +157,7 @@ def _relative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> dict:
     """The planner's efficiencies for this machine from bench records (see module docstring)."""
-    from ..plan.predict import device_for_this_machine, weights_bytes
+    from ..plan.predict import device_for_this_machine, weight_bytes_per_token
 
     peak = roofline["matmul_gflops"] * 1e9
     bw = roofline["read_gbs"] * 1e9
@@ -174,7 +174,7 @@ def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> di
         raise ValueError("calibration needs prompt tests at two or more sizes")
     inv_lin, inv_attn = _relative_lstsq(np.array(rows), np.array(y))
     device = device_for_this_machine(roofline, None, 0)
-    w_tok = weights_bytes(shape, device) * shape.streamed_fraction()
+    w_tok = weight_bytes_per_token(shape, device)
     rows, y = [], []
     for r in records:
         if not r.n_gen:

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 
 def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: str = ""):
-    from ..plan.predict import device_for_this_machine, token_seconds, weights_bytes
+    from ..plan.predict import device_for_this_machine, token_seconds, weight_bytes_per_token
 
     peak = roofline["matmul_gflops"] * 1e9
     bw = roofline["read_gbs"] * 1e9
@@ -44,7 +44,7 @@ def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: s
     if tg:
         d_pts, ts_pts, sd_pts = map(np.array, zip(*tg))
         d = np.linspace(0, d_pts.max() * 1.1 + 1, 200)
-        w_tok = weights_bytes(shape, device) * shape.streamed_fraction()
+        w_tok = weight_bytes_per_token(shape, device)
         roof = bw / (w_tok + np.array([shape.kv_bytes(int(x), "f32") for x in d]))
         pred = 1 / np.array([token_seconds(shape, device, int(x), "f32") for x in d])
         right.plot(d, roof, "-", label=f"bandwidth roofline ({roofline['read_gbs']:.1f} GB/s)")

@@ -6,7 +6,11 @@
                 x += a W_o;  h = rmsnorm(x) · ffn_norm;  x += (silu(h W_gate) * h W_up) W_down
     logits = rmsnorm(x) · output_norm · W_outᵀ   (W_out = token_embd when tied)
 
-Weights are dequantized to float32 once at load. llama.cpp's converter permutes the rows of
+Weights are dequantized to float32 once at load, for prompts (BLAS sgemm). Where the compiled
+kernels read the file's own type (q4_0, q4_1, q8_0, f16), the matrix is also kept as its GGUF
+blocks, and a step of at most PACKED_MAX_T tokens (decoding) multiplies against those: decoding
+reads every weight once per token, so it streams the compact bytes (SmolLM2's Q4_1: 0.6 bytes a
+weight) instead of the float32 copy (4). llama.cpp's converter permutes the rows of
 attn_q / attn_k of `llama` models so that its RoPE can rotate adjacent pairs; `unpermute` undoes
 it, so q and k here are in the original (Hugging Face) layout and RoPE rotates halves
 (`rotate_half`). qwen2 files are stored unpermuted. The model reports where its time went
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import native
 from ..attention import warmup
 from ..errors import ModelError
 from .config import ModelArgs
@@ -34,15 +39,36 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
         .reshape(w.shape)
 
 
+PACKED_MAX_T = 4  # steps of up to this many tokens use the packed weights
+_PACKED_TYPES = {1: native.F16, 2: native.Q4_0, 3: native.Q4_1, 8: native.Q8_0}  # GGUF type ids
+
+
+@dataclass
+class Linear:
+    """y = x @ Wᵀ for W (out, in): float32 for prompts, and the file's blocks (or None) for steps
+    of a few tokens."""
+    f32: np.ndarray
+    packed: native.PackedMatrix | None = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.packed is not None and x.shape[0] <= PACKED_MAX_T:
+            return native.matmul(x, self.packed)
+        return x @ self.f32.T
+
+    @property
+    def packed_bytes(self) -> int:
+        return 0 if self.packed is None else self.packed.nbytes
+
+
 @dataclass
 class Layer:
     attn_norm: np.ndarray  # (dim,)
-    w_qkv: np.ndarray  # (H*D + 2*H_kv*D, dim): q, k, v stacked, one matmul
+    w_qkv: Linear  # (H*D + 2*H_kv*D, dim): q, k, v stacked, one matmul
     b_qkv: np.ndarray | None
-    w_o: np.ndarray  # (dim, H*D)
+    w_o: Linear  # (dim, H*D)
     ffn_norm: np.ndarray
-    w_gate_up: np.ndarray  # (2*ffn, dim): gate, up stacked
-    w_down: np.ndarray  # (dim, ffn)
+    w_gate_up: Linear  # (2*ffn, dim): gate, up stacked
+    w_down: Linear  # (dim, ffn)
 
 
 @dataclass
@@ -60,7 +86,7 @@ class Timings:
 @dataclass
 class Weights:
     token_embd: np.ndarray  # (vocab, dim)
-    output: np.ndarray  # (vocab, dim), the same array as token_embd when tied
+    output: Linear  # (vocab, dim), token_embd's float32 array when tied
     output_norm: np.ndarray
     layers: list[Layer] = field(default_factory=list)
     rope_freq_factors: np.ndarray | None = None
@@ -93,6 +119,25 @@ class Llama:
                 raise ModelError(f"{path}: tensor {name!r} has shape {t.shape}, expected {shape}")
             return t
 
+        def packed(name, permute_heads=None):
+            """The tensor's own blocks, rows in the float32 copy's order (None: not a type the
+            compiled kernels read, or no kernels)."""
+            t = tensors[name]
+            fmt = _PACKED_TYPES.get(int(t.tensor_type))
+            cols = int(t.shape[0])
+            if fmt is None or cols % 32 or not native.available():
+                return None
+            data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[1]), -1)
+            if permute_heads is not None:
+                data = unpermute(data, permute_heads)
+            return native.PackedMatrix(data, fmt, cols)
+
+        def linear(names, f32, permute=()):
+            parts = [packed(n, p) for n, p in zip(names, permute or [None] * len(names))]
+            if any(p is None for p in parts) or len({p.fmt for p in parts}) > 1:
+                return Linear(f32)
+            return Linear(f32, parts[0] if len(parts) == 1 else native.PackedMatrix.stack(parts))
+
         a = args
         q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         layers = []
@@ -111,18 +156,24 @@ class Llama:
                     bias = np.concatenate([unpermute(bias[:q_dim], a.n_heads),
                                            unpermute(bias[q_dim:q_dim + kv_dim], a.n_kv_heads),
                                            bias[q_dim + kv_dim:]])
+            heads = (a.n_heads, a.n_kv_heads, None) if a.arch == "llama" else ()
             layers.append(Layer(
                 attn_norm=get(p + "attn_norm.weight", (a.dim,)),
-                w_qkv=np.concatenate([wq, wk, wv]),
+                w_qkv=linear([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                             np.concatenate([wq, wk, wv]), heads),
                 b_qkv=bias,
-                w_o=get(p + "attn_output.weight", (a.dim, q_dim)),
+                w_o=linear([p + "attn_output.weight"], get(p + "attn_output.weight",
+                                                          (a.dim, q_dim))),
                 ffn_norm=get(p + "ffn_norm.weight", (a.dim,)),
-                w_gate_up=np.concatenate([get(p + "ffn_gate.weight", (a.ffn_dim, a.dim)),
-                                          get(p + "ffn_up.weight", (a.ffn_dim, a.dim))]),
-                w_down=get(p + "ffn_down.weight", (a.dim, a.ffn_dim)),
+                w_gate_up=linear([p + "ffn_gate.weight", p + "ffn_up.weight"],
+                                 np.concatenate([get(p + "ffn_gate.weight", (a.ffn_dim, a.dim)),
+                                                 get(p + "ffn_up.weight", (a.ffn_dim, a.dim))])),
+                w_down=linear([p + "ffn_down.weight"], get(p + "ffn_down.weight",
+                                                           (a.dim, a.ffn_dim))),
             ))
         embd = get("token_embd.weight", (a.vocab_size, a.dim))
-        output = embd if a.tied_embeddings else get("output.weight", (a.vocab_size, a.dim))
+        head = "token_embd.weight" if a.tied_embeddings else "output.weight"
+        output = linear([head], embd if a.tied_embeddings else get(head, (a.vocab_size, a.dim)))
         weights = Weights(token_embd=embd, output=output,
                           output_norm=get("output_norm.weight", (a.dim,)),
                           layers=layers, rope_freq_factors=get("rope_freqs.weight", required=False))
@@ -161,10 +212,16 @@ class Llama:
         return cos, sin
 
     def rope(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """x (T, heads, D) in place at positions pos .. pos+T-1; rotates halves of rope_dim."""
+        """x (T, heads, D) at positions pos .. pos+T-1; rotates halves of rope_dim (in place when
+        x is contiguous). RoPE, RMSNorm and SwiGLU run compiled when the kernels are built, for
+        prompts and decode steps alike, so that a token's K is the same bits either way (a
+        quantized cache would otherwise round it differently); the NumPy lines are the fallback
+        and the tests' twin."""
         T = x.shape[0]
         half = self.args.rope_dim // 2
         cos, sin = self.rope_tables(pos + T)
+        if native.available():
+            return native.rope(np.ascontiguousarray(x), cos, sin, pos)
         c, s = cos[pos:pos + T, None, :], sin[pos:pos + T, None, :]
         x1 = x[..., :half].copy()
         x2 = x[..., half:2 * half]
@@ -186,8 +243,17 @@ class Llama:
         return out
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if native.available():
+            return native.rmsnorm(x, w, self.args.rms_eps)
         ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
         return x * (1.0 / np.sqrt(ms + np.float32(self.args.rms_eps))) * w
+
+    def swiglu(self, gu: np.ndarray) -> np.ndarray:
+        """gu (T, 2*ffn), gate then up -> silu(gate) * up."""
+        if native.available():
+            return native.swiglu(gu)
+        gate, up = gu[:, :self.args.ffn_dim], gu[:, self.args.ffn_dim:]
+        return gate / (1.0 + np.exp(-gate)) * up
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -216,7 +282,7 @@ class Llama:
         x = w.token_embd[tokens]  # (T, dim)
         for i, layer in enumerate(w.layers):
             h = self.rmsnorm(x, layer.attn_norm)
-            qkv = h @ layer.w_qkv.T
+            qkv = layer.w_qkv(h)
             if layer.b_qkv is not None:
                 qkv += layer.b_qkv
             q = self.rope(qkv[:, :q_dim].reshape(T, H, D), pos)
@@ -229,14 +295,13 @@ class Llama:
             if observe is not None:
                 observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
             pairs += H * layer_pairs
-            x = x + o[0].transpose(1, 0, 2).reshape(T, q_dim) @ layer.w_o.T
+            x = x + layer.w_o(o[0].transpose(1, 0, 2).reshape(T, q_dim))
             h = self.rmsnorm(x, layer.ffn_norm)
-            gu = h @ layer.w_gate_up.T
-            gate, up = gu[:, :a.ffn_dim], gu[:, a.ffn_dim:]
-            x = x + (gate / (1.0 + np.exp(-gate)) * up) @ layer.w_down.T
+            gu = layer.w_gate_up(h)
+            x = x + layer.w_down(self.swiglu(gu))
         cache.commit(pos, T)
         h = self.rmsnorm(x if all_logits else x[-1:], w.output_norm)
-        logits = h @ w.output.T
+        logits = w.output(h)
         if timings is not None:
             timings.forward_s += time.perf_counter() - t_start
             timings.attention_s += attn_s

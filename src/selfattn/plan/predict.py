@@ -34,6 +34,7 @@ class Device:
     e_linear: float
     e_attention: float
     weight_bits: float | None = None  # None: the file's own (quantized) bytes; 32: float32 copy
+    packed: bool = False  # selfattn with its compiled kernels: also the file's blocks, for decode
     calibrated: bool = True
     source: str = ""
 
@@ -80,22 +81,31 @@ def device_for_this_machine(roofline: dict, calibration: dict | None,
                             memory_bytes: int) -> Device:
     """This machine running selfattn: its measured roofline, and bench's efficiencies.
 
-    selfattn holds weights as float32 (dequantized at load), so 32 bits per weight; memory_bytes
-    is what the OS says is available now (all of it usable)."""
+    selfattn holds weights as float32 (dequantized at load, for prompts) and, where its compiled
+    kernels are built, the file's q4_0/q4_1/q8_0/f16 matrices as stored too (for decode steps);
+    memory_bytes is what the OS says is available now (all of it usable)."""
+    from .. import native
+
     defaults = dict(e_weights=0.6, e_kv=0.5, e_linear=0.5, e_attention=0.3)
     fitted = {k: calibration[k] for k in defaults} if calibration else defaults
     return Device(name="this", label=f"this machine ({roofline.get('cpu', 'CPU')})",
                   memory_bytes=memory_bytes, usable=1.0, bandwidth_gbs=roofline["read_gbs"],
                   tflops=roofline["matmul_gflops"] / 1e3, weight_bits=32.0,
-                  calibrated=calibration is not None,
+                  packed=native.available(), calibrated=calibration is not None,
                   source="measured: selfattn roofline" + (", calibrated by selfattn bench"
                                                           if calibration else ""), **fitted)
 
 
 def weights_bytes(shape: ModelShape, device: Device) -> int:
+    """Memory the weights take."""
     if device.weight_bits is None:
         return shape.file_bytes
-    return int(shape.params * device.weight_bits / 8)
+    return int(shape.params * device.weight_bits / 8) + (shape.packed_bytes if device.packed else 0)
+
+
+def weight_bytes_per_token(shape: ModelShape, device: Device) -> int:
+    """Weight bytes read per generated token."""
+    return shape.decode_weight_bytes(device.weight_bits, device.packed)
 
 
 def buffer_bytes(shape: ModelShape, device: Device) -> int:
@@ -118,7 +128,7 @@ def ttft_s(shape: ModelShape, device: Device, n: int) -> float:
 
 def token_seconds(shape: ModelShape, device: Device, depth: int, kv_dtype: str) -> float:
     bw = device.bandwidth_gbs * 1e9
-    w = weights_bytes(shape, device) * shape.streamed_fraction()
+    w = weight_bytes_per_token(shape, device)
     return w / (bw * device.e_weights) + shape.kv_bytes(depth, kv_dtype) / (bw * device.e_kv)
 
 
@@ -158,9 +168,11 @@ def memory_guard(shape: ModelShape, ctx: int, kv_dtype: str, available: int):
     context that fits with this KV type and with the others (the figures `selfattn plan` gives)."""
     from ..errors import ContextError
 
+    from .. import native
+
     dev = Device(name="this", label="this machine", memory_bytes=available, usable=1.0,
                  bandwidth_gbs=1.0, tflops=1.0, e_weights=1.0, e_kv=1.0, e_linear=1.0,
-                 e_attention=1.0, weight_bits=32.0)
+                 e_attention=1.0, weight_bits=32.0, packed=native.available())
     w, buf, kv = weights_bytes(shape, dev), buffer_bytes(shape, dev), shape.kv_bytes(ctx, kv_dtype)
     if w + buf + kv <= available:
         return
@@ -195,7 +207,7 @@ def plan(shape: ModelShape, device: Device, ctx: int, kv_dtype: str = "f32",
         ttft_s=ttft_s(shape, device, ctx),
         decode_tps=1.0 / token_seconds(shape, device, ctx, kv_dtype),
         decode_tps_empty=1.0 / token_seconds(shape, device, 0, kv_dtype),
-        weight_bytes_per_token=int(w * shape.streamed_fraction()),
+        weight_bytes_per_token=weight_bytes_per_token(shape, device),
         kv_bytes_per_token=shape.kv_bytes(ctx, kv_dtype), min_tps=min_tps,
         calibrated=device.calibrated)
     if min_tps is not None:

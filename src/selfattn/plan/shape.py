@@ -12,6 +12,7 @@ from ..cache import kv_cache_bytes
 # reports them (BPW) for Llama-3 8B: the K-quant mixes keep some tensors at higher precision
 QUANT_BITS = {"Q4_0": 4.55, "Q4_1": 5.0, "Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56,
               "Q8_0": 8.50, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16")  # read by selfattn.native.matmul as stored
 
 
 @dataclass
@@ -32,6 +33,10 @@ class ModelShape:
     quant: str
     sliding_window: int | None = None
     sliding_layers: int = 0  # how many layers use the window
+    # the matrices selfattn's compiled kernels read in their file type when decoding (q4_0, q4_1,
+    # q8_0, f16; the LM head included, an untied embedding table not): their weights and bytes
+    packed_params: int = 0
+    packed_bytes: int = 0
 
     @classmethod
     def from_catalog(cls, entry: dict, quant: str) -> "ModelShape":
@@ -40,6 +45,9 @@ class ModelShape:
             raise ValueError(f"unknown --quant {quant!r} (known: {', '.join(QUANT_BITS)})")
         window = entry.get("sliding_window")
         layers = entry["n_layers"]
+        # a single-type file in a type the kernels read: every matrix but an untied embedding
+        matrices = int(entry["params"]) - (0 if entry["tied"] else entry["vocab"] * entry["dim"])
+        packable = quant in PACKED_TYPES
         sliding = {"alternate": layers // 2, "all": layers}.get(entry.get("sliding_layers", ""), 0)
         return cls(name=entry["name"], params=int(entry["params"]),
                    embedding_params=entry["vocab"] * entry["dim"], n_layers=layers,
@@ -47,7 +55,9 @@ class ModelShape:
                    head_dim=entry["head_dim"], dim=entry["dim"], ffn_dim=entry["ffn_dim"],
                    vocab=entry["vocab"], tied=entry["tied"], context=entry["context"],
                    file_bytes=int(entry["params"] * QUANT_BITS[quant] / 8), quant=quant,
-                   sliding_window=window, sliding_layers=sliding if window else 0)
+                   sliding_window=window, sliding_layers=sliding if window else 0,
+                   packed_params=matrices if packable else 0,
+                   packed_bytes=int(matrices * QUANT_BITS[quant] / 8) if packable else 0)
 
     @classmethod
     def from_gguf(cls, reader, path) -> "ModelShape":
@@ -58,6 +68,9 @@ class ModelShape:
         tensors = tensor_index(reader)
         types = sorted({t.tensor_type.name for t in tensors.values()})
         embd = tensors["token_embd.weight"] if "token_embd.weight" in tensors else None
+        packed = [t for name, t in tensors.items()
+                  if t.tensor_type.name in PACKED_TYPES and len(t.shape) == 2 and t.shape[0] % 32 == 0
+                  and (name != "token_embd.weight" or a.tied_embeddings)]
         return cls(name=a.name or str(path), params=sum(int(t.n_elements) for t in tensors.values()),
                    embedding_params=int(embd.n_elements) if embd is not None else 0,
                    n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
@@ -65,7 +78,9 @@ class ModelShape:
                    tied=a.tied_embeddings, context=a.context_length,
                    file_bytes=sum(int(t.n_bytes) for t in tensors.values()),
                    quant="+".join(types), sliding_window=a.sliding_window,
-                   sliding_layers=a.n_layers if a.sliding_window else 0)
+                   sliding_layers=a.n_layers if a.sliding_window else 0,
+                   packed_params=sum(int(t.n_elements) for t in packed),
+                   packed_bytes=sum(int(t.n_bytes) for t in packed))
 
     # -- what a token costs ---------------------------------------------------------------------
 
@@ -75,6 +90,17 @@ class ModelShape:
         if self.tied or self.params == 0:
             return 1.0
         return 1.0 - self.embedding_params / self.params
+
+    def decode_weight_bytes(self, weight_bits: float | None, packed: bool) -> int:
+        """Weight bytes read per generated token. weight_bits None: the file's own bytes (an
+        engine that computes on the quantized blocks, as llama.cpp); else the weights are held at
+        weight_bits, except, with `packed`, the matrices the compiled kernels read as stored."""
+        if weight_bits is None:
+            return int(self.file_bytes * self.streamed_fraction())
+        streamed = self.params * self.streamed_fraction()  # all but an untied embedding table
+        if not packed:
+            return int(streamed * weight_bits / 8)
+        return int((streamed - self.packed_params) * weight_bits / 8) + self.packed_bytes
 
     def kv_positions(self, depth: int) -> tuple[int, int]:
         """Positions cached by (full layers, sliding layers) at this depth."""

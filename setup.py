@@ -1,0 +1,14 @@
+"""The compiled kernels (src/selfattn/native/*.c), built at install time. Everything else is in
+pyproject.toml. The extension is optional: without a C compiler selfattn installs and runs on its
+numba kernels alone (selfattn.native.available() is then False)."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension(
+    "selfattn.native._kernels",
+    sources=[f"src/selfattn/native/{name}.c" for name in ("module", "pool", "matvec", "attend", "ops")],
+    depends=["src/selfattn/native/simd.h"],
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off"],
+    extra_link_args=["-pthread"],
+    optional=True,
+)])

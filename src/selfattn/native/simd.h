@@ -1,0 +1,115 @@
+/* AVX2 + FMA + F16C helpers shared by the kernels: block decoders (ggml's layouts), horizontal
+ * sums, exp. Every kernel function carries SA_TARGET, so the library itself loads on any x86-64
+ * CPU and Python checks sa_cpu_ok() before calling one. */
+#ifndef SELFATTN_SIMD_H
+#define SELFATTN_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SA_TARGET __attribute__((target("avx2,fma,f16c")))
+#define SA_INLINE static inline __attribute__((always_inline)) SA_TARGET
+
+/* ggml type ids (the GGUF tensor types); the KV formats reuse them: f32 0, f16 1, q4_0 2, q8_0 8 */
+enum { SA_F32 = 0, SA_F16 = 1, SA_Q4_0 = 2, SA_Q4_1 = 3, SA_Q8_0 = 8 };
+
+SA_INLINE float sa_half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 32 values of one block at p -> w[0..3] (8 floats each, in order), exact as ggml dequantizes:
+ * q8_0 d*q; q4_0 d*(n-8) (one rounding, as (n-8)*d); q4_1 d*n + m (fused). */
+SA_INLINE void sa_block_q8_0(const uint8_t *p, __m256 w[4]) {
+    __m256 d = _mm256_set1_ps(sa_half(p));
+    for (int i = 0; i < 4; i++) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(p + 2 + 8 * i));
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
+    }
+}
+
+SA_INLINE void sa_nibbles(const uint8_t *qs, __m256 n[4]) {
+    __m128i v = _mm_loadu_si128((const __m128i *)qs);
+    __m128i m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    n[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    n[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    n[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    n[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+SA_INLINE void sa_block_q4_0(const uint8_t *p, __m256 w[4]) {
+    float d = sa_half(p);
+    __m256 dv = _mm256_set1_ps(d), off = _mm256_set1_ps(-8.0f * d);
+    sa_nibbles(p + 2, w);
+    for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(w[i], dv, off);
+}
+
+SA_INLINE void sa_block_q4_1(const uint8_t *p, __m256 w[4]) {
+    __m256 dv = _mm256_set1_ps(sa_half(p)), mv = _mm256_set1_ps(sa_half(p + 2));
+    sa_nibbles(p + 4, w);
+    for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(w[i], dv, mv);
+}
+
+/* a whole row of n values (n a multiple of 32 for block types, of 8 otherwise) -> dst floats */
+SA_INLINE void sa_decode_row(const uint8_t *src, int fmt, int64_t n, float *dst) {
+    __m256 w[4];
+    if (fmt == SA_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (fmt == SA_F16) {
+        for (int64_t i = 0; i < n; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    } else {
+        int bytes = fmt == SA_Q8_0 ? 34 : fmt == SA_Q4_0 ? 18 : 20;
+        for (int64_t b = 0; b < n / 32; b++, src += bytes, dst += 32) {
+            if (fmt == SA_Q8_0) sa_block_q8_0(src, w);
+            else if (fmt == SA_Q4_0) sa_block_q4_0(src, w);
+            else sa_block_q4_1(src, w);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(dst + 8 * i, w[i]);
+        }
+    }
+}
+
+SA_INLINE float sa_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* eight horizontal sums at once: lane i of the result = sum of a[i] */
+SA_INLINE __m256 sa_hsum8(const __m256 a[8]) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x for x <= 0 (softmax arguments; -inf gives 0), Cephes' polynomial: ~2 ulp */
+SA_INLINE __m256 sa_exp_neg(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}
+
+/* the thread pool (pool.c): run fn(ctx, task) for task in 0 .. n-1 on the pool's threads */
+typedef void (*sa_task_fn)(const void *ctx, int64_t task);
+void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n);
+
+#endif

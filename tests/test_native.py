@@ -1,0 +1,205 @@
+"""The compiled kernels (selfattn.native) against their plain twins: the block matmul against a
+float64 product with gguf's dequantized matrix, the C decode kernel against the numba one and the
+reference, the small ops against NumPy, and a model whose matrices are Q4_1 / Q8_0 against a
+float64 forward over the same dequantized weights."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from selfattn import native
+from selfattn.attention import kvformat, threads
+from selfattn.attention.decode import decode_attention, decode_chunks
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
+
+TYPES = {Q.F32: native.F32, Q.F16: native.F16, Q.Q4_0: native.Q4_0, Q.Q4_1: native.Q4_1,
+         Q.Q8_0: native.Q8_0}
+
+
+def packed(w: np.ndarray, qtype) -> tuple[native.PackedMatrix, np.ndarray]:
+    """w (rows, cols) in GGUF type qtype -> (PackedMatrix, the float32 values it holds)."""
+    if qtype == Q.F32:
+        data = w.astype(np.float32)
+    elif qtype == Q.F16:
+        data = w.astype(np.float16)
+    else:
+        data = quantize(w, qtype)
+    values = dequantize(data.view(np.uint8) if qtype not in (Q.F32, Q.F16) else data, qtype)
+    return native.PackedMatrix(data, TYPES[qtype], w.shape[1]), values.reshape(w.shape)
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+@pytest.mark.parametrize("rows,cols", [(1, 32), (17, 64), (96, 576), (40, 1536)])
+def test_block_matmul_equals_the_dequantized_product(qtype, rows, cols):
+    rng = np.random.default_rng(rows * cols)
+    pm, values = packed(rng.standard_normal((rows, cols), np.float32), qtype)
+    for T in (1, 2, 5, 16):
+        x = rng.standard_normal((T, cols), np.float32)
+        ref = x.astype(np.float64) @ values.T.astype(np.float64)
+        y = native.matmul(x, pm)
+        assert y.shape == (T, rows) and y.dtype == np.float32
+        # float32 sums of `cols` products: relative to the sum of magnitudes
+        bound = cols * 2.0**-24 * (np.abs(x) @ np.abs(values).T) + 1e-30
+        assert (np.abs(y - ref) <= 2 * bound).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16])
+def test_block_rows_decode_exactly(qtype):
+    rng = np.random.default_rng(1)
+    pm, values = packed(rng.standard_normal((50, 96), np.float32), qtype)
+    idx = np.array([0, 7, 49, 7])
+    np.testing.assert_array_equal(pm.rows_f32(idx), values[idx])
+    with pytest.raises(ValueError):
+        pm.rows_f32(np.array([50]))
+
+
+def test_matmul_refuses_bad_input():
+    pm, _ = packed(np.ones((4, 64), np.float32), Q.Q8_0)
+    for x in (np.ones((1, 32), np.float32), np.ones((17, 64), np.float32),
+              np.ones(64, np.float32)):
+        with pytest.raises(ValueError):
+            native.matmul(x, pm)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.PackedMatrix(np.zeros((2, 34), np.uint8), native.Q8_0, 33)
+    with pytest.raises(ValueError, match="do not hold"):
+        native.PackedMatrix(np.zeros((2, 30), np.uint8), native.Q8_0, 32)
+
+
+def _numba_decode(q, k, v, S, band, softcap, scale, fmt):
+    """The numba kernel alone (no dispatch), for comparison."""
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    Dv = D if fmt != "f32" else v.shape[3]
+    G = H // H_kv
+    left, right = band
+    j_lo = max(0, S - T - left)
+    span = min(S - 1, S - 1 + right) - j_lo + 1
+    chunk, C = 256, -(-span // 256)
+    out = np.empty((B, H, T, Dv), np.float32)
+    lse = np.empty((B, H, T), np.float32)
+    m5 = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (1, 1, 1, T, 1), (0,) * 5)
+    decode_chunks(q.reshape(B, H_kv, G * T, D) * np.float32(scale), k, v,
+                  kvformat.format_code(fmt), kvformat.HALF_TABLE, S, j_lo, chunk, left, right,
+                  float(softcap or 0.0), m5, False, np.empty((B, H_kv, C, G * T, Dv), np.float32),
+                  np.empty((B, H_kv, C, G * T), np.float32),
+                  np.empty((B, H_kv, C, G * T), np.float32), out, lse)
+    return out, lse
+
+
+DECODE_CASES = [  # H, H_kv, D, Dv, S, T, band, softcap
+    (9, 3, 64, 64, 1000, 1, (1000, 0), None),  # SmolLM2's heads, causal
+    (32, 8, 128, 128, 700, 3, (699, 0), None),  # Llama-3-8B's, a few queries
+    (4, 1, 32, 32, 33, 16, (5, 0), None),  # MQA, sliding window, T = 16
+    (4, 2, 64, 64, 300, 2, (40, 20), 15.0),  # a two-sided band with soft-capping
+    (2, 2, 96, 96, 1, 1, (1, 0), None),  # one key
+    (4, 2, 64, 80, 257, 4, (257, 0), None),  # Dv != D (float32 rows only), a partial tile
+    (4, 2, 40, 40, 129, 1, (129, 0), None),  # D not a multiple of 32 (float32 rows only)
+]
+
+
+@pytest.mark.parametrize("fmt,H,H_kv,D,Dv,S,T,band,softcap", [
+    (fmt, *case) for fmt in kvformat.FORMATS for case in DECODE_CASES
+    if fmt == "f32" or (case[2] == case[3] and case[2] % 32 == 0)])
+def test_c_decode_kernel_equals_numba_kernel_and_reference(fmt, H, H_kv, D, Dv, S, T, band,
+                                                           softcap):
+    rng = np.random.default_rng(S + T)
+    q = rng.standard_normal((1, H, T, D), np.float32)
+    k = kvformat.quantize(rng.standard_normal((1, H_kv, S + 5, D), np.float32), fmt)
+    v = kvformat.quantize(rng.standard_normal((1, H_kv, S + 5, Dv), np.float32), fmt)
+    scale = 1 / np.sqrt(D)
+    out, lse = decode_attention(q, k, v, S, band, None, softcap, scale, fmt)
+    ref_out, ref_lse = _numba_decode(q, k, v, S, band, softcap, scale, fmt)
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-6)
+    # and the spec, on the decoded values
+    from selfattn.attention.reference import attention_reference
+
+    kd, vd = (kvformat.decode_rows(x[:, :, :S], fmt, x_d) for x, x_d in ((k, D), (v, Dv)))
+    spec_out, spec_lse = attention_reference(q, kd, vd, band=band, mask=None, softcap=softcap,
+                                             scale=scale)
+    np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
+    np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
+
+
+def test_c_decode_kernel_rows_that_see_nothing():
+    """A band that leaves early queries with no key: zeros and -inf, as the reference."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 2, 3, 32), np.float32)
+    k = rng.standard_normal((1, 1, 10, 32), np.float32)
+    out, lse = decode_attention(q, k, k, 10, (-3, 30), None, None, 0.2, "f32")  # keys p+3 ..
+    assert np.isneginf(lse[..., -3:]).all() and (out[..., -3:, :] == 0).all()
+    assert np.isfinite(lse[..., :-3]).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_results_do_not_depend_on_the_thread_count(n):
+    rng = np.random.default_rng(9)
+    pm, _ = packed(rng.standard_normal((300, 256), np.float32), Q.Q4_1)
+    x = rng.standard_normal((2, 256), np.float32)
+    q = rng.standard_normal((1, 8, 1, 64), np.float32)
+    k = rng.standard_normal((1, 2, 3000, 64), np.float32)
+    before = threads.num_threads()
+    try:
+        threads.set_num_threads(1)
+        y1, a1 = native.matmul(x, pm), decode_attention(q, k, k, 3000, (3000, 0), None, None,
+                                                        0.125, "f32")[0]
+        threads.set_num_threads(n)
+        yn, an = native.matmul(x, pm), decode_attention(q, k, k, 3000, (3000, 0), None, None,
+                                                        0.125, "f32")[0]
+    finally:
+        threads.set_num_threads(before)
+    np.testing.assert_array_equal(y1, yn)  # rows are whole tasks: the same sums in any order
+    np.testing.assert_allclose(a1, an, atol=1e-6)
+
+
+def test_small_ops_equal_their_numpy_twins():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 576), np.float32)
+    w = rng.standard_normal(576).astype(np.float32)
+    ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    np.testing.assert_allclose(native.rmsnorm(x, w, 1e-5), x / np.sqrt(ms + 1e-5) * w,
+                               rtol=1e-5, atol=1e-6)
+    gu = rng.standard_normal((2, 2 * 1000), np.float32) * 10  # past exp's range on both sides
+    gate, up = gu[:, :1000].astype(np.float64), gu[:, 1000:].astype(np.float64)
+    np.testing.assert_allclose(native.swiglu(gu), gate / (1 + np.exp(-gate)) * up, rtol=1e-5,
+                               atol=1e-6)
+    T, heads, D, half, pos = 2, 3, 64, 24, 5  # rope_dim 48 < D: the tail stays as it is
+    ang = rng.uniform(0, 6, (pos + T, half))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    v = rng.standard_normal((T, heads, D), np.float32)
+    got = native.rope(v.copy(), cos, sin, pos)
+    c, s = cos[pos:, None, :], sin[pos:, None, :]
+    want = v.copy()
+    want[..., :half] = v[..., :half] * c - v[..., half:2 * half] * s
+    want[..., half:2 * half] = v[..., half:2 * half] * c + v[..., :half] * s
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0])
+def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
+    """Every matrix stored in qtype: prompts run on the float32 copies (BLAS), decode steps on the
+    blocks; both match a float64 forward over the dequantized weights."""
+    from selfattn.cache import KVCache
+    from selfattn.model.llama import Llama
+    from .tiny_gguf import make_weights, reference_forward, write_gguf
+
+    w, cfg = make_weights(np.random.default_rng(4), n_layers=2, dim=64, ffn=96)
+    mats = [n for n in w if not n.endswith(("norm", ".bias"))]
+    path = tmp_path / "blocks.gguf"
+    write_gguf(path, w, cfg, quant={n: qtype for n in mats})
+    deq = dict(w)
+    for n in mats:
+        deq[n] = dequantize(quantize(w[n], qtype), qtype).reshape(w[n].shape)
+    m = Llama.load(path)
+    assert all(layer.w_qkv.packed is not None and layer.w_down.packed is not None
+               for layer in m.weights.layers)
+    assert m.weights.output.packed is not None
+    tokens = np.random.default_rng(6).integers(0, cfg["vocab"], 14)
+    ref = reference_forward(deq, cfg, tokens)
+    cache = KVCache.for_model(m.args, 32)
+    np.testing.assert_allclose(m.forward(tokens[:10], cache, 0), ref[9], atol=2e-4)
+    for i in range(10, 14):  # one token at a time: the packed path
+        np.testing.assert_allclose(m.forward(tokens[i:i + 1], cache, i), ref[i], atol=2e-4)
