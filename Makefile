@@ -8,7 +8,7 @@ PROMPT ?= Explain in two sentences why attention is quadratic in the sequence le
 
 .PHONY: run demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/selfattn/native/*.c src/selfattn/native/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

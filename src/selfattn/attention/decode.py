@@ -147,7 +147,7 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
         lse[:] = -np.inf
         return out, lse
     span = j_hi - j_lo + 1
-    want = max(1, -(-4 * num_threads() // (B * H_kv)))  # >= 4 tasks per core
+    want = max(1, -(-8 * num_threads() // (B * H_kv)))  # >= 8 tasks per core: balanced
     chunk = max(MIN_CHUNK, -(-span // want))
     C = -(-span // chunk)
     qs = q.reshape(B, H_kv, G * T, D) * dtype.type(scale)
