@@ -1,7 +1,7 @@
 """Generation speed at depth for each KV cache type: selfattn against llama.cpp, same file.
 
-    python benchmarks/kv_speed.py [--depths 4096,8192] [--gen 32] [--reps 3]
-                                  [--llama-python PATH] [--json out.json]
+    python benchmarks/kv_speed.py [--depths 4096,8192] [--gen 32] [--reps 3] [--types f32,q8_0]
+                                  [--llama-python PATH | --skip-llama] [--json out.json]
 
 For each KV type (f32, f16, q8_0, q4_0) and depth d: the cache is filled with the first d tokens
 of English text on this machine (a real prefill, on both engines), then --gen tokens are generated
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
-def run_selfattn(model_path, ids, depths, n_gen, reps, threads):
+def run_selfattn(model_path, ids, depths, n_gen, reps, threads, types=TYPES):
     import numpy as np
 
     import selfattn
@@ -34,7 +34,7 @@ def run_selfattn(model_path, ids, depths, n_gen, reps, threads):
 
     selfattn.set_num_threads(threads)
     out = {}
-    for kv in TYPES:
+    for kv in types:
         model = Llama.load(model_path, kv)
         cache = KVCache.for_model(model.args, max(depths) + n_gen + 1, kv)
         for d in depths:
@@ -95,8 +95,14 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=sys.executable)
+    ap.add_argument("--types", default=",".join(TYPES), help="KV types to run")
+    ap.add_argument("--skip-llama", action="store_true",
+                    help="selfattn only (its ratios to its own f32; no peer column)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    types = tuple(t for t in args.types.split(",") if t in TYPES)
+    if "f32" not in types:
+        ap.error("--types must include f32 (the ratios are to it)")
     from _corpus import prompt_ids
 
     from selfattn.model import Tokenizer, default_model_path
@@ -107,18 +113,21 @@ def main():
     tok = Tokenizer.from_gguf(open_gguf(model), model)
     ids = prompt_ids(tok, max(depths) + 1)
     with multiprocessing.get_context("spawn").Pool(1) as p:
-        ours = p.apply(run_selfattn, (model, ids, depths, args.gen, args.reps, args.threads))
-    cfg = dict(model=model, ids=ids, depths=depths, n_gen=args.gen, reps=args.reps,
-               threads=args.threads, types=TYPES)
-    r = subprocess.run([args.llama_python, "-c", LLAMA_WORKER], input=json.dumps(cfg),
-                       capture_output=True, text=True, timeout=7200)
-    theirs = json.loads(r.stdout) if r.returncode == 0 else {}
-    if r.returncode:
-        print(f"llama.cpp failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        ours = p.apply(run_selfattn, (model, ids, depths, args.gen, args.reps, args.threads,
+                                      types))
+    theirs = {}
+    if not args.skip_llama:
+        cfg = dict(model=model, ids=ids, depths=depths, n_gen=args.gen, reps=args.reps,
+                   threads=args.threads, types=types)
+        r = subprocess.run([args.llama_python, "-c", LLAMA_WORKER], input=json.dumps(cfg),
+                           capture_output=True, text=True, timeout=7200)
+        theirs = json.loads(r.stdout) if r.returncode == 0 else {}
+        if r.returncode:
+            print(f"llama.cpp failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
     print(f"model: {model} · threads {args.threads} · tg{args.gen}, median of {args.reps}")
     print("| KV type | depth | selfattn t/s | vs selfattn f32 | llama.cpp t/s | selfattn / llama.cpp |")
     print("|---|---:|---:|---:|---:|---:|")
-    for kv in TYPES:
+    for kv in types:
         for d in depths:
             key = f"{kv}@{d}"
             med = statistics.median(ours[key])

@@ -41,7 +41,8 @@ SA_INLINE const float *tile_rows(const uint8_t *base, int64_t row_bytes, int fmt
     return dst;
 }
 
-SA_TARGET static void dec_task(const void *ctx, int64_t task) {
+/* one task; FMT is a constant in each instance below, so the row decoding inlines per format */
+SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const dec_args *A = ctx;
     const int64_t R = A->R, D = A->D, Dv = A->Dv, T = A->T, S = A->S;
     const int64_t b = task / (A->H_kv * A->C), g = (task / A->C) % A->H_kv, c = task % A->C;
@@ -77,7 +78,7 @@ SA_TARGET static void dec_task(const void *ctx, int64_t task) {
         }
         if (!any) continue;
 
-        const float *kt = tile_rows(kh, A->k_row, A->fmt, j0, nk, D, kbuf);
+        const float *kt = tile_rows(kh, A->k_row, FMT, j0, nk, D, kbuf);
         for (int64_t r = 0; r < R; r++) {
             if (!seen[r]) continue;
             const float *qr = q + r * D;
@@ -123,7 +124,7 @@ SA_TARGET static void dec_task(const void *ctx, int64_t task) {
             ll[r] = ll[r] * alpha[r] + sa_hsum(sum);
         }
 
-        const float *vt = tile_rows(vh, A->v_row, A->fmt, j0, nk, Dv, vbuf);
+        const float *vt = tile_rows(vh, A->v_row, FMT, j0, nk, Dv, vbuf);
         for (int64_t r = 0; r < R; r++) {
             if (!seen[r] && alpha[r] == 1.0f) continue;
             const float *pr = s + r * TILE;
@@ -150,6 +151,13 @@ SA_TARGET static void dec_task(const void *ctx, int64_t task) {
     }
 }
 
+#define DEFINE_DEC_TASK(NAME, FMT) \
+    SA_TARGET static void NAME(const void *ctx, int64_t task) { dec_task(ctx, task, FMT); }
+DEFINE_DEC_TASK(dec_f32, SA_F32)
+DEFINE_DEC_TASK(dec_f16, SA_F16)
+DEFINE_DEC_TASK(dec_q8_0, SA_Q8_0)
+DEFINE_DEC_TASK(dec_q4_0, SA_Q4_0)
+
 /* Returns 0, or -1 when the shapes are outside what this kernel handles (the caller falls back
  * to the numba kernel before ever calling with them). out (B, H, T, Dv), lse (B, H, T). */
 int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
@@ -161,6 +169,7 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
         S < 1 || S > S_max || chunk < 1 || C < 1)
         return -1;
     if (fmt != SA_F32 && (D % 32 || Dv != D)) return -1;
+    if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;
     /* each task's online-softmax state: acc (tasks, R, Dv), m and l (tasks, R) */
     const int64_t tasks = B * H_kv * C;
     float *acc = malloc((size_t)(tasks * R * (Dv + 2)) * sizeof(float));
@@ -168,7 +177,9 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
     float *m = acc + tasks * R * Dv, *l = m + tasks * R;
     dec_args A = {q, k, v, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C,
                   left, right, softcap, acc, m, l};
-    sa_pool_run(dec_task, &A, B * H_kv * C);
+    sa_task_fn fn = fmt == SA_F32 ? dec_f32 : fmt == SA_F16 ? dec_f16 : fmt == SA_Q8_0 ? dec_q8_0
+                  : dec_q4_0;
+    sa_pool_run(fn, &A, B * H_kv * C);
 
     const int64_t G = R / T;
     for (int64_t b = 0; b < B; b++)

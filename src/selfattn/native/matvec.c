@@ -134,14 +134,14 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
     case SA_F32: fn = mv_f32; break;
     default: return -1;
     }
-    float *xp = NULL;
-    if (fmt == SA_Q4_0 || fmt == SA_Q4_1) { /* x in the order the nibbles decode to */
-        xp = malloc((size_t)(T * cols) * sizeof(float));
-        if (!xp) return -2;
-        for (int64_t i = 0; i < T * cols; i += 32)
-            for (int j = 0; j < 32; j++) xp[i + j] = x[i + NIBBLE_ORDER[j]];
-        x = xp;
-    }
+    /* x copied to a 64-byte aligned buffer (every 32-byte load of it within one cache line), in
+     * the order the nibbles decode to for the q4 types */
+    float *xp = aligned_alloc(64, (size_t)((T * cols * 4 + 63) / 64 * 64));
+    if (!xp) return -2;
+    const int q4 = fmt == SA_Q4_0 || fmt == SA_Q4_1;
+    for (int64_t i = 0; i < T * cols; i += 32)
+        for (int j = 0; j < 32; j++) xp[i + j] = x[i + (q4 ? NIBBLE_ORDER[j] : j)];
+    x = xp;
     mv_args A = {w, row_bytes, rows, cols, T, fmt, x, y};
     sa_pool_run(fn, &A, (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK);
     free(xp);
