@@ -73,6 +73,8 @@ def test_calibration_recovers_known_efficiencies(tiny):
     fit = bench.calibrate(recs, shape, ROOFLINE)
     for k, v in truth.items():
         assert fit[k] == pytest.approx(v, rel=1e-3)
+    # stamped with how decode read the weights, so that `plan` ignores a fit from another layout
+    assert fit["weights"] == bench.weights_layout(dev)
     assert ttft_s(shape, device_for_this_machine(ROOFLINE, fit, 0), 1000) == pytest.approx(
         ttft_s(shape, dev, 1000), rel=1e-3)
     with pytest.raises(ValueError, match="two or more depths"):

@@ -162,12 +162,15 @@ def cmd_plan(args):
 
     def device(name):
         if name == "this":
-            from ..measure import store
+            from ..measure import bench, store
             from ..measure.roofline import load_or_measure
 
             roofline, _ = load_or_measure()
             kv = args.kv_dtype or "f32"  # efficiencies fitted with this KV type, else f32's
             calibration = store.load(f"calibration-{kv}") or store.load("calibration")
+            dev = device_for_this_machine(roofline, None, available_memory() or 0)
+            if calibration and calibration.get("weights") != bench.weights_layout(dev):
+                calibration = None  # fitted before decode read the weights as they are now
             return device_for_this_machine(roofline, calibration, available_memory() or 0)
         return catalog_device(find_hardware(name))
 

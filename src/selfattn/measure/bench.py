@@ -190,7 +190,14 @@ def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> di
     return {"e_linear": 1 / max(inv_lin, 1 / big), "e_attention": 1 / max(inv_attn, 1 / big),
             "e_weights": 1 / max(inv_w, 1 / big), "e_kv": 1 / max(inv_kv, 1 / big),
             "model": shape.name, "depths": depths, "kv_dtype": kv_dtype,
-            "samples": sum(len(r.samples_ns) for r in records)}
+            "samples": sum(len(r.samples_ns) for r in records),
+            "weights": weights_layout(device)}
+
+
+def weights_layout(device) -> str:
+    """How decode steps read the weights when a calibration is fitted: a calibration is only valid
+    for the layout it was measured with ('packed' blocks, or 'float32' copies)."""
+    return "packed" if device.packed else "float32"
 
 
 def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048), reps: int = 5,
