@@ -203,3 +203,16 @@ def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
     np.testing.assert_allclose(m.forward(tokens[:10], cache, 0), ref[9], atol=2e-4)
     for i in range(10, 14):  # one token at a time: the packed path
         np.testing.assert_allclose(m.forward(tokens[i:i + 1], cache, i), ref[i], atol=2e-4)
+
+
+def test_kernels_work_in_a_forked_child():
+    """The pool's workers do not survive fork(): a child must not wait for them."""
+    import multiprocessing
+
+    rng = np.random.default_rng(11)
+    pm, values = packed(rng.standard_normal((64, 64), np.float32), Q.Q8_0)
+    x = rng.standard_normal((1, 64), np.float32)
+    want = native.matmul(x, pm)  # the parent's pool is started
+    with multiprocessing.get_context("fork").Pool(1) as p:
+        got = p.apply_async(native.matmul, (x, pm)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)

@@ -47,6 +47,15 @@ def _load():
     return _mod or None
 
 
+def _forget_pool_size():
+    global _threads
+    _threads = 0  # a forked child's pool has no workers: size it again on first use
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_size)
+
+
 def available() -> bool:
     return _load() is not None
 

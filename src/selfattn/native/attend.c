@@ -170,6 +170,10 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
         return -1;
     if (fmt != SA_F32 && (D % 32 || Dv != D)) return -1;
     if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;
+    /* a stored row must hold D (K) and Dv (V) values of the format: never read past a row */
+    const int64_t need_k = fmt == SA_F32 ? 4 * D : fmt == SA_F16 ? 2 * D : D / 32 * (fmt == SA_Q8_0 ? 34 : 18);
+    const int64_t need_v = fmt == SA_F32 ? 4 * Dv : fmt == SA_F16 ? 2 * Dv : Dv / 32 * (fmt == SA_Q8_0 ? 34 : 18);
+    if (k_row < need_k || v_row < need_v) return -1;
     /* each task's online-softmax state: acc (tasks, R, Dv), m and l (tasks, R) */
     const int64_t tasks = B * H_kv * C;
     float *acc = malloc((size_t)(tasks * R * (Dv + 2)) * sizeof(float));

@@ -77,8 +77,19 @@ static void *worker(void *arg) {
     return NULL;
 }
 
+/* A forked child has none of the parent's workers: start again with none (the Python side asks
+ * for its thread count again after a fork), instead of waiting forever for them. */
+static void after_fork_in_child(void) {
+    P.n_workers = 0;
+    P.want = 1;
+    atomic_store(&P.sleepers, 0);
+    atomic_store(&P.busy, 0);
+}
+
 /* use n threads (the caller included) from the next job on; starts workers as needed */
 int sa_set_threads(int n) {
+    static int registered = 0;
+    if (!registered) registered = !pthread_atfork(NULL, NULL, after_fork_in_child);
     if (n < 1) n = 1;
     if (n > MAX_THREADS) n = MAX_THREADS;
     while (P.n_workers < n - 1) {
