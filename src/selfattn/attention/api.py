@@ -226,10 +226,9 @@ def decode_cached(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: int, wind
     keys of a KV cache k, v (B, H_kv, S_max, row) that the caller built and so knows valid (the
     model's KVCache): `attention`'s decode path without its argument checks, which cost more than
     the kernel at small depths. window: None or an int (keys p-w+1 .. p)."""
-    T, D = q.shape[2], q.shape[3]
-    left = kv_len + T if window is None else window - 1
-    out, _ = decode_attention(np.ascontiguousarray(q, np.float32), k, v, kv_len, (left, 0), None,
-                              None, 1.0 / np.sqrt(D), fmt=kv_format)
+    band = (None if window is None else window - 1, 0)
+    out, _ = _run_kernel("decode", q, k, v, kv_len, band, None, None, 1.0 / np.sqrt(q.shape[3]),
+                         np.float32, kv_format)
     return out
 
 

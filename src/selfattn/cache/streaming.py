@@ -21,7 +21,7 @@ import numpy as np
 
 from ..attention import attention, kvformat, merge
 from ..errors import ContextError
-from .memory import check_fits
+from .memory import aligned_zeros, check_fits
 
 
 class StreamingCache:
@@ -33,10 +33,11 @@ class StreamingCache:
         items, dtype = kvformat.row_shape(kv_dtype, head_dim)
         recent = window - 1 + chunk
         check_fits(n_layers, n_kv_heads, head_dim, sinks + recent, kv_dtype)
-        self.k_sink = np.zeros((n_layers, 1, n_kv_heads, max(sinks, 1), items), dtype)
-        self.v_sink = np.zeros_like(self.k_sink)
-        self.k_recent = np.zeros((n_layers, 1, n_kv_heads, recent, items), dtype)
-        self.v_recent = np.zeros_like(self.k_recent)
+        sink_shape = (n_layers, 1, n_kv_heads, max(sinks, 1), items)
+        recent_shape = (n_layers, 1, n_kv_heads, recent, items)
+        self.k_sink, self.v_sink = aligned_zeros(sink_shape, dtype), aligned_zeros(sink_shape, dtype)
+        self.k_recent = aligned_zeros(recent_shape, dtype)
+        self.v_recent = aligned_zeros(recent_shape, dtype)
         self.sinks, self.window, self.max_chunk = sinks, window, chunk
         self.kv_dtype, self.head_dim = kv_dtype, head_dim
         self.length = 0  # tokens seen (the next token's true position)

@@ -168,10 +168,11 @@ def cmd_plan(args):
             roofline, _ = load_or_measure()
             kv = args.kv_dtype or "f32"  # efficiencies fitted with this KV type, else f32's
             calibration = store.load(f"calibration-{kv}") or store.load("calibration")
-            dev = device_for_this_machine(roofline, None, available_memory() or 0)
+            dev = device_for_this_machine(roofline, calibration, available_memory() or 0)
             if calibration and calibration.get("weights") != bench.weights_layout(dev):
-                calibration = None  # fitted before decode read the weights as they are now
-            return device_for_this_machine(roofline, calibration, available_memory() or 0)
+                # fitted before decode read the weights as they are read now: not this machine's
+                dev = device_for_this_machine(roofline, None, dev.memory_bytes)
+            return dev
         return catalog_device(find_hardware(name))
 
     if args.rank:

@@ -40,7 +40,6 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 PACKED_MAX_T = 4  # steps of up to this many tokens use the packed weights
-_PACKED_TYPES = {1: native.F16, 2: native.Q4_0, 3: native.Q4_1, 8: native.Q8_0}  # GGUF type ids
 
 
 @dataclass
@@ -123,9 +122,9 @@ class Llama:
             """The tensor's own blocks, rows in the float32 copy's order (None: not a type the
             compiled kernels read, or no kernels)."""
             t = tensors[name]
-            fmt = _PACKED_TYPES.get(int(t.tensor_type))
+            fmt = int(t.tensor_type)  # ggml's type ids are the kernels' format codes
             cols = int(t.shape[0])
-            if fmt is None or cols % 32 or not native.available():
+            if fmt not in native.PACKED_TYPES or cols % 32 or not native.available():
                 return None
             data = np.asarray(t.data).view(np.uint8).reshape(int(t.shape[1]), -1)
             if permute_heads is not None:

@@ -6,13 +6,17 @@ From a GGUF file (its metadata and the actual size of every tensor) or from the 
 
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType
+
+from .. import native
 from ..cache import kv_cache_bytes
 
 # average bits per weight of llama.cpp's quantization types over a whole file, as llama.cpp
 # reports them (BPW) for Llama-3 8B: the K-quant mixes keep some tensors at higher precision
 QUANT_BITS = {"Q4_0": 4.55, "Q4_1": 5.0, "Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56,
               "Q8_0": 8.50, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16")  # read by selfattn.native.matmul as stored
+# the types selfattn.native.matmul reads as stored, by name
+PACKED_TYPES = tuple(GGMLQuantizationType(t).name for t in native.PACKED_TYPES)
 
 
 @dataclass
