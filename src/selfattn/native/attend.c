@@ -7,9 +7,12 @@
  * p - left .. p + right. Tasks are (b, kv head, chunk); each keeps its own online-softmax state
  * and the chunks are merged by log-sum-exp at the end.
  *
- * A tile of 32 keys is decoded to float32 once (compact rows: the bytes read from memory are the
- * compact bytes) and scored against all R rows while it is in L1, eight keys per set of
- * accumulators so that one horizontal-sum tree serves eight dot products.
+ * Keys go in tiles of 32. Scores: four keys against up to three query rows at a time (twelve
+ * accumulators), each 8-value chunk of a key decoded in registers straight from the stored row
+ * (compact rows: the bytes read are the compact bytes, and nothing is written back) and used for
+ * every row. Values: up to three rows times four chunks of output held in registers over the
+ * tile's keys; a block's scale is folded into the softmax weights (p * d), so the integers are
+ * only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -19,6 +22,11 @@
 #define TILE 32
 #define MAX_DIM 256
 #define MAX_ROWS 256
+#define MAX_BLOCKS (MAX_DIM / 32)
+/* rows fetched ahead of use, spread over the loops that use them (one tile ahead at once
+ * stalls on the misses it starts; none leaves the stream to the hardware prefetcher, which
+ * keeps up with neither the f32 nor the compact rows here) */
+#define PF_KEYS 64
 
 typedef struct {
     const float *q;
@@ -29,17 +37,115 @@ typedef struct {
     float *acc, *m, *l;
 } dec_args;
 
-/* nk (<= TILE) stored rows from row j0 -> float rows; rows past nk are zero. Returns where row
- * jj is: dst + jj*n, or the cache itself for full float32 tiles. */
-SA_INLINE const float *tile_rows(const uint8_t *base, int64_t row_bytes, int fmt, int64_t j0,
-                                 int64_t nk, int64_t n, float *dst) {
-    if (fmt == SA_F32 && nk == TILE && row_bytes == 4 * n)
-        return (const float *)(base + j0 * row_bytes);
-    for (int64_t jj = 0; jj < nk; jj++)
-        sa_decode_row(base + (j0 + jj) * row_bytes, fmt, n, dst + jj * n);
-    memset(dst + nk * n, 0, (size_t)((TILE - nk) * n) * 4);
-    return dst;
+/* what a key past the end of a tile is scored against (its scores are masked out) */
+static const uint8_t zero_row[MAX_DIM * 4] __attribute__((aligned(64)));
+
+#define COMPACT(FMT) ((FMT) == SA_Q8_0 || (FMT) == SA_Q4_0)
+#define BLOCK_BYTES(FMT) ((FMT) == SA_Q8_0 ? 34 : 18)
+
+/* the cache lines of a stored row (row_bytes 0: none) */
+SA_INLINE void prefetch_row(const uint8_t *row, int64_t row_bytes) {
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)(row + o), _MM_HINT_T0);
 }
+
+/* chunk c (values 8c .. 8c+7) of a stored row, before its block's scale: f32 and f16 values as
+ * stored, q8_0 the integers, q4_0 the nibbles minus 8; all exact in float32, so times the scale
+ * they are the values ggml's dequantize gives */
+SA_INLINE __m256 ld_chunk(const uint8_t *row, int64_t c, const int FMT) {
+    if (FMT == SA_F32) return _mm256_loadu_ps((const float *)row + 8 * c);
+    if (FMT == SA_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16 * c)));
+    const int64_t b = c >> 2, i = c & 3;
+    if (FMT == SA_Q8_0) {
+        __m128i x = _mm_loadl_epi64((const __m128i *)(row + 34 * b + 2 + 8 * i));
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x));
+    }
+    /* q4_0: byte j of a block holds value j (low nibble) and value j + 16 (high nibble) */
+    __m128i x = _mm_loadl_epi64((const __m128i *)(row + 18 * b + 2 + 8 * (i & 1)));
+    if (i >= 2) x = _mm_srli_epi16(x, 4);
+    x = _mm_and_si128(x, _mm_set1_epi8(0x0F));
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_set1_ps(8.0f));
+}
+
+/* s[r*TILE + j] = q_r . k_j for NR (<= 3) rows and the four keys kp[0..3]; dk[j*nb + b] is key
+ * j's scale of block b (compact rows) */
+SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, const float *dk,
+                      int64_t nb, float *s, int64_t pf_row, const int NR, const int FMT) {
+    __m256 a[4][3];
+    for (int j = 0; j < 4; j++) prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < 3; r++) a[j][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D / 8; c++)
+        for (int j = 0; j < 4; j++) {
+            __m256 w = ld_chunk(kp[j], c, FMT);
+            if (COMPACT(FMT)) w = _mm256_mul_ps(w, _mm256_broadcast_ss(dk + j * nb + (c >> 2)));
+            for (int r = 0; r < NR; r++)
+                a[j][r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + 8 * c), w, a[j][r]);
+        }
+    for (int r = 0; r < NR; r++) {
+        __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0][r], a[1][r]), _mm256_hadd_ps(a[2][r], a[3][r]));
+        _mm_storeu_ps(s + r * TILE, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
+}
+
+/* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*TILE + j] * v_j,
+ * for NR (<= 3) rows; v_j is stored row j from vt, pw the softmax weights (times the block's
+ * scale for compact rows) */
+SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t *vt,
+                       int64_t v_row, int64_t nk, const float *pw, int64_t c0, int64_t pf_row, const int NR,
+                       const int NC, const int FMT) {
+    __m256 o[3][4];
+    for (int r = 0; r < NR; r++) {
+        __m256 al = _mm256_set1_ps(alpha[r]);
+        for (int i = 0; i < NC; i++) o[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dv + 8 * (c0 + i)), al);
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        const uint8_t *row = vt + j * v_row;
+        prefetch_row(row + PF_KEYS * pf_row, pf_row);
+        __m256 p[3];
+        for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * TILE + j);
+        for (int i = 0; i < NC; i++) {
+            __m256 w = ld_chunk(row, c0 + i, FMT);
+            for (int r = 0; r < NR; r++) o[r][i] = _mm256_fmadd_ps(p[r], w, o[r][i]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < NC; i++) _mm256_storeu_ps(acc + r * Dv + 8 * (c0 + i), o[r][i]);
+}
+
+SA_INLINE float hmax(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* online softmax of one row's tile of scores (keys lo .. hi-1 visible): row becomes p (0
+ * elsewhere); returns alpha, the factor the row's earlier state is scaled by */
+SA_INLINE float softmax_tile(float *row, int64_t lo, int64_t hi, float softcap, float *m, float *l) {
+    if (softcap > 0.0f)
+        for (int64_t j = lo; j < hi; j++) row[j] = softcap * tanhf(row[j] / softcap);
+    for (int64_t j = 0; j < lo; j++) row[j] = -INFINITY;
+    for (int64_t j = hi; j < TILE; j++) row[j] = -INFINITY;
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_load_ps(row), _mm256_load_ps(row + 8)),
+                              _mm256_max_ps(_mm256_load_ps(row + 16), _mm256_load_ps(row + 24)));
+    float m_new = *m > hmax(mx) ? *m : hmax(mx);
+    float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
+    *m = m_new;
+    __m256 mv = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
+    for (int j = 0; j < TILE; j += 8) {
+        __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(row + j), mv));
+        _mm256_store_ps(row + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    *l = *l * alpha + sa_hsum(sum);
+    return alpha;
+}
+
+#define ROWS3(CALL)            \
+    switch (nr) {              \
+    case 1: CALL(1); break;    \
+    case 2: CALL(2); break;    \
+    default: CALL(3); break;   \
+    }
 
 /* one task; FMT is a constant in each instance below, so the row decoding inlines per format */
 SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
@@ -48,15 +154,17 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const int64_t b = task / (A->H_kv * A->C), g = (task / A->C) % A->H_kv, c = task % A->C;
     const int64_t j_start = A->j_base + c * A->chunk;
     const int64_t j_end = j_start + A->chunk < S ? j_start + A->chunk : S;
-    const int64_t head = b * A->H_kv + g;
-    const uint8_t *kh = A->k + head * A->S_max * A->k_row, *vh = A->v + head * A->S_max * A->v_row;
+    const int64_t head = b * A->H_kv + g, k_row = A->k_row, v_row = A->v_row;
+    const uint8_t *kh = A->k + head * A->S_max * k_row, *vh = A->v + head * A->S_max * v_row;
     const float *q = A->q + head * R * D;
     float *acc = A->acc + task * R * Dv, *mm = A->m + task * R, *ll = A->l + task * R;
-    float kbuf[TILE * MAX_DIM] __attribute__((aligned(32)));
-    float vbuf[TILE * MAX_DIM] __attribute__((aligned(32)));
+    const int64_t nb = D / 32, bb = COMPACT(FMT) ? BLOCK_BYTES(FMT) : 0;
     float s[MAX_ROWS * TILE] __attribute__((aligned(32)));
+    float pw[3 * TILE] __attribute__((aligned(32)));
+    float dk[TILE * MAX_BLOCKS], dv[MAX_BLOCKS * TILE] __attribute__((aligned(32)));
     float alpha[MAX_ROWS];
     unsigned char seen[MAX_ROWS];
+    const uint8_t *kp[TILE];
 
     for (int64_t r = 0; r < R; r++) {
         mm[r] = -INFINITY;
@@ -66,91 +174,74 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
 
     for (int64_t j0 = j_start; j0 < j_end; j0 += TILE) {
         const int64_t nk = j_end - j0 < TILE ? j_end - j0 : TILE;
-        /* which rows see any key of this tile */
+        /* which rows see any key of this tile, and where */
+        int64_t lo[MAX_ROWS], hi[MAX_ROWS];
         int any = 0;
         for (int64_t r = 0; r < R; r++) {
             int64_t p = S - T + r % T;
-            int64_t lo = p - A->left - j0, hi = p + A->right - j0 + 1;
-            lo = lo < 0 ? 0 : lo > nk ? nk : lo;
-            hi = hi > nk ? nk : hi < lo ? lo : hi;
-            seen[r] = hi > lo;
+            int64_t a = p - A->left - j0, z = p + A->right - j0 + 1;
+            lo[r] = a < 0 ? 0 : a > nk ? nk : a;
+            hi[r] = z > nk ? nk : z < lo[r] ? lo[r] : z;
+            seen[r] = hi[r] > lo[r];
             any |= seen[r];
         }
         if (!any) continue;
 
-        const float *kt = tile_rows(kh, A->k_row, FMT, j0, nk, D, kbuf);
-        for (int64_t r = 0; r < R; r++) {
-            if (!seen[r]) continue;
-            const float *qr = q + r * D;
-            for (int64_t j8 = 0; j8 < nk; j8 += 8) {
-                __m256 a[8];
-                for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8) {
-                    __m256 qv = _mm256_loadu_ps(qr + d);
-                    for (int i = 0; i < 8; i++)
-                        a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kt + (j8 + i) * D + d), a[i]);
-                }
-                _mm256_store_ps(s + r * TILE + j8, sa_hsum8(a));
+        for (int64_t j = 0; j < TILE; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
+        if (COMPACT(FMT))
+            for (int64_t j = 0; j < TILE; j++)
+                for (int64_t k = 0; k < nb; k++) dk[j * nb + k] = sa_half(kp[j] + bb * k);
+        for (int64_t r0 = 0; r0 < R; r0 += 3) {
+            const int64_t nr = R - r0 < 3 ? R - r0 : 3;
+            if (!(seen[r0] | (nr > 1 && seen[r0 + 1]) | (nr > 2 && seen[r0 + 2]))) continue;
+            for (int64_t j = 0; j < nk; j += 4) {
+#define SCORE(NR) score4(q + r0 * D, D, kp + j, dk + j * nb, nb, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
+                ROWS3(SCORE)
+#undef SCORE
             }
         }
 
-        /* online softmax per row: s becomes p (0 outside the row's visible keys) */
         for (int64_t r = 0; r < R; r++) {
-            float *row = s + r * TILE;
             alpha[r] = 1.0f;
-            if (!seen[r]) {
-                memset(row, 0, TILE * 4);
-                continue;
-            }
-            int64_t p = S - T + r % T;
-            int64_t lo = p - A->left - j0, hi = p + A->right - j0 + 1;
-            lo = lo < 0 ? 0 : lo;
-            hi = hi > nk ? nk : hi;
-            if (A->softcap > 0.0f)
-                for (int64_t jj = lo; jj < hi; jj++) row[jj] = A->softcap * tanhf(row[jj] / A->softcap);
-            for (int64_t jj = 0; jj < lo; jj++) row[jj] = -INFINITY;
-            for (int64_t jj = hi; jj < TILE; jj++) row[jj] = -INFINITY;
-            float mx = -INFINITY;
-            for (int64_t jj = lo; jj < hi; jj++) mx = row[jj] > mx ? row[jj] : mx;
-            float m_new = mm[r] > mx ? mm[r] : mx;
-            alpha[r] = mm[r] == -INFINITY ? 0.0f : expf(mm[r] - m_new);
-            mm[r] = m_new;
-            __m256 mv = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
-            for (int j8 = 0; j8 < TILE; j8 += 8) {
-                __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(row + j8), mv));
-                _mm256_store_ps(row + j8, e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            ll[r] = ll[r] * alpha[r] + sa_hsum(sum);
+            if (seen[r]) alpha[r] = softmax_tile(s + r * TILE, lo[r], hi[r], A->softcap, mm + r, ll + r);
+            else memset(s + r * TILE, 0, TILE * 4);
         }
 
-        const float *vt = tile_rows(vh, A->v_row, FMT, j0, nk, Dv, vbuf);
-        for (int64_t r = 0; r < R; r++) {
-            if (!seen[r] && alpha[r] == 1.0f) continue;
-            const float *pr = s + r * TILE;
-            float *ar = acc + r * Dv;
-            __m256 al = _mm256_set1_ps(alpha[r]);
-            int64_t d0 = 0;
-            for (; d0 + 64 <= Dv; d0 += 64) { /* 8 accumulators held in registers */
-                __m256 o[8];
-                for (int i = 0; i < 8; i++) o[i] = _mm256_mul_ps(_mm256_loadu_ps(ar + d0 + 8 * i), al);
-                for (int64_t jj = 0; jj < nk; jj++) {
-                    __m256 pj = _mm256_broadcast_ss(pr + jj);
-                    const float *vr = vt + jj * Dv + d0;
-                    for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * i), o[i]);
+        const uint8_t *vt = vh + j0 * v_row;
+        if (COMPACT(FMT))
+            for (int64_t k = 0; k < nb; k++)
+                for (int64_t j = 0; j < TILE; j++) dv[k * TILE + j] = j < nk ? sa_half(vt + j * v_row + bb * k) : 0.0f;
+        for (int64_t r0 = 0; r0 < R; r0 += 3) {
+            const int64_t nr = R - r0 < 3 ? R - r0 : 3;
+            int touch = 0;
+            for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
+            if (!touch) continue;
+            for (int64_t c0 = 0; c0 < Dv / 8; c0 += 4) {
+                const float *w = s + r0 * TILE;
+                if (COMPACT(FMT)) { /* weights times this block's scales */
+                    const float *d = dv + (c0 / 4) * TILE;
+                    for (int64_t r = 0; r < nr; r++)
+                        for (int j = 0; j < TILE; j += 8)
+                            _mm256_store_ps(pw + r * TILE + j, _mm256_mul_ps(_mm256_load_ps(w + r * TILE + j),
+                                                                             _mm256_loadu_ps(d + j)));
+                    w = pw;
                 }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(ar + d0 + 8 * i, o[i]);
-            }
-            for (; d0 < Dv; d0 += 8) { /* the rest of a head dim that is not a multiple of 64 */
-                __m256 o = _mm256_mul_ps(_mm256_loadu_ps(ar + d0), al);
-                for (int64_t jj = 0; jj < nk; jj++)
-                    o = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + jj), _mm256_loadu_ps(vt + jj * Dv + d0), o);
-                _mm256_storeu_ps(ar + d0, o);
+                const int64_t nc = Dv / 8 - c0 < 4 ? Dv / 8 - c0 : 4;
+#define ACC(NR, NC) accum_v(acc + r0 * Dv, Dv, alpha + r0, vt, v_row, nk, w, c0, r0 || c0 ? 0 : v_row, NR, NC, FMT)
+#define ACCN(NR)                                   \
+    switch (nc) {                                  \
+    case 1: ACC(NR, 1); break;                     \
+    case 2: ACC(NR, 2); break;                     \
+    case 3: ACC(NR, 3); break;                     \
+    default: ACC(NR, 4); break;                    \
+    }
+                ROWS3(ACCN)
+#undef ACCN
+#undef ACC
             }
         }
     }
 }
-
 #define DEFINE_DEC_TASK(NAME, FMT) \
     SA_TARGET static void NAME(const void *ctx, int64_t task) { dec_task(ctx, task, FMT); }
 DEFINE_DEC_TASK(dec_f32, SA_F32)
