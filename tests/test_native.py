@@ -155,6 +155,35 @@ def test_results_do_not_depend_on_the_thread_count(n):
     np.testing.assert_allclose(a1, an, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["f16", "q8_0", "q4_0"])
+def test_quantize_rows_equals_kvformat_bit_for_bit(fmt):
+    """The compiled cache writer against kvformat.quantize (ggml's rounding): values over twelve
+    decades, blocks of zeros, ties for the largest magnitude (q4_0 takes the first), exact halves
+    (round half away from zero), subnormal halves for the scale, and rows written at an offset
+    with the rest of the cache left alone."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        T, H, D = int(rng.integers(1, 18)), int(rng.integers(1, 5)), int(rng.choice([32, 64, 128]))
+        x = (rng.standard_normal((T, H, D)) * 10.0 ** rng.uniform(-9, 3)).astype(np.float32)
+        if trial % 4 == 0:
+            x[:, :, :32] = 0.0
+        if trial % 5 == 0:
+            x[..., 3] = -np.abs(x).max()
+            x[..., 9] = np.abs(x).max()
+        if trial % 6 == 0:  # q8_0: d = 1, values k + 0.5 are ties
+            x[..., :32] = np.arange(-16, 16, dtype=np.float32) + 0.5
+            x[..., 31] = 127.0
+        items, dtype = kvformat.row_shape(fmt, D)
+        pos, S = int(rng.integers(0, 5)), T + 9
+        fill = np.frombuffer(rng.bytes(H * S * items * dtype.itemsize), dtype).reshape(1, H, S, items)
+        got, want = fill.copy(), fill.copy()
+        native.quantize_rows(x, got, pos, fmt)
+        want[0, :, pos:pos + T] = kvformat.quantize(x.transpose(1, 0, 2), fmt)
+        assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (fmt, trial)
+    with pytest.raises(ValueError):
+        native.quantize_rows(np.zeros((2, 1, 32), np.float32), np.zeros((1, 1, 2, 34), np.uint8), 1, "q8_0")
+
+
 def test_small_ops_equal_their_numpy_twins():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 576), np.float32)
@@ -203,6 +232,49 @@ def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
     np.testing.assert_allclose(m.forward(tokens[:10], cache, 0), ref[9], atol=2e-4)
     for i in range(10, 14):  # one token at a time: the packed path
         np.testing.assert_allclose(m.forward(tokens[i:i + 1], cache, i), ref[i], atol=2e-4)
+
+
+@pytest.mark.parametrize("arch,window", [("llama", None), ("qwen2", None), ("llama", 6)])
+@pytest.mark.parametrize("kv", ["f32", "f16", "q8_0", "q4_0"])
+def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, window, kv):
+    """A decode step through native.layer_step (one C call a layer) against the same step with
+    every kernel called from Python (an observer forces that path): the logits and the cache
+    are the same bits, with qkv biases (qwen2), a sliding window, and every KV type."""
+    import dataclasses
+
+    from selfattn.cache import KVCache
+    from selfattn.model.llama import Llama
+    from .tiny_gguf import make_weights, write_gguf
+
+    w, cfg = make_weights(np.random.default_rng(8), arch=arch, n_layers=2, dim=128, ffn=96)
+    path = tmp_path / "step.gguf"
+    write_gguf(path, w, cfg, quant={n: Q.Q8_0 for n in w if not n.endswith(("norm", ".bias"))})
+    m = Llama.load(path, kv)
+    m.args = dataclasses.replace(m.args, sliding_window=window)
+    caches = [KVCache.for_model(m.args, 40, kv) for _ in range(2)]
+    assert m.step_args(caches[0]) is not None
+    tokens = np.random.default_rng(9).integers(0, cfg["vocab"], 20)
+    for c in caches:
+        m.forward(tokens[:12], c, 0)
+    for i in range(12, 20):
+        fast = m.forward(tokens[i:i + 1], caches[0], i)
+        slow = m.forward(tokens[i:i + 1], caches[1], i, observe=lambda *args: None)
+        np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(caches[0].k, caches[1].k)
+    np.testing.assert_array_equal(caches[0].v, caches[1].v)
+
+
+def test_layer_step_refuses_bad_input():
+    args = (np.ones(64, np.float32),) * 2 + (None, np.zeros((1, 34), np.uint8), 8) + \
+        (np.zeros((64, 2 * 34), np.uint8), 8) * 3 + (64, 2, 1, 32, 64, 16, 1e-5, 0.17)
+    cache = np.zeros((1, 1, 8, 34), np.uint8)
+    table = np.zeros((8, 16), np.float32)
+    with pytest.raises(ValueError, match="w_qkv"):  # 1 row where 128 are needed
+        native.layer_step(np.zeros(64, np.float32), args, table, table, cache, cache, "q8_0",
+                          3, 5, 0, 256, 1)
+    with pytest.raises(ValueError, match="bad dimensions"):  # position past the cache
+        native.layer_step(np.zeros(64, np.float32), args, table, table, cache, cache, "q8_0",
+                          8, 5, 0, 256, 1)
 
 
 def test_kernels_work_in_a_forked_child():

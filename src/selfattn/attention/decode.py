@@ -127,6 +127,14 @@ def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, 
                 lse[b, h, t] = M + math.log(total)
 
 
+def split_keys(span: int, heads: int) -> tuple[int, int]:
+    """(keys per chunk, chunks) for `span` keys of each of `heads` (batch x kv head) groups: at
+    least 8 tasks per core, so the cores stay balanced, and chunks of at least MIN_CHUNK keys."""
+    want = max(1, -(-8 * num_threads() // heads))
+    chunk = max(MIN_CHUNK, -(-span // want))
+    return chunk, -(-span // chunk)
+
+
 def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
     """Same contract as `flash.flash_attention`; meant for T <= ~16 queries. k, v may be stored
     rows of a compact format (kvformat): they are decoded row by row inside the kernel."""
@@ -146,10 +154,7 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
         out[:] = 0
         lse[:] = -np.inf
         return out, lse
-    span = j_hi - j_lo + 1
-    want = max(1, -(-8 * num_threads() // (B * H_kv)))  # >= 8 tasks per core: balanced
-    chunk = max(MIN_CHUNK, -(-span // want))
-    C = -(-span // chunk)
+    chunk, C = split_keys(j_hi - j_lo + 1, B * H_kv)
     qs = q.reshape(B, H_kv, G * T, D) * dtype.type(scale)
     if native.decode_supported(fmt, D, Dv, G * T, mask is not None, dtype) and \
             k.flags.c_contiguous and v.flags.c_contiguous:

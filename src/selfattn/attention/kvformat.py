@@ -93,6 +93,18 @@ def quantize(x: np.ndarray, fmt: str) -> np.ndarray:
     return out.reshape(*x.shape[:-1], items)
 
 
+def write_rows(x: np.ndarray, dst: np.ndarray, pos: int, fmt: str):
+    """x (T, H, D) -> rows pos .. pos+T-1 of each head of a cache array dst (1, H, S_max, row
+    items), quantized to fmt. The compiled twin (selfattn.native) when there is one: one call
+    instead of NumPy's several, which cost more than a decode step's attention at short depths."""
+    from .. import native
+
+    if fmt != "f32" and native.available() and dst.flags.c_contiguous:
+        native.quantize_rows(x, dst, pos, fmt)
+    else:
+        dst[0, :, pos:pos + x.shape[0]] = quantize(x.transpose(1, 0, 2), fmt)
+
+
 def dequantize(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
     """Stored rows (..., row items) -> float32 (..., D): the plain NumPy reading, via gguf."""
     if fmt == "f32":

@@ -48,9 +48,8 @@ class KVCache:
 
     def write(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray):
         """k, v (T, H_kv, D) at positions pos .. pos+T-1; returns this layer's stored K, V."""
-        T = k.shape[0]
-        self.k[layer, 0, :, pos:pos + T] = kvformat.quantize(k.transpose(1, 0, 2), self.kv_dtype)
-        self.v[layer, 0, :, pos:pos + T] = kvformat.quantize(v.transpose(1, 0, 2), self.kv_dtype)
+        kvformat.write_rows(k, self.k[layer], pos, self.kv_dtype)
+        kvformat.write_rows(v, self.v[layer], pos, self.kv_dtype)
         return self.k[layer], self.v[layer]
 
     def attend(self, layer: int, pos: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,

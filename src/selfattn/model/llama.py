@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import native
 from ..attention import warmup
+from ..attention.decode import split_keys
 from ..errors import ModelError
 from .config import ModelArgs
 from .gguf_file import dequantize, open_gguf, tensor_index
@@ -95,6 +96,7 @@ class Llama:
     def __init__(self, args: ModelArgs, weights: Weights, path=""):
         self.args, self.weights, self.path = args, weights, str(path)
         self._rope_cache = (0, None, None)
+        self._step_args = None
 
     @classmethod
     def load(cls, path, kv_dtype: str = "f32") -> "Llama":
@@ -256,6 +258,76 @@ class Llama:
 
     # -- forward --------------------------------------------------------------------------------
 
+    def layers(self, x, cache, pos: int, observe=None):
+        """x (T, dim) at positions pos .. pos+T-1 through every layer, one kernel call at a time
+        (prompts; and steps the compiled layer step does not take). Returns x and the seconds
+        spent in attention."""
+        a = self.args
+        T, H, H_kv, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        q_dim, kv_dim = H * D, H_kv * D
+        window = a.sliding_window
+        attn_s = 0.0
+        for i, layer in enumerate(self.weights.layers):
+            h = self.rmsnorm(x, layer.attn_norm)
+            qkv = layer.w_qkv(h)
+            if layer.b_qkv is not None:
+                qkv += layer.b_qkv
+            q = self.rope(qkv[:, :q_dim].reshape(T, H, D), pos)
+            k = self.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(T, H_kv, D), pos)
+            v = qkv[:, q_dim + kv_dim:].reshape(T, H_kv, D)
+            q4 = q.transpose(1, 0, 2)[None]  # (1, H, T, D)
+            t = time.perf_counter()
+            o = cache.attend(i, pos, q4, k, v, window, self.rotate)  # (1, H, T, D)
+            attn_s += time.perf_counter() - t
+            if observe is not None:
+                observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
+            x = x + layer.w_o(o[0].transpose(1, 0, 2).reshape(T, q_dim))
+            h = self.rmsnorm(x, layer.ffn_norm)
+            gu = layer.w_gate_up(h)
+            x = x + layer.w_down(self.swiglu(gu))
+        return x, attn_s
+
+    def step_args(self, cache):
+        """Per layer, what native.layer_step needs of it; None where the compiled step does not
+        apply: no compiled kernels, a weight without GGUF blocks, a cache other than the full
+        KVCache (the streaming cache re-rotates its keys), or head sizes its kernel refuses."""
+        from ..cache import KVCache
+
+        a = self.args
+        if type(cache) is not KVCache or not native.decode_supported(
+                cache.kv_dtype, a.head_dim, a.head_dim, a.n_heads // a.n_kv_heads, False,
+                np.float32):
+            return None
+        if self._step_args is None:
+            self._step_args = []
+            for L in self.weights.layers:
+                mats = [m.packed for m in (L.w_qkv, L.w_o, L.w_gate_up, L.w_down)]
+                if any(m is None for m in mats):
+                    self._step_args = False
+                    break
+                bias = None if L.b_qkv is None else np.ascontiguousarray(L.b_qkv, np.float32)
+                self._step_args.append(
+                    (L.attn_norm, L.ffn_norm, bias, *[f for m in mats for f in (m.data, m.fmt)],
+                     a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.ffn_dim, a.rope_dim // 2,
+                     float(a.rms_eps), float(1.0 / np.sqrt(a.head_dim))))
+        return self._step_args or None
+
+    def layers_compiled(self, x, cache, pos: int):
+        """One token x (1, dim) at pos through every layer with native.layer_step: the same
+        kernels as `layers`, in the same order (the same bits), one call a layer."""
+        a = self.args
+        x = np.array(x[0], np.float32)  # a copy, updated in place
+        cos, sin = self.rope_tables(pos + 1)
+        left = pos + 2 if a.sliding_window is None else a.sliding_window - 1  # open: past key 0
+        j_base = max(0, pos - left)
+        chunk, n_chunks = split_keys(pos - j_base + 1, a.n_kv_heads)
+        attn_s = 0.0
+        for i, args in enumerate(self.step_args(cache)):
+            attn_s += native.layer_step(x, args, cos, sin, cache.k[i], cache.v[i], cache.kv_dtype,
+                                        pos, left, j_base, chunk, n_chunks)
+        return x[None], attn_s
+
+
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
                 all_logits: bool = False, observe=None) -> np.ndarray:
         """tokens (T,) at positions pos .. pos+T-1, after `pos` tokens already in `cache`.
@@ -273,31 +345,13 @@ class Llama:
             raise ValueError(f"token ids must be in 0 .. {a.vocab_size - 1}")
         cache.reserve(pos, T)
         t_start = time.perf_counter()
-        attn_s, pairs = 0.0, 0
-        H, H_kv, D = a.n_heads, a.n_kv_heads, a.head_dim
-        q_dim, kv_dim = H * D, H_kv * D
-        window = a.sliding_window
-        layer_pairs = int(cache.keys_seen(np.arange(pos, pos + T), window).sum())
+        layer_pairs = int(cache.keys_seen(np.arange(pos, pos + T), a.sliding_window).sum())
         x = w.token_embd[tokens]  # (T, dim)
-        for i, layer in enumerate(w.layers):
-            h = self.rmsnorm(x, layer.attn_norm)
-            qkv = layer.w_qkv(h)
-            if layer.b_qkv is not None:
-                qkv += layer.b_qkv
-            q = self.rope(qkv[:, :q_dim].reshape(T, H, D), pos)
-            k = self.rope(qkv[:, q_dim:q_dim + kv_dim].reshape(T, H_kv, D), pos)
-            v = qkv[:, q_dim + kv_dim:].reshape(T, H_kv, D)
-            q4 = q.transpose(1, 0, 2)[None]  # (1, H, T, D)
-            t = time.perf_counter()
-            o = cache.attend(i, pos, q4, k, v, window, self.rotate)  # (1, H, T, D)
-            attn_s += time.perf_counter() - t
-            if observe is not None:
-                observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
-            pairs += H * layer_pairs
-            x = x + layer.w_o(o[0].transpose(1, 0, 2).reshape(T, q_dim))
-            h = self.rmsnorm(x, layer.ffn_norm)
-            gu = layer.w_gate_up(h)
-            x = x + layer.w_down(self.swiglu(gu))
+        if T == 1 and observe is None and self.step_args(cache) is not None:
+            x, attn_s = self.layers_compiled(x, cache, pos)
+        else:
+            x, attn_s = self.layers(x, cache, pos, observe)
+        pairs = a.n_heads * layer_pairs * len(w.layers)
         cache.commit(pos, T)
         h = self.rmsnorm(x if all_logits else x[-1:], w.output_norm)
         logits = w.output(h)

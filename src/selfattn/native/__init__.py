@@ -147,6 +147,33 @@ def decode_attention(qs, k, v, fmt, S, T, j_base, chunk, C, left, right, softcap
                              chunk, C, left, right, softcap, out, lse)
 
 
+def quantize_rows(x: np.ndarray, dst: np.ndarray, pos: int, fmt: str):
+    """x (T, H, D) float32 -> rows pos .. pos+T-1 of each head of dst (1, H, S_max, row items)
+    in place, in fmt (f16, q8_0, q4_0): ggml's rounding, bit for bit as kvformat.quantize."""
+    x = np.ascontiguousarray(x, np.float32)
+    T, H, D = x.shape
+    if dst.ndim != 4 or dst.shape[:2] != (1, H) or not 0 <= pos <= dst.shape[2] - T:
+        raise ValueError(f"quantize_rows: {T} rows of {H} heads at {pos} into {dst.shape}")
+    row_bytes = dst.shape[3] * dst.itemsize
+    _module().quantize_rows(x, T, H, D, KV_CODES[fmt], dst, pos * row_bytes,
+                            dst.shape[2] * row_bytes, row_bytes, row_bytes)
+
+
+def layer_step(x: np.ndarray, layer_args: tuple, cos: np.ndarray, sin: np.ndarray, k: np.ndarray,
+               v: np.ndarray, kv_fmt: str, pos: int, left: int, j_base: int, chunk: int,
+               n_chunks: int) -> float:
+    """One token through one llama layer (step.c), x (dim,) float32 updated in place; writes the
+    token's K/V at pos of this layer's cache k, v (1, H_kv, S_max, row) and attends over 0..pos
+    (keys from pos - left on; j_base, chunk, n_chunks: attention.decode.split_keys). layer_args:
+    the layer's arrays and sizes, as model.llama.Llama.step_args builds them. Returns the seconds
+    spent in attention (the cache write included)."""
+    mod = _module()
+    with _lock:
+        return mod.layer_step(x, *layer_args[:11], cos, sin, k, v, KV_CODES[kv_fmt],
+                              *layer_args[11:], k.shape[2], k.shape[3] * k.itemsize, pos, left,
+                              j_base, chunk, n_chunks)
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, n) float32 -> x / sqrt(mean(x²) + eps) · w."""
     x = np.ascontiguousarray(x, np.float32)

@@ -20,6 +20,10 @@ void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n,
 void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
              const float *sin_t, int64_t pos);
 void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out);
+int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
+                     int64_t head_stride, int64_t row_stride);
+
+#include "step.h"
 
 static int cpu_ok(void) {
     __builtin_cpu_init();
@@ -139,6 +143,105 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
+    Py_buffer x, dst;
+    int fmt;
+    long long T, H, D, offset, head_stride, row_stride, row_bytes;
+    if (!PyArg_ParseTuple(args, "y*LLLiw*LLLL", &x, &T, &H, &D, &fmt, &dst, &offset, &head_stride,
+                          &row_stride, &row_bytes))
+        return NULL;
+    int rc = -1;
+    if (T < 1 || H < 1 || D < 1 || offset < 0 || head_stride < row_bytes || row_stride < row_bytes ||
+        row_bytes < (fmt == 1 ? 2 * D : D / 32 * (fmt == 8 ? 34 : 18)))
+        PyErr_SetString(PyExc_ValueError, "quantize_rows: bad layout");
+    else if (big_enough(&x, T * H * D * 4, "x") &&
+             big_enough(&dst, offset + (H - 1) * head_stride + (T - 1) * row_stride + row_bytes, "dst")) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = sa_quantize_rows(x.buf, T, H, D, fmt, (uint8_t *)dst.buf + offset, head_stride, row_stride);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_Format(PyExc_ValueError, "quantize_rows: type %d with head dim %lld", fmt, D);
+    }
+    RELEASE(&x, &dst);
+    return rc ? NULL : Py_NewRef(Py_None);
+}
+
+/* bytes a row of `cols` values of GGUF type fmt takes (0: not a type the kernels read) */
+static long long row_bytes_of(int fmt, long long cols) {
+    long long per32 = fmt == 0 ? 128 : fmt == 1 ? 64 : fmt == 2 ? 18 : fmt == 3 ? 20 : fmt == 8 ? 34 : 0;
+    return cols % 32 ? 0 : cols / 32 * per32;
+}
+
+/* a matrix of `rows` rows of `cols` values, exactly the buffer's size */
+static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const char *name, sa_mat *m) {
+    m->w = b->buf;
+    m->fmt = fmt;
+    m->row_bytes = row_bytes_of(fmt, cols);
+    if (!m->row_bytes || b->len != rows * m->row_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes are not %lld rows of %lld values of type %d",
+                     name, b->len, rows, cols, fmt);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_layer_step(PyObject *self, PyObject *args) {
+    Py_buffer x, an, fn, qkv, wo, gu, down, cs, sn, k, v, bias = {0};
+    PyObject *bias_obj;
+    int f_qkv, f_wo, f_gu, f_down, kv_fmt;
+    long long dim, H, H_kv, D, ffn, half, S_max, row_bytes, pos, left, j_base, chunk, C;
+    float eps, scale;
+    if (!PyArg_ParseTuple(args, "w*y*y*Oy*iy*iy*iy*iy*y*w*w*iLLLLLLffLLLLLLL", &x, &an, &fn, &bias_obj,
+                          &qkv, &f_qkv, &wo, &f_wo, &gu, &f_gu, &down, &f_down, &cs, &sn, &k, &v,
+                          &kv_fmt, &dim, &H, &H_kv, &D, &ffn, &half, &eps, &scale, &S_max,
+                          &row_bytes, &pos, &left, &j_base, &chunk, &C))
+        return NULL;
+    sa_layer L = {dim, H, H_kv, D, ffn, half, eps, scale, an.buf, fn.buf, NULL};
+    long long n_qkv = (H + 2 * H_kv) * D, kv_row = kv_fmt == 0 ? 4 * D : kv_fmt == 1 ? 2 * D
+                                                  : kv_fmt == 8 || kv_fmt == 2 ? row_bytes_of(kv_fmt, D) : 0;
+    int ok = bias_obj == Py_None || !PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE);
+    double attn_s = 0.0;
+    int rc = -1;
+    if (!ok) goto done;
+    if (dim < 1 || H < 1 || H_kv < 1 || H % H_kv || D < 8 || D % 8 || ffn < 1 || half < 0 ||
+        2 * half > D || pos < 0 || pos >= S_max || row_bytes != kv_row || kv_row == 0) {
+        PyErr_SetString(PyExc_ValueError, "layer_step: bad dimensions");
+        goto done;
+    }
+    if (!(big_enough(&x, dim * 4, "x") && big_enough(&an, dim * 4, "attn_norm") &&
+          big_enough(&fn, dim * 4, "ffn_norm") && (!bias.buf || big_enough(&bias, n_qkv * 4, "bias")) &&
+          big_enough(&cs, (pos + 1) * half * 4, "cos") && big_enough(&sn, (pos + 1) * half * 4, "sin") &&
+          big_enough(&k, H_kv * S_max * row_bytes, "k") && big_enough(&v, H_kv * S_max * row_bytes, "v") &&
+          matrix(&qkv, f_qkv, n_qkv, dim, "w_qkv", &L.qkv) && matrix(&wo, f_wo, dim, H * D, "w_o", &L.wo) &&
+          matrix(&gu, f_gu, 2 * ffn, dim, "w_gate_up", &L.gate_up) &&
+          matrix(&down, f_down, dim, ffn, "w_down", &L.down)))
+        goto done;
+    if (j_base < 0 || chunk < 1 || C < 1 || j_base + (C - 1) * chunk > pos) {
+        PyErr_SetString(PyExc_ValueError, "layer_step: chunks outside the keys");
+        goto done;
+    }
+    L.b_qkv = bias.buf;
+    L.cos = cs.buf;
+    L.sin = sn.buf;
+    L.k = k.buf;
+    L.v = v.buf;
+    L.kv_fmt = kv_fmt;
+    L.S_max = S_max;
+    L.row_bytes = row_bytes;
+    L.pos = pos;
+    L.left = left;
+    L.j_base = j_base;
+    L.chunk = chunk;
+    L.n_chunks = C;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sa_layer_step(&L, x.buf, &attn_s);
+    Py_END_ALLOW_THREADS
+    if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
+done:
+    if (bias.buf) PyBuffer_Release(&bias);
+    RELEASE(&x, &an, &fn, &qkv, &wo, &gu, &down, &cs, &sn, &k, &v);
+    return rc ? NULL : PyFloat_FromDouble(attn_s);
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -154,6 +257,8 @@ static PyMethodDef methods[] = {
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of T rows"},
     {"rope", py_rope, METH_VARARGS, "rotate-half RoPE in place"},
     {"swiglu", py_swiglu, METH_VARARGS, "silu(gate) * up"},
+    {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
+    {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads the kernels use"},
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "AVX2, FMA and F16C present"},
     {NULL, NULL, 0, NULL}};

@@ -103,6 +103,9 @@ int sa_set_threads(int n) {
     return P.want;
 }
 
+/* threads the next job runs on, the caller included */
+int sa_pool_threads(void) { return P.want; }
+
 void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n) {
     int k = P.want;
     if (k > n) k = (int)n;

@@ -111,5 +111,6 @@ SA_INLINE __m256 sa_exp_neg(__m256 x) {
 /* the thread pool (pool.c): run fn(ctx, task) for task in 0 .. n-1 on the pool's threads */
 typedef void (*sa_task_fn)(const void *ctx, int64_t task);
 void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n);
+int sa_pool_threads(void);
 
 #endif

@@ -1,0 +1,85 @@
+/* One decode step (one token) through one llama layer, all in C: the same compiled kernels, in the
+ * same order, as model/llama.py's forward pass calls one by one from Python (RMSNorm, the block
+ * matmuls, RoPE, the cache write, split-K attention, SwiGLU), so the result is the same bits. At
+ * ~15 Python calls a layer, that loop's own overhead was about a third of a token's time on the
+ * default model; here it is one call a layer.
+ *
+ *   h = rmsnorm(x) * attn_norm;  qkv = h Wqkv^T (+ bias);  rope(q), rope(k) at pos
+ *   cache[pos] = k, v (quantized to the cache's type);  o = attention(q * scale, cache[0..pos])
+ *   x += o Wo^T;  h = rmsnorm(x) * ffn_norm;  x += swiglu(h Wgu^T) Wdown^T
+ */
+#include <stdlib.h>
+#include <time.h>
+
+#include "simd.h"
+
+int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+              const float *x, int64_t T, float *y);
+int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
+                        int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
+                        int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
+                        int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
+                        float *out, float *lse);
+int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
+                     int64_t head_stride, int64_t row_stride);
+void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);
+void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
+             const float *sin_t, int64_t pos);
+void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out);
+
+#include "step.h"
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* Returns 0 (attn_s: the seconds spent in attention, the cache write included, as the Python
+ * path times it), or a kernel's error code. x (dim) is updated in place. */
+int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
+    const int64_t dim = L->dim, D = L->D, q_dim = L->H * D, kv_dim = L->H_kv * D, ffn = L->ffn;
+    const int64_t n_qkv = q_dim + 2 * kv_dim;
+    float *buf = malloc((size_t)(2 * dim + n_qkv + 2 * q_dim + 3 * ffn + L->H) * sizeof(float));
+    if (!buf) return -2;
+    float *h = buf, *y = h + dim, *qkv = y + dim, *qs = qkv + n_qkv, *o = qs + q_dim;
+    float *gu = o + q_dim, *act = gu + 2 * ffn, *lse = act + ffn;
+    int rc = 0;
+
+    sa_rmsnorm(x, L->attn_norm, L->eps, 1, dim, h);
+    if ((rc = sa_matmul(L->qkv.w, L->qkv.fmt, n_qkv, dim, L->qkv.row_bytes, h, 1, qkv))) goto out;
+    if (L->b_qkv)
+        for (int64_t i = 0; i < n_qkv; i++) qkv[i] += L->b_qkv[i];
+    sa_rope(qkv, 1, L->H, D, L->rope_half, L->cos, L->sin, L->pos);
+    sa_rope(qkv + q_dim, 1, L->H_kv, D, L->rope_half, L->cos, L->sin, L->pos);
+
+    double t0 = seconds();
+    const float *kv_new[2] = {qkv + q_dim, qkv + q_dim + kv_dim};
+    uint8_t *cache[2] = {L->k, L->v};
+    for (int c = 0; c < 2; c++) {
+        uint8_t *row = cache[c] + L->pos * L->row_bytes;
+        if (L->kv_fmt == SA_F32)
+            for (int64_t g = 0; g < L->H_kv; g++)
+                memcpy(row + g * L->S_max * L->row_bytes, kv_new[c] + g * D, (size_t)D * 4);
+        else if ((rc = sa_quantize_rows(kv_new[c], 1, L->H_kv, D, L->kv_fmt, row, L->S_max * L->row_bytes,
+                                        L->row_bytes)))
+            goto out;
+    }
+    for (int64_t i = 0; i < q_dim; i++) qs[i] = qkv[i] * L->scale;
+    rc = sa_decode_attention(qs, L->k, L->v, L->kv_fmt, 1, L->H_kv, L->H / L->H_kv, D, D, L->S_max,
+                             L->row_bytes, L->row_bytes, L->pos + 1, 1, L->j_base, L->chunk, L->n_chunks,
+                             L->left, 0, 0.0f, o, lse);
+    *attn_s = seconds() - t0;
+    if (rc) goto out;
+
+    if ((rc = sa_matmul(L->wo.w, L->wo.fmt, dim, q_dim, L->wo.row_bytes, o, 1, y))) goto out;
+    for (int64_t i = 0; i < dim; i++) x[i] += y[i];
+    sa_rmsnorm(x, L->ffn_norm, L->eps, 1, dim, h);
+    if ((rc = sa_matmul(L->gate_up.w, L->gate_up.fmt, 2 * ffn, dim, L->gate_up.row_bytes, h, 1, gu))) goto out;
+    sa_swiglu(gu, 1, ffn, act);
+    if ((rc = sa_matmul(L->down.w, L->down.fmt, dim, ffn, L->down.row_bytes, act, 1, y))) goto out;
+    for (int64_t i = 0; i < dim; i++) x[i] += y[i];
+out:
+    free(buf);
+    return rc;
+}
