@@ -134,6 +134,30 @@ def test_c_decode_kernel_rows_that_see_nothing():
     assert np.isfinite(lse[..., :-3]).all()
 
 
+@pytest.mark.parametrize("fmt", kvformat.FORMATS)
+def test_c_decode_kernel_logits_far_apart(fmt):
+    """Logits spread over hundreds, rising along the keys, so that each tile's largest score sits
+    late in the tile and past the running maximum: a maximum taken over part of a tile, or an
+    exponent taken of a positive difference, overflows to inf (and NaN) here."""
+    rng = np.random.default_rng(11)
+    S, D = 300, 64
+    k = rng.standard_normal((1, 1, S, D), np.float32)
+    k[..., 0] = np.linspace(-1.0, 1.0, S, dtype=np.float32) * 40  # logit of key j ~ q0 * k[j, 0]
+    q = np.zeros((1, 3, 1, D), np.float32)
+    q[0, :, 0, 0] = [30.0, -30.0, 10.0]
+    ks = kvformat.quantize(k, fmt)
+    v = kvformat.quantize(rng.standard_normal((1, 1, S, D), np.float32), fmt)
+    out, lse = decode_attention(q, ks, v, S, (S, 0), None, None, 1.0, fmt)
+    from selfattn.attention.reference import attention_reference
+
+    kd, vd = (kvformat.decode_rows(x, fmt, D) for x in (ks, v))
+    spec_out, spec_lse = attention_reference(q, kd, vd, band=(S, 0), mask=None, softcap=None,
+                                             scale=1.0)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
+    np.testing.assert_allclose(lse, spec_lse, rtol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_results_do_not_depend_on_the_thread_count(n):
     rng = np.random.default_rng(9)

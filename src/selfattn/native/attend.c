@@ -7,7 +7,7 @@
  * p - left .. p + right. Tasks are (b, kv head, chunk); each keeps its own online-softmax state
  * and the chunks are merged by log-sum-exp at the end.
  *
- * Keys go in tiles of 32. Scores: four keys against up to three query rows at a time (twelve
+ * Keys go in tiles of TILE. Scores: four keys against up to three query rows at a time (twelve
  * accumulators), each 8-value chunk of a key decoded in registers straight from the stored row
  * (compact rows: the bytes read are the compact bytes, and nothing is written back) and used for
  * every row. Values: up to three rows times four chunks of output held in registers over the
@@ -19,7 +19,7 @@
 
 #include "simd.h"
 
-#define TILE 32
+#define TILE 64
 #define MAX_DIM 256
 #define MAX_ROWS 256
 #define MAX_BLOCKS (MAX_DIM / 32)
@@ -125,9 +125,9 @@ SA_INLINE float softmax_tile(float *row, int64_t lo, int64_t hi, float softcap, 
         for (int64_t j = lo; j < hi; j++) row[j] = softcap * tanhf(row[j] / softcap);
     for (int64_t j = 0; j < lo; j++) row[j] = -INFINITY;
     for (int64_t j = hi; j < TILE; j++) row[j] = -INFINITY;
-    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_load_ps(row), _mm256_load_ps(row + 8)),
-                              _mm256_max_ps(_mm256_load_ps(row + 16), _mm256_load_ps(row + 24)));
-    float m_new = *m > hmax(mx) ? *m : hmax(mx);
+    __m256 mx = _mm256_load_ps(row);
+    for (int j = 8; j < TILE; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(row + j));
+    const float tile_max = hmax(mx), m_new = *m > tile_max ? *m : tile_max;
     float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
     *m = m_new;
     __m256 mv = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
