@@ -196,8 +196,11 @@ def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> di
 
 def weights_layout(device) -> str:
     """How decode steps read the weights when a calibration is fitted: a calibration is only valid
-    for the layout it was measured with ('packed' blocks, or 'float32' copies)."""
-    return "packed" if device.packed else "float32"
+    for the layout it was measured with ('packed' blocks, or 'float32' copies) and for the
+    compiled decode path's revision (native.DECODE_REVISION)."""
+    from .. import native
+
+    return f"packed-r{native.DECODE_REVISION}" if device.packed else "float32"
 
 
 def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048), reps: int = 5,
