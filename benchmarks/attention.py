@@ -8,7 +8,8 @@ Columns: selfattn, a plain NumPy implementation (per head: scores, softmax, @ v)
 torch.nn.functional.scaled_dot_product_attention (CPU, enable_gqa=True), all on the same threads;
 the machine's limits (NumPy BLAS matmul GFLOP/s, read bandwidth) measured in the same run.
 Times are medians over --reps after one warm-up call (which also compiles); raw samples go to
---json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike.
+--json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike. Inputs are
+allocated 64-byte aligned, as selfattn's KV cache is, and every implementation gets the same ones.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, pin OpenBLAS to an older kernel; this script
 re-executes itself without them (its own process only) unless --keep-blas-env, and prints the
@@ -96,15 +97,20 @@ def worker(name, phase, H, H_kv, D, sizes, reps, threads):
         torch.set_num_threads(threads)
     else:  # not in torch's process: numba's OpenMP runtime would fight torch's own
         selfattn.set_num_threads(threads)
+    from selfattn.cache.memory import aligned_zeros
+
+    def normal(shape):  # 64-byte aligned, as a KV cache is (NumPy's big arrays start mid-line)
+        x = aligned_zeros(shape, np.float32)
+        x[:] = rng.standard_normal(shape, np.float32)
+        return x
+
     fn = make_impl(name, causal=phase == "prefill")
     rng = np.random.default_rng(0)
     out = {}
     with threadpool_limits(threads, user_api="blas"):
         for size in sizes:
             T = size if phase == "prefill" else 1
-            q = rng.standard_normal((1, H, T, D), np.float32)
-            k = rng.standard_normal((1, H_kv, size, D), np.float32)
-            v = rng.standard_normal((1, H_kv, size, D), np.float32)
+            q, k, v = normal((1, H, T, D)), normal((1, H_kv, size, D)), normal((1, H_kv, size, D))
             out[size] = time_it(lambda: fn(q, k, v), reps)
     return out
 

@@ -10,11 +10,14 @@ Weights are dequantized to float32 once at load, for prompts (BLAS sgemm). Where
 kernels read the file's own type (q4_0, q4_1, q8_0, f16), the matrix is also kept as its GGUF
 blocks, and a step of at most PACKED_MAX_T tokens (decoding) multiplies against those: decoding
 reads every weight once per token, so it streams the compact bytes (SmolLM2's Q4_1: 0.6 bytes a
-weight) instead of the float32 copy (4). llama.cpp's converter permutes the rows of
-attn_q / attn_k of `llama` models so that its RoPE can rotate adjacent pairs; `unpermute` undoes
-it, so q and k here are in the original (Hugging Face) layout and RoPE rotates halves
-(`rotate_half`). qwen2 files are stored unpermuted. The model reports where its time went
-(attention vs the rest) and knows nothing of benchmarks or the CLI.
+weight) instead of the float32 copy (4). A one-token step over the full KV cache runs each
+layer in one compiled call (`native.layer_step`: the same kernels in the same order, so the same
+bits as the per-kernel loop in `layers`, without ~15 Python calls a layer).
+
+llama.cpp's converter permutes the rows of attn_q / attn_k of `llama` models so that its RoPE can
+rotate adjacent pairs; `unpermute` undoes it, so q and k here are in the original (Hugging Face)
+layout and RoPE rotates halves (`rotate_half`). qwen2 files are stored unpermuted. The model
+reports where its time went (attention vs the rest) and knows nothing of benchmarks or the CLI.
 """
 
 import logging
@@ -318,7 +321,8 @@ class Llama:
         a = self.args
         x = np.array(x[0], np.float32)  # a copy, updated in place
         cos, sin = self.rope_tables(pos + 1)
-        left = pos + 2 if a.sliding_window is None else a.sliding_window - 1  # open: past key 0
+        # keys pos - left .. pos; without a window, left reaches past key 0 (as decode_cached)
+        left = pos + 2 if a.sliding_window is None else a.sliding_window - 1
         j_base = max(0, pos - left)
         chunk, n_chunks = split_keys(pos - j_base + 1, a.n_kv_heads)
         attn_s = 0.0
@@ -326,7 +330,6 @@ class Llama:
             attn_s += native.layer_step(x, args, cos, sin, cache.k[i], cache.v[i], cache.kv_dtype,
                                         pos, left, j_base, chunk, n_chunks)
         return x[None], attn_s
-
 
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
                 all_logits: bool = False, observe=None) -> np.ndarray:

@@ -7,12 +7,12 @@
  * p - left .. p + right. Tasks are (b, kv head, chunk); each keeps its own online-softmax state
  * and the chunks are merged by log-sum-exp at the end.
  *
- * Keys go in tiles of TILE. Scores: four keys against up to three query rows at a time (twelve
- * accumulators), each 8-value chunk of a key decoded in registers straight from the stored row
- * (compact rows: the bytes read are the compact bytes, and nothing is written back) and used for
- * every row. Values: up to three rows times four chunks of output held in registers over the
- * tile's keys; a block's scale is folded into the softmax weights (p * d), so the integers are
- * only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
+ * Keys go in tiles of TILE. Scores: four keys (two for compact rows) against up to three query
+ * rows at a time, each 8-value chunk of a key loaded or decoded in registers straight from the
+ * stored row (compact rows: the bytes read are the compact bytes, and nothing is written back)
+ * and used for every row. Values: up to three rows times four chunks of output held in
+ * registers over the tile's keys; a block's scale is folded into the softmax weights (p * d), so
+ * the integers are only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -66,10 +66,10 @@ SA_INLINE __m256 ld_chunk(const uint8_t *row, int64_t c, const int FMT) {
     return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_set1_ps(8.0f));
 }
 
-/* s[r*TILE + j] = q_r . k_j for NR (<= 3) rows and the four keys kp[0..3]; dk[j*nb + b] is key
- * j's scale of block b (compact rows) */
-SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, const float *dk,
-                      int64_t nb, float *s, int64_t pf_row, const int NR, const int FMT) {
+/* float rows (f32, f16): s[r*TILE + j] = q_r . k_j for NR (<= 3) rows and the four keys
+ * kp[0..3]; pf_row: the bytes of a row to prefetch PF_KEYS rows ahead (0: none) */
+SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+                      int64_t pf_row, const int NR, const int FMT) {
     __m256 a[4][3];
     for (int j = 0; j < 4; j++) prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
     for (int j = 0; j < 4; j++)
@@ -77,13 +77,45 @@ SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, const
     for (int64_t c = 0; c < D / 8; c++)
         for (int j = 0; j < 4; j++) {
             __m256 w = ld_chunk(kp[j], c, FMT);
-            if (COMPACT(FMT)) w = _mm256_mul_ps(w, _mm256_broadcast_ss(dk + j * nb + (c >> 2)));
             for (int r = 0; r < NR; r++)
                 a[j][r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + 8 * c), w, a[j][r]);
         }
     for (int r = 0; r < NR; r++) {
         __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0][r], a[1][r]), _mm256_hadd_ps(a[2][r], a[3][r]));
         _mm_storeu_ps(s + r * TILE, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
+}
+
+/* compact rows (q8_0, q4_0): the same for the two keys kp[0..1], each block's dot product taken
+ * over the unscaled integers and scaled once, sum_b d_b * (q_b . n_b): no multiply per chunk, and
+ * twelve accumulators (a block's, and the running sums) for two keys */
+SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+                             int64_t pf_row, const int NR, const int FMT) {
+    __m256 t[2][3];
+    for (int j = 0; j < 2; j++) {
+        prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
+        for (int r = 0; r < 3; r++) t[j][r] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < D / 32; b++) {
+        __m256 a[2][3];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 2; j++) {
+                __m256 w = ld_chunk(kp[j], 4 * b + i, FMT);
+                for (int r = 0; r < NR; r++) {
+                    __m256 qv = _mm256_loadu_ps(q + r * D + 32 * b + 8 * i);
+                    a[j][r] = i == 0 ? _mm256_mul_ps(qv, w) : _mm256_fmadd_ps(qv, w, a[j][r]);
+                }
+            }
+        for (int j = 0; j < 2; j++) {
+            __m256 d = _mm256_set1_ps(sa_half(kp[j] + BLOCK_BYTES(FMT) * b));
+            for (int r = 0; r < NR; r++) t[j][r] = _mm256_fmadd_ps(a[j][r], d, t[j][r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        __m256 u = _mm256_hadd_ps(t[0][r], t[1][r]); /* per lane half: k0 k0 k1 k1 */
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+        v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
+        _mm_storel_pi((__m64 *)(s + r * TILE), v);
     }
 }
 
@@ -161,7 +193,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const int64_t nb = D / 32, bb = COMPACT(FMT) ? BLOCK_BYTES(FMT) : 0;
     float s[MAX_ROWS * TILE] __attribute__((aligned(32)));
     float pw[3 * TILE] __attribute__((aligned(32)));
-    float dk[TILE * MAX_BLOCKS], dv[MAX_BLOCKS * TILE] __attribute__((aligned(32)));
+    float dv[MAX_BLOCKS * TILE] __attribute__((aligned(32)));
     float alpha[MAX_ROWS];
     unsigned char seen[MAX_ROWS];
     const uint8_t *kp[TILE];
@@ -188,17 +220,21 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         if (!any) continue;
 
         for (int64_t j = 0; j < TILE; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
-        if (COMPACT(FMT))
-            for (int64_t j = 0; j < TILE; j++)
-                for (int64_t k = 0; k < nb; k++) dk[j * nb + k] = sa_half(kp[j] + bb * k);
         for (int64_t r0 = 0; r0 < R; r0 += 3) {
             const int64_t nr = R - r0 < 3 ? R - r0 : 3;
             if (!(seen[r0] | (nr > 1 && seen[r0 + 1]) | (nr > 2 && seen[r0 + 2]))) continue;
-            for (int64_t j = 0; j < nk; j += 4) {
-#define SCORE(NR) score4(q + r0 * D, D, kp + j, dk + j * nb, nb, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
-                ROWS3(SCORE)
+            if (COMPACT(FMT))
+                for (int64_t j = 0; j < nk; j += 2) {
+#define SCORE(NR) score2_blocks(q + r0 * D, D, kp + j, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
+                    ROWS3(SCORE)
 #undef SCORE
-            }
+                }
+            else
+                for (int64_t j = 0; j < nk; j += 4) {
+#define SCORE(NR) score4(q + r0 * D, D, kp + j, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
+                    ROWS3(SCORE)
+#undef SCORE
+                }
         }
 
         for (int64_t r = 0; r < R; r++) {
@@ -242,6 +278,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         }
     }
 }
+
 #define DEFINE_DEC_TASK(NAME, FMT) \
     SA_TARGET static void NAME(const void *ctx, int64_t task) { dec_task(ctx, task, FMT); }
 DEFINE_DEC_TASK(dec_f32, SA_F32)
