@@ -16,8 +16,9 @@
 #define TASKS_PER_THREAD 4
 #define MIN_TASK_ROWS 16
 #define MAX_T 16
-/* bytes fetched ahead of the block being decoded: the hardware prefetcher alone leaves ~10% of a
- * token's matmul time in misses here (benchmarks/attention.py's machine, 2 threads) */
+/* bytes fetched ahead of the block being decoded (past a matrix's end a prefetch is harmless):
+ * without it ~10% more time for one token's matmuls on this project's 2-core machine (a
+ * standalone C timing) */
 #define PF_BYTES 1024
 
 typedef struct {
