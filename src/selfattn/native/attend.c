@@ -41,7 +41,6 @@ typedef struct {
 static const uint8_t zero_row[MAX_DIM * 4] __attribute__((aligned(64)));
 
 #define COMPACT(FMT) ((FMT) == SA_Q8_0 || (FMT) == SA_Q4_0)
-#define BLOCK_BYTES(FMT) ((FMT) == SA_Q8_0 ? 34 : 18)
 
 /* the cache lines of a stored row (row_bytes 0: none) */
 SA_INLINE void prefetch_row(const uint8_t *row, int64_t row_bytes) {
@@ -107,7 +106,7 @@ SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp
                 }
             }
         for (int j = 0; j < 2; j++) {
-            __m256 d = _mm256_set1_ps(sa_half(kp[j] + BLOCK_BYTES(FMT) * b));
+            __m256 d = _mm256_set1_ps(sa_half(kp[j] + sa_block_bytes(FMT) * b));
             for (int r = 0; r < NR; r++) t[j][r] = _mm256_fmadd_ps(a[j][r], d, t[j][r]);
         }
     }
@@ -190,7 +189,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const uint8_t *kh = A->k + head * A->S_max * k_row, *vh = A->v + head * A->S_max * v_row;
     const float *q = A->q + head * R * D;
     float *acc = A->acc + task * R * Dv, *mm = A->m + task * R, *ll = A->l + task * R;
-    const int64_t nb = D / 32, bb = COMPACT(FMT) ? BLOCK_BYTES(FMT) : 0;
+    const int64_t nb = D / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
     float s[MAX_ROWS * TILE] __attribute__((aligned(32)));
     float pw[3 * TILE] __attribute__((aligned(32)));
     float dv[MAX_BLOCKS * TILE] __attribute__((aligned(32)));
@@ -299,9 +298,7 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
     if (fmt != SA_F32 && (D % 32 || Dv != D)) return -1;
     if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;
     /* a stored row must hold D (K) and Dv (V) values of the format: never read past a row */
-    const int64_t need_k = fmt == SA_F32 ? 4 * D : fmt == SA_F16 ? 2 * D : D / 32 * (fmt == SA_Q8_0 ? 34 : 18);
-    const int64_t need_v = fmt == SA_F32 ? 4 * Dv : fmt == SA_F16 ? 2 * Dv : Dv / 32 * (fmt == SA_Q8_0 ? 34 : 18);
-    if (k_row < need_k || v_row < need_v) return -1;
+    if (k_row < sa_row_bytes(fmt, D) || v_row < sa_row_bytes(fmt, Dv)) return -1;
     /* each task's online-softmax state: acc (tasks, R, Dv), m and l (tasks, R) */
     const int64_t tasks = B * H_kv * C;
     float *acc = malloc((size_t)(tasks * R * (Dv + 2)) * sizeof(float));

@@ -68,16 +68,6 @@ SA_INLINE void decode_block(const uint8_t *p, int fmt, __m256 w[4]) {
     }
 }
 
-static int block_bytes(int fmt) {
-    switch (fmt) {
-    case SA_Q4_1: return 20;
-    case SA_Q8_0: return 34;
-    case SA_Q4_0: return 18;
-    case SA_F16: return 64;
-    default: return 128;
-    }
-}
-
 /* one token: four accumulators, so consecutive blocks do not wait on each other's FMA */
 SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x) {
     __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -93,7 +83,7 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
 #define DEFINE_MV_TASK(NAME, FMT)                                                                \
     SA_TARGET static void NAME(const void *ctx, int64_t task) {                                  \
         const mv_args *A = ctx;                                                                  \
-        const int bb = block_bytes(FMT);                                                         \
+        const int bb = sa_block_bytes(FMT);                                                      \
         const int64_t nb = A->cols / 32;                                                         \
         int64_t r0 = task * A->task_rows, r1 = r0 + A->task_rows;                                \
         if (r1 > A->rows) r1 = A->rows;                                                          \
@@ -132,7 +122,7 @@ DEFINE_MV_TASK(mv_f32, SA_F32)
 int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
               const float *x, int64_t T, float *y) {
     if (rows < 1 || cols < 32 || cols % 32 || T < 1 || T > MAX_T) return -1;
-    if (row_bytes != cols / 32 * block_bytes(fmt)) return -1;
+    if (row_bytes != cols / 32 * sa_block_bytes(fmt)) return -1;
     sa_task_fn fn;
     switch (fmt) {
     case SA_Q4_1: fn = mv_q4_1; break;
@@ -162,7 +152,7 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
 /* rows of a block-typed matrix -> float32 (for gathering embedding rows): out (n, cols) */
 SA_TARGET int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
                               const int64_t *rows, int64_t n, float *out) {
-    if (cols % 32 || row_bytes != cols / 32 * block_bytes(fmt)) return -1;
+    if (cols % 32 || row_bytes != cols / 32 * sa_block_bytes(fmt)) return -1;
     for (int64_t i = 0; i < n; i++)
         sa_decode_row(w + rows[i] * row_bytes, fmt, cols, out + i * cols);
     return 0;

@@ -6,24 +6,7 @@
 #include <Python.h>
 #include <stdint.h>
 
-int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
-              const float *x, int64_t T, float *y);
-int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
-                    const int64_t *rows, int64_t n, float *out);
-int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
-                        int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
-                        int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
-                        int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
-                        float *out, float *lse);
-int sa_set_threads(int n);
-void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);
-void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
-             const float *sin_t, int64_t pos);
-void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out);
-int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
-                     int64_t head_stride, int64_t row_stride);
-
-#include "step.h"
+#include "kernels.h"
 
 static int cpu_ok(void) {
     __builtin_cpu_init();
@@ -152,7 +135,7 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
         return NULL;
     int rc = -1;
     if (T < 1 || H < 1 || D < 1 || offset < 0 || head_stride < row_bytes || row_stride < row_bytes ||
-        row_bytes < (fmt == 1 ? 2 * D : D / 32 * (fmt == 8 ? 34 : 18)))
+        fmt == SA_F32 || !sa_row_bytes(fmt, D) || row_bytes < sa_row_bytes(fmt, D))
         PyErr_SetString(PyExc_ValueError, "quantize_rows: bad layout");
     else if (big_enough(&x, T * H * D * 4, "x") &&
              big_enough(&dst, offset + (H - 1) * head_stride + (T - 1) * row_stride + row_bytes, "dst")) {
@@ -165,17 +148,11 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
     return rc ? NULL : Py_NewRef(Py_None);
 }
 
-/* bytes a row of `cols` values of GGUF type fmt takes (0: not a type the kernels read) */
-static long long row_bytes_of(int fmt, long long cols) {
-    long long per32 = fmt == 0 ? 128 : fmt == 1 ? 64 : fmt == 2 ? 18 : fmt == 3 ? 20 : fmt == 8 ? 34 : 0;
-    return cols % 32 ? 0 : cols / 32 * per32;
-}
-
 /* a matrix of `rows` rows of `cols` values, exactly the buffer's size */
 static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const char *name, sa_mat *m) {
     m->w = b->buf;
     m->fmt = fmt;
-    m->row_bytes = row_bytes_of(fmt, cols);
+    m->row_bytes = cols % 32 ? 0 : sa_row_bytes(fmt, cols); /* the block matmul takes whole blocks */
     if (!m->row_bytes || b->len != rows * m->row_bytes) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes are not %lld rows of %lld values of type %d",
                      name, b->len, rows, cols, fmt);
@@ -196,8 +173,7 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
                           &row_bytes, &pos, &left, &j_base, &chunk, &C))
         return NULL;
     sa_layer L = {dim, H, H_kv, D, ffn, half, eps, scale, an.buf, fn.buf, NULL};
-    long long n_qkv = (H + 2 * H_kv) * D, kv_row = kv_fmt == 0 ? 4 * D : kv_fmt == 1 ? 2 * D
-                                                  : kv_fmt == 8 || kv_fmt == 2 ? row_bytes_of(kv_fmt, D) : 0;
+    long long n_qkv = (H + 2 * H_kv) * D, kv_row = kv_fmt == SA_Q4_1 ? 0 : sa_row_bytes(kv_fmt, D);
     int ok = bias_obj == Py_None || !PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE);
     double attn_s = 0.0;
     int rc = -1;

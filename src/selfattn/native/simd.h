@@ -8,11 +8,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #define SA_TARGET __attribute__((target("avx2,fma,f16c")))
 #define SA_INLINE static inline __attribute__((always_inline)) SA_TARGET
-
-/* ggml type ids (the GGUF tensor types); the KV formats reuse them: f32 0, f16 1, q4_0 2, q8_0 8 */
-enum { SA_F32 = 0, SA_F16 = 1, SA_Q4_0 = 2, SA_Q4_1 = 3, SA_Q8_0 = 8 };
 
 SA_INLINE float sa_half(const uint8_t *p) {
     uint16_t h;

@@ -13,22 +13,6 @@
 
 #include "simd.h"
 
-int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
-              const float *x, int64_t T, float *y);
-int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
-                        int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
-                        int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
-                        int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
-                        float *out, float *lse);
-int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
-                     int64_t head_stride, int64_t row_stride);
-void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);
-void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
-             const float *sin_t, int64_t pos);
-void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out);
-
-#include "step.h"
-
 static double seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
