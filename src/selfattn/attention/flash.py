@@ -18,6 +18,7 @@ import math
 import numba as nb
 import numpy as np
 
+from .. import native
 from .kvformat import load_rows
 from .softmax import FASTMATH, online_softmax_row
 from .threads import blas_single_threaded, num_threads, pool
@@ -105,7 +106,7 @@ def flash_task(qs, kh, vh, code, table, rows_per_head, p0, p1, left, right, soft
 
 
 def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROWS,
-                    block_keys=BLOCK_KEYS, fmt="f32"):
+                    block_keys=BLOCK_KEYS, fmt="f32", compiled=True):
     """q (B, H, T, D), k (B, H_kv, S_max, D), v (B, H_kv, S_max, Dv), float32 or float64,
     validated and contiguous; the first S keys are used. With fmt (f16, q8_0, q4_0), k and v are
     stored rows of a compact cache (kvformat), decoded a key block at a time; then Dv = D.
@@ -113,12 +114,23 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
     band: (left, right) ints: query i, at position p = S - T + i, sees keys p - left .. p + right.
     mask: additive float array broadcast to (B, H, T, S), or None. softcap: float or 0.
     Returns out (B, H, T, Dv) and lse (B, H, T), both in q's dtype.
+
+    float32 queries without a mask go to the C kernel (native/prefill.c) when it is available and
+    `compiled`; everything else (and compiled=False, for comparing the two) to the numba kernel.
     """
     from .kvformat import HALF_TABLE, format_code
 
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     Dv = v.shape[3] if fmt == "f32" else D
+    left, right = band
+    if compiled and native.flash_supported(fmt, D, Dv, mask is not None, q.dtype) and \
+            k.flags.c_contiguous and v.flags.c_contiguous:
+        out = np.empty((B, H, T, Dv), np.float32)
+        lse = np.empty((B, H, T), np.float32)
+        native.flash_attention(q, k, v, fmt, S, left, right, scale, float(softcap or 0.0), out,
+                               lse)
+        return out, lse
     code = format_code(fmt)
     G = H // H_kv
     dtype = q.dtype
@@ -128,7 +140,6 @@ def flash_attention(q, k, v, S, band, mask, softcap, scale, block_rows=BLOCK_ROW
     Tq = max(min(Tq, 16), min(Tq, -(-T // per_head)))
     Sk = max(1, min(S, block_keys))
     off = S - T
-    left, right = band
     out = np.empty((B, H, T, Dv), dtype)
     lse = np.empty((B, H, T), dtype)
     no_mask = np.broadcast_to(np.zeros(1, dtype), (1, 1, 1))

@@ -6,6 +6,9 @@ runs, on its own small thread pool (pool.c).
   f16, q4_0, q4_1, q8_0 blocks, decoded in registers inside the kernel to the exact float32
   values gguf's dequantize gives). Decoding a token streams the file's compact bytes instead of a
   float32 copy.
+- `flash_attention(...)`: the prefill kernel (blocked online softmax over a float32 or compact
+  KV cache), with the contract of the numba + BLAS kernel in attention/flash.py (which stays as
+  the fallback, and for masks and float64).
 - `decode_attention(...)`: the split-K decode kernel over a float32 or compact KV cache, with the
   contract of the numba kernel in attention/decode.py (which stays as the fallback).
 - `rmsnorm`, `rope`, `swiglu`: a decode step's small operations, whose NumPy versions (in
@@ -148,6 +151,27 @@ def decode_attention(qs, k, v, fmt, S, T, j_base, chunk, C, left, right, softcap
         mod.decode_attention(qs, k, v, KV_CODES[fmt], B, H_kv, R, D, out.shape[3], k.shape[2],
                              k.shape[3] * k.itemsize, v.shape[3] * v.itemsize, S, T, j_base,
                              chunk, C, left, right, softcap, out, lse)
+
+
+def flash_supported(fmt: str, D: int, Dv: int, has_mask: bool, dtype) -> bool:
+    """Whether flash_attention takes this call (else the numba + BLAS kernel does)."""
+    return (available() and not has_mask and dtype == np.float32 and D <= MAX_DIM
+            and Dv <= MAX_DIM and (fmt == "f32" or (D % 8 == 0 and Dv % 8 == 0))
+            and (fmt in ("f32", "f16") or (D % 32 == 0 and Dv % 32 == 0)))
+
+
+def flash_attention(q, k, v, fmt, S, left, right, scale, softcap, out, lse):
+    """The C prefill kernel (prefill.c): q (B, H, T, D) float32, k (B, H_kv, S_max, ·) and v
+    (B, H_kv, S_max, ·) stored rows of fmt (float32 rows of D and Dv values, or a compact KV
+    format), all C-contiguous, the first S keys used; query i at position S - T + i sees keys
+    p - left .. p + right. Results into out (B, H, T, Dv) and lse (B, H, T) float32."""
+    mod = _module()
+    B, H, T, D = q.shape
+    Dv = out.shape[3]
+    with _lock:
+        mod.flash_attention(q, k, v, KV_CODES[fmt], B, H, k.shape[1], T, D, Dv, k.shape[2],
+                            k.shape[3] * k.itemsize, v.shape[3] * v.itemsize, S, left, right,
+                            scale, softcap, out, lse)
 
 
 def quantize_rows(x: np.ndarray, dst: np.ndarray, pos: int, fmt: str):

@@ -39,6 +39,10 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
                         int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
                         int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
                         float *out, float *lse);
+int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
+                       int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t Dv, int64_t S_max,
+                       int64_t k_row, int64_t v_row, int64_t S, int64_t left, int64_t right,
+                       float scale, float softcap, float *out, float *lse);
 int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
                      int64_t head_stride, int64_t row_stride);
 void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);

@@ -92,6 +92,29 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
     return rc ? NULL : Py_NewRef(Py_None);
 }
 
+static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
+    Py_buffer q, k, v, out, lse;
+    int fmt;
+    long long B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right;
+    float scale, softcap;
+    if (!PyArg_ParseTuple(args, "y*y*y*iLLLLLLLLLLLLffw*w*", &q, &k, &v, &fmt, &B, &H, &H_kv, &T,
+                          &D, &Dv, &S_max, &k_row, &v_row, &S, &left, &right, &scale, &softcap,
+                          &out, &lse))
+        return NULL;
+    int rc = -1;
+    if (big_enough(&q, B * H * T * D * 4, "q") && big_enough(&k, B * H_kv * S_max * k_row, "k") &&
+        big_enough(&v, B * H_kv * S_max * v_row, "v") && big_enough(&out, B * H * T * Dv * 4, "out") &&
+        big_enough(&lse, B * H * T * 4, "lse")) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = sa_flash_attention(q.buf, k.buf, v.buf, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row,
+                                S, left, right, scale, softcap, out.buf, lse.buf);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_SetString(PyExc_ValueError, "flash_attention: unsupported shapes");
+    }
+    RELEASE(&q, &k, &v, &out, &lse);
+    return rc ? NULL : Py_NewRef(Py_None);
+}
+
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     Py_buffer x, w, out;
     float eps;
@@ -230,6 +253,7 @@ static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y (T, rows) = x (T, cols) @ W^T, W in GGUF blocks"},
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "rows of W -> float32"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "split-K decode attention"},
+    {"flash_attention", py_flash_attention, METH_VARARGS, "blocked online-softmax prefill attention"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of T rows"},
     {"rope", py_rope, METH_VARARGS, "rotate-half RoPE in place"},
     {"swiglu", py_swiglu, METH_VARARGS, "silu(gate) * up"},

@@ -1,0 +1,234 @@
+/* Prefill attention: blocked online softmax (FlashAttention-2), AVX2/FMA.
+ *
+ * The same contract as selfattn.attention.flash.flash_task (the numba + BLAS kernel beside it,
+ * and the reference in reference.py, are what the tests hold it to), without masks: q (B, H, T, D)
+ * float32, k (B, H_kv, S_max, D) and v (B, H_kv, S_max, Dv) stored rows (float32, or a compact KV
+ * format: f16, q8_0, q4_0, each tile decoded to float32 once per task), the first S keys used;
+ * query i sits at position S - T + i and sees keys p - left .. p + right. Tasks are (b, query
+ * head, block of BM queries), the latest blocks (the costliest under a causal band) first.
+ *
+ * Everything is computed keys x queries, transposed from the usual layout: the task keeps its
+ * queries as columns (qt: D x BM, pre-scaled), a tile's scores as st (keys x BM), its output as
+ * ot (Dv x BM). Then
+ * - scores: six keys x sixteen queries in twelve registers, each step one d: two loads of qt's row
+ *   d, a broadcast of k_j[d] per key, twelve FMAs; K is read in place, never packed or copied;
+ * - softmax: a query is a column, so its running maximum, sum and rescale factor are lanes of a
+ *   vector and every step (tile maximum, exp, sums) runs down the columns: no horizontal reduction;
+ * - values: six values of d x sixteen queries in registers over the tile's keys, each step a key:
+ *   two loads of st's row j, a broadcast of v_j[d] per d, twelve FMAs.
+ * The score matrix is never built: the extra memory is the task's buffers on its thread's stack.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+#ifndef BM
+#define BM 64 /* queries per task: a multiple of 16 */
+#endif
+#ifndef BN
+#define BN 48 /* keys per tile */
+#endif
+#define MAX_DIM 256
+#define NR_MAX 6 /* keys (scores) or values of d (output) per register block */
+
+typedef struct {
+    const float *q;
+    const uint8_t *k, *v;
+    int fmt;
+    int64_t B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, blocks;
+    float scale, softcap;
+    float *out, *lse;
+} pf_args;
+
+/* st[r][c0 .. c0+15] = q_c . k_r for NR keys (rows of K from krow, D apart): qt D x BM */
+SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, const int NR) {
+    __m256 a[NR_MAX][2];
+    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m256 q0 = _mm256_load_ps(qt + d * BM), q1 = _mm256_load_ps(qt + d * BM + 8);
+        for (int r = 0; r < NR; r++) {
+            __m256 kb = _mm256_broadcast_ss(krow + r * D + d);
+            a[r][0] = _mm256_fmadd_ps(kb, q0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(kb, q1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        _mm256_store_ps(st + r * BM, a[r][0]);
+        _mm256_store_ps(st + r * BM + 8, a[r][1]);
+    }
+}
+
+/* ot[d0 + r][c0 .. c0+15] = alpha * ot + sum over keys j < nk of st[j][c] * v_j[d0 + r], for NR
+ * values of d (st, ot and alpha already offset to the column block, vrow to v_0[d0]) */
+SA_INLINE void values(float *ot, const float *alpha, const float *st, const float *vrow,
+                      int64_t Dv, int64_t nk, const int NR) {
+    __m256 a[NR_MAX][2];
+    const __m256 al0 = _mm256_load_ps(alpha), al1 = _mm256_load_ps(alpha + 8);
+    for (int r = 0; r < NR; r++) {
+        a[r][0] = _mm256_mul_ps(_mm256_load_ps(ot + r * BM), al0);
+        a[r][1] = _mm256_mul_ps(_mm256_load_ps(ot + r * BM + 8), al1);
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        __m256 p0 = _mm256_load_ps(st + j * BM), p1 = _mm256_load_ps(st + j * BM + 8);
+        for (int r = 0; r < NR; r++) {
+            __m256 vb = _mm256_broadcast_ss(vrow + j * Dv + r);
+            a[r][0] = _mm256_fmadd_ps(vb, p0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(vb, p1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        _mm256_store_ps(ot + r * BM, a[r][0]);
+        _mm256_store_ps(ot + r * BM + 8, a[r][1]);
+    }
+}
+
+#define BY_NR(CALL, n)              \
+    switch (n) {                    \
+    case 1: CALL(1); break;         \
+    case 2: CALL(2); break;         \
+    case 3: CALL(3); break;         \
+    case 4: CALL(4); break;         \
+    case 5: CALL(5); break;         \
+    default: CALL(6); break;        \
+    }
+
+/* one tile's online softmax, down the columns (nv vectors of 8 queries): scores outside the band
+ * (if `band`) become -inf, st becomes p = exp(s - m_new), m and l are brought up to date and
+ * alpha = exp(m_old - m_new) is what the output so far is scaled by */
+SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t j0, int64_t p0,
+                            int64_t left, int64_t right, float softcap, float *m, float *l,
+                            float *alpha) {
+    if (softcap > 0.0f)
+        for (int64_t j = 0; j < nk; j++)
+            for (int64_t c = 0; c < 8 * nv; c++) st[j * BM + c] = softcap * tanhf(st[j * BM + c] / softcap);
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t cv = 0; cv < nv; cv++) {
+        float *col = st + 8 * cv;
+        if (band) { /* key j0 + j is hidden from query p when p > j + left or p < j - right */
+            __m256i p = _mm256_add_epi32(_mm256_set1_epi32((int)(p0 + 8 * cv)), iota);
+            for (int64_t j = 0; j < nk; j++) {
+                __m256i hide = _mm256_or_si256(_mm256_cmpgt_epi32(p, _mm256_set1_epi32((int)(j0 + j + left))),
+                                               _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(j0 + j - right)), p));
+                _mm256_store_ps(col + j * BM, _mm256_blendv_ps(_mm256_load_ps(col + j * BM), ninf,
+                                                               _mm256_castsi256_ps(hide)));
+            }
+        }
+        __m256 mx = ninf;
+        for (int64_t j = 0; j < nk; j++) mx = _mm256_max_ps(mx, _mm256_load_ps(col + j * BM));
+        const __m256 m_old = _mm256_load_ps(m + 8 * cv), m_new = _mm256_max_ps(m_old, mx);
+        /* a column that has seen no key yet subtracts 0: exp(-inf - 0) = 0, never NaN */
+        const __m256 base = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
+        const __m256 al = sa_exp_neg(_mm256_sub_ps(m_old, base));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nk; j++) {
+            __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(col + j * BM), base));
+            _mm256_store_ps(col + j * BM, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_store_ps(m + 8 * cv, m_new);
+        _mm256_store_ps(l + 8 * cv, _mm256_fmadd_ps(_mm256_load_ps(l + 8 * cv), al, sum));
+        _mm256_store_ps(alpha + 8 * cv, al);
+    }
+}
+
+SA_TARGET static void pf_task(const void *ctx, int64_t task) {
+    const pf_args *A = ctx;
+    const int64_t D = A->D, Dv = A->Dv, T = A->T, S = A->S;
+    const int64_t bh = task % (A->B * A->H), blk = A->blocks - 1 - task / (A->B * A->H);
+    const int64_t b = bh / A->H, h = bh % A->H, g = h / (A->H / A->H_kv);
+    const int64_t i0 = blk * BM, tq = T - i0 < BM ? T - i0 : BM;
+    const int64_t np = (tq + 15) / 16, nv = 2 * np; /* blocks of 16 queries, vectors of 8 */
+    const int64_t p0 = S - T + i0, p1 = p0 + tq - 1;  /* positions of the first and last query */
+    const float *q = A->q + (bh * T + i0) * D;
+    const uint8_t *kh = A->k + (b * A->H_kv + g) * A->S_max * A->k_row;
+    const uint8_t *vh = A->v + (b * A->H_kv + g) * A->S_max * A->v_row;
+    float qt[MAX_DIM * BM] __attribute__((aligned(32)));
+    float kbuf[A->fmt == SA_F32 ? 1 : BN * D], vbuf[A->fmt == SA_F32 ? 1 : BN * Dv];
+    float st[BN * BM] __attribute__((aligned(32)));
+    float ot[MAX_DIM * BM] __attribute__((aligned(32)));
+    float m[BM] __attribute__((aligned(32))), l[BM] __attribute__((aligned(32)));
+    float alpha[BM] __attribute__((aligned(32)));
+
+    for (int64_t d = 0; d < D; d++)
+        for (int64_t c = 0; c < 16 * np; c++) qt[d * BM + c] = c < tq ? q[c * D + d] * A->scale : 0.0f;
+    for (int64_t c = 0; c < BM; c++) {
+        m[c] = -INFINITY;
+        l[c] = 0.0f;
+    }
+    memset(ot, 0, (size_t)(Dv * BM) * 4);
+
+    /* keys any of the block's queries sees */
+    const int64_t j_lo = p0 - A->left > 0 ? p0 - A->left : 0;
+    const int64_t j_hi = p1 + A->right < S - 1 ? p1 + A->right : S - 1;
+    for (int64_t j0 = j_lo; j0 <= j_hi; j0 += BN) {
+        const int64_t nk = j_hi + 1 - j0 < BN ? j_hi + 1 - j0 : BN;
+        const float *kt = (const float *)(kh + j0 * A->k_row), *vt = (const float *)(vh + j0 * A->v_row);
+        if (A->fmt != SA_F32) { /* this tile's rows, decoded */
+            for (int64_t j = 0; j < nk; j++) {
+                sa_decode_row(kh + (j0 + j) * A->k_row, A->fmt, D, kbuf + j * D);
+                sa_decode_row(vh + (j0 + j) * A->v_row, A->fmt, Dv, vbuf + j * Dv);
+            }
+            kt = kbuf;
+            vt = vbuf;
+        }
+        for (int64_t j = 0; j < nk; j += NR_MAX) {
+            const int64_t n = nk - j < NR_MAX ? nk - j : NR_MAX;
+            for (int64_t c = 0; c < np; c++) {
+#define SCORES(NR) scores(qt + 16 * c, kt + j * D, D, st + j * BM + 16 * c, NR)
+                BY_NR(SCORES, n)
+#undef SCORES
+            }
+        }
+        /* the band test is needed unless every (query, key) of the tile is inside it (the block's
+         * padding columns past tq, zero queries, are computed too and never written out) */
+        const int band = j0 < p1 - A->left || j0 + nk - 1 > p0 + A->right;
+        softmax_tile(st, nk, nv, band, j0, p0, A->left, A->right, A->softcap, m, l, alpha);
+        for (int64_t d = 0; d < Dv; d += NR_MAX) {
+            const int64_t n = Dv - d < NR_MAX ? Dv - d : NR_MAX;
+            for (int64_t c = 0; c < np; c++) {
+#define VALUES(NR) values(ot + d * BM + 16 * c, alpha + 16 * c, st + 16 * c, vt + d, Dv, nk, NR)
+                BY_NR(VALUES, n)
+#undef VALUES
+            }
+        }
+    }
+
+    float *out = A->out + (bh * T + i0) * Dv, *lse = A->lse + bh * T + i0;
+    for (int64_t c = 0; c < tq; c++) {
+        if (l[c] > 0.0f) {
+            const float inv = 1.0f / l[c];
+            for (int64_t d = 0; d < Dv; d++) out[c * Dv + d] = ot[d * BM + c] * inv;
+            lse[c] = m[c] + logf(l[c]);
+        } else { /* no visible key */
+            memset(out + c * Dv, 0, (size_t)Dv * 4);
+            lse[c] = -INFINITY;
+        }
+    }
+}
+
+/* Returns 0, or -1 for shapes outside what this kernel takes (the caller checks first and uses
+ * the numba kernel for them). Positions, band edges and their sums must fit int32 lanes. */
+int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
+                       int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t Dv, int64_t S_max,
+                       int64_t k_row, int64_t v_row, int64_t S, int64_t left, int64_t right,
+                       float scale, float softcap, float *out, float *lse) {
+    const int64_t lim = (int64_t)1 << 29;
+    if (B < 1 || H_kv < 1 || H % H_kv || T < 1 || S < 1 || S > S_max || D < 1 || Dv < 1 ||
+        D > MAX_DIM || Dv > MAX_DIM || S + T > lim || left > lim || right > lim || left < -lim ||
+        right < -lim)
+        return -1;
+    if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;
+    /* a stored row holds D (K) and Dv (V) values of the format (never read past one; float32
+     * rows are read in place, D and Dv apart); decoded rows go 8 or 32 values at a time */
+    if (fmt != SA_F32 && (D % 8 || Dv % 8)) return -1;
+    if (!sa_row_bytes(fmt, D) || !sa_row_bytes(fmt, Dv) || k_row < sa_row_bytes(fmt, D) ||
+        v_row < sa_row_bytes(fmt, Dv) || (fmt == SA_F32 && (k_row != 4 * D || v_row != 4 * Dv)))
+        return -1;
+    const int64_t blocks = (T + BM - 1) / BM;
+    pf_args A = {q, k, v, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, blocks,
+                 scale, softcap, out, lse};
+    sa_pool_run(pf_task, &A, B * H * blocks);
+    return 0;
+}
