@@ -158,6 +158,28 @@ def test_c_decode_kernel_logits_far_apart(fmt):
     np.testing.assert_allclose(lse, spec_lse, rtol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", kvformat.FORMATS)
+def test_c_decode_kernel_chunks_of_several_tiles(fmt):
+    """Chunks of 2,500 keys: tiles of 1,024 keys and a partial one, each read in sub-blocks, the
+    online-softmax state carried from tile to tile; eight rows (groups of 3, 3 and 2)."""
+    rng = np.random.default_rng(21)
+    S, T, H, H_kv, D = 5000, 2, 8, 2, 64
+    q = rng.standard_normal((1, H, T, D), np.float32)
+    k, v = (kvformat.quantize(rng.standard_normal((1, H_kv, S, D), np.float32), fmt)
+            for _ in range(2))
+    out = np.empty((1, H, T, D), np.float32)
+    lse = np.empty((1, H, T), np.float32)
+    qs = q.reshape(1, H_kv, H // H_kv * T, D) * np.float32(0.125)
+    native.decode_attention(qs, k, v, fmt, S, T, 0, 2500, 2, S, 0, 20.0, out, lse)
+    from selfattn.attention.reference import attention_reference
+
+    kd, vd = (kvformat.decode_rows(x, fmt, D) for x in (k, v))
+    spec_out, spec_lse = attention_reference(q, kd, vd, band=(S, 0), mask=None, softcap=20.0,
+                                             scale=0.125)
+    np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
+    np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_results_do_not_depend_on_the_thread_count(n):
     rng = np.random.default_rng(9)

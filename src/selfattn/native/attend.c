@@ -15,11 +15,13 @@
  * the integers are only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "simd.h"
 
-#define TILE 64
+#define TILE 1024 /* keys per online-softmax step, at most: long runs of K rows, then of V rows */
+#define VSUB 32  /* keys per pass of the value loops: rows read from memory once, reused from L1 */
 #define MAX_DIM 256
 #define MAX_ROWS 256
 #define MAX_BLOCKS (MAX_DIM / 32)
@@ -35,6 +37,7 @@ typedef struct {
     int64_t B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C, left, right;
     float softcap;
     float *acc, *m, *l;
+    _Atomic int *failed; /* set by a task that could not allocate its scratch */
 } dec_args;
 
 /* what a key past the end of a tile is scored against (its scores are masked out) */
@@ -65,9 +68,9 @@ SA_INLINE __m256 ld_chunk(const uint8_t *row, int64_t c, const int FMT) {
     return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_set1_ps(8.0f));
 }
 
-/* float rows (f32, f16): s[r*TILE + j] = q_r . k_j for NR (<= 3) rows and the four keys
+/* float rows (f32, f16): s[r*ts + j] = q_r . k_j for NR (<= 3) rows and the four keys
  * kp[0..3]; pf_row: the bytes of a row to prefetch PF_KEYS rows ahead (0: none) */
-SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float *s, int64_t ts,
                       int64_t pf_row, const int NR, const int FMT) {
     __m256 a[4][3];
     for (int j = 0; j < 4; j++) prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
@@ -81,7 +84,7 @@ SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float
         }
     for (int r = 0; r < NR; r++) {
         __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0][r], a[1][r]), _mm256_hadd_ps(a[2][r], a[3][r]));
-        _mm_storeu_ps(s + r * TILE, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+        _mm_storeu_ps(s + r * ts, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
     }
 }
 
@@ -89,7 +92,7 @@ SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float
  * over the unscaled integers and scaled once, sum_b d_b * (q_b . n_b): no multiply per chunk, and
  * twelve accumulators (a block's, and the running sums) for two keys */
 SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp, float *s,
-                             int64_t pf_row, const int NR, const int FMT) {
+                             int64_t ts, int64_t pf_row, const int NR, const int FMT) {
     __m256 t[2][3];
     for (int j = 0; j < 2; j++) {
         prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
@@ -114,16 +117,16 @@ SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp
         __m256 u = _mm256_hadd_ps(t[0][r], t[1][r]); /* per lane half: k0 k0 k1 k1 */
         __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
         v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
-        _mm_storel_pi((__m64 *)(s + r * TILE), v);
+        _mm_storel_pi((__m64 *)(s + r * ts), v);
     }
 }
 
-/* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*TILE + j] * v_j,
+/* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*ts + j] * v_j,
  * for NR (<= 3) rows; v_j is stored row j from vt, pw the softmax weights (times the block's
  * scale for compact rows) */
 SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t *vt,
-                       int64_t v_row, int64_t nk, const float *pw, int64_t c0, int64_t pf_row, const int NR,
-                       const int NC, const int FMT) {
+                       int64_t v_row, int64_t nk, const float *pw, int64_t ts, int64_t c0,
+                       int64_t pf_row, const int NR, const int NC, const int FMT) {
     __m256 o[3][4];
     for (int r = 0; r < NR; r++) {
         __m256 al = _mm256_set1_ps(alpha[r]);
@@ -133,7 +136,7 @@ SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t
         const uint8_t *row = vt + j * v_row;
         prefetch_row(row + PF_KEYS * pf_row, pf_row);
         __m256 p[3];
-        for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * TILE + j);
+        for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * ts + j);
         for (int i = 0; i < NC; i++) {
             __m256 w = ld_chunk(row, c0 + i, FMT);
             for (int r = 0; r < NR; r++) o[r][i] = _mm256_fmadd_ps(p[r], w, o[r][i]);
@@ -149,20 +152,22 @@ SA_INLINE float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* online softmax of one row's tile of scores (keys lo .. hi-1 visible): row becomes p (0
- * elsewhere); returns alpha, the factor the row's earlier state is scaled by */
-SA_INLINE float softmax_tile(float *row, int64_t lo, int64_t hi, float softcap, float *m, float *l) {
+/* online softmax of one row's tile of scores (n, a multiple of 8, of them; keys lo .. hi-1
+ * visible): row becomes p (0 elsewhere); returns alpha, the factor the row's earlier state is
+ * scaled by */
+SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, float softcap,
+                             float *m, float *l) {
     if (softcap > 0.0f)
         for (int64_t j = lo; j < hi; j++) row[j] = softcap * tanhf(row[j] / softcap);
     for (int64_t j = 0; j < lo; j++) row[j] = -INFINITY;
-    for (int64_t j = hi; j < TILE; j++) row[j] = -INFINITY;
+    for (int64_t j = hi; j < n; j++) row[j] = -INFINITY;
     __m256 mx = _mm256_load_ps(row);
-    for (int j = 8; j < TILE; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(row + j));
+    for (int64_t j = 8; j < n; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(row + j));
     const float tile_max = hmax(mx), m_new = *m > tile_max ? *m : tile_max;
     float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
     *m = m_new;
     __m256 mv = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
-    for (int j = 0; j < TILE; j += 8) {
+    for (int64_t j = 0; j < n; j += 8) {
         __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(row + j), mv));
         _mm256_store_ps(row + j, e);
         sum = _mm256_add_ps(sum, e);
@@ -178,7 +183,10 @@ SA_INLINE float softmax_tile(float *row, int64_t lo, int64_t hi, float softcap, 
     default: CALL(3); break;   \
     }
 
-/* one task; FMT is a constant in each instance below, so the row decoding inlines per format */
+/* one task; FMT is a constant in each instance below, so the row decoding inlines per format.
+ * Per tile: every key's K row is read once (each group of keys is scored against every row group
+ * while it is in L1), then the tile's V rows once, VSUB keys at a time (each sub-block is used by
+ * every row and output chunk before the next is read). */
 SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const dec_args *A = ctx;
     const int64_t R = A->R, D = A->D, Dv = A->Dv, T = A->T, S = A->S;
@@ -190,12 +198,19 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const float *q = A->q + head * R * D;
     float *acc = A->acc + task * R * Dv, *mm = A->m + task * R, *ll = A->l + task * R;
     const int64_t nb = D / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
-    float s[MAX_ROWS * TILE] __attribute__((aligned(32)));
-    float pw[3 * TILE] __attribute__((aligned(32)));
-    float dv[MAX_BLOCKS * TILE] __attribute__((aligned(32)));
-    float alpha[MAX_ROWS];
+    /* the tile's scores: R rows of ts (the chunk's keys, rounded up to 8, at most TILE) */
+    const int64_t span = j_end - j_start, ts = span < TILE ? (span + 7) / 8 * 8 : TILE;
+    float *s = aligned_alloc(32, (size_t)(R * ts) * 4);
+    if (!s) {
+        atomic_store(A->failed, 1);
+        return;
+    }
+    float pw[3 * VSUB] __attribute__((aligned(32)));
+    float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
+    float alpha[MAX_ROWS], ones[3] = {1.0f, 1.0f, 1.0f};
     unsigned char seen[MAX_ROWS];
-    const uint8_t *kp[TILE];
+    const uint8_t *kp[TILE + 4];
+    int64_t lo[MAX_ROWS], hi[MAX_ROWS];
 
     for (int64_t r = 0; r < R; r++) {
         mm[r] = -INFINITY;
@@ -203,10 +218,9 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     }
     memset(acc, 0, (size_t)(R * Dv) * 4);
 
-    for (int64_t j0 = j_start; j0 < j_end; j0 += TILE) {
-        const int64_t nk = j_end - j0 < TILE ? j_end - j0 : TILE;
+    for (int64_t j0 = j_start; j0 < j_end; j0 += ts) {
+        const int64_t nk = j_end - j0 < ts ? j_end - j0 : ts;
         /* which rows see any key of this tile, and where */
-        int64_t lo[MAX_ROWS], hi[MAX_ROWS];
         int any = 0;
         for (int64_t r = 0; r < R; r++) {
             int64_t p = S - T + r % T;
@@ -218,51 +232,57 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         }
         if (!any) continue;
 
-        for (int64_t j = 0; j < TILE; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
-        for (int64_t r0 = 0; r0 < R; r0 += 3) {
-            const int64_t nr = R - r0 < 3 ? R - r0 : 3;
-            if (!(seen[r0] | (nr > 1 && seen[r0 + 1]) | (nr > 2 && seen[r0 + 2]))) continue;
-            if (COMPACT(FMT))
-                for (int64_t j = 0; j < nk; j += 2) {
-#define SCORE(NR) score2_blocks(q + r0 * D, D, kp + j, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
+        for (int64_t j = 0; j < ts + 4; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
+        for (int64_t j = 0; j < nk; j += COMPACT(FMT) ? 2 : 4)
+            for (int64_t r0 = 0; r0 < R; r0 += 3) {
+                const int64_t nr = R - r0 < 3 ? R - r0 : 3;
+                if (!(seen[r0] | (nr > 1 && seen[r0 + 1]) | (nr > 2 && seen[r0 + 2]))) continue;
+                const int64_t pf = r0 ? 0 : k_row;
+                if (COMPACT(FMT)) {
+#define SCORE(NR) score2_blocks(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, NR, FMT)
+                    ROWS3(SCORE)
+#undef SCORE
+                } else {
+#define SCORE(NR) score4(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, NR, FMT)
                     ROWS3(SCORE)
 #undef SCORE
                 }
-            else
-                for (int64_t j = 0; j < nk; j += 4) {
-#define SCORE(NR) score4(q + r0 * D, D, kp + j, s + r0 * TILE + j, r0 ? 0 : k_row, NR, FMT)
-                    ROWS3(SCORE)
-#undef SCORE
-                }
-        }
+            }
 
+        const int64_t n8 = (nk + 7) / 8 * 8;
         for (int64_t r = 0; r < R; r++) {
             alpha[r] = 1.0f;
-            if (seen[r]) alpha[r] = softmax_tile(s + r * TILE, lo[r], hi[r], A->softcap, mm + r, ll + r);
-            else memset(s + r * TILE, 0, TILE * 4);
+            if (seen[r]) alpha[r] = softmax_tile(s + r * ts, n8, lo[r], hi[r], A->softcap, mm + r, ll + r);
+            else memset(s + r * ts, 0, (size_t)n8 * 4);
         }
 
-        const uint8_t *vt = vh + j0 * v_row;
-        if (COMPACT(FMT))
-            for (int64_t k = 0; k < nb; k++)
-                for (int64_t j = 0; j < TILE; j++) dv[k * TILE + j] = j < nk ? sa_half(vt + j * v_row + bb * k) : 0.0f;
-        for (int64_t r0 = 0; r0 < R; r0 += 3) {
-            const int64_t nr = R - r0 < 3 ? R - r0 : 3;
-            int touch = 0;
-            for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
-            if (!touch) continue;
-            for (int64_t c0 = 0; c0 < Dv / 8; c0 += 4) {
-                const float *w = s + r0 * TILE;
-                if (COMPACT(FMT)) { /* weights times this block's scales */
-                    const float *d = dv + (c0 / 4) * TILE;
-                    for (int64_t r = 0; r < nr; r++)
-                        for (int j = 0; j < TILE; j += 8)
-                            _mm256_store_ps(pw + r * TILE + j, _mm256_mul_ps(_mm256_load_ps(w + r * TILE + j),
-                                                                             _mm256_loadu_ps(d + j)));
-                    w = pw;
-                }
-                const int64_t nc = Dv / 8 - c0 < 4 ? Dv / 8 - c0 : 4;
-#define ACC(NR, NC) accum_v(acc + r0 * Dv, Dv, alpha + r0, vt, v_row, nk, w, c0, r0 || c0 ? 0 : v_row, NR, NC, FMT)
+        for (int64_t j1 = 0; j1 < nk; j1 += VSUB) {
+            const int64_t ns = nk - j1 < VSUB ? nk - j1 : VSUB;
+            const uint8_t *vt = vh + (j0 + j1) * v_row;
+            if (COMPACT(FMT))
+                for (int64_t k = 0; k < nb; k++)
+                    for (int64_t j = 0; j < VSUB; j++) dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
+            for (int64_t r0 = 0; r0 < R; r0 += 3) {
+                const int64_t nr = R - r0 < 3 ? R - r0 : 3;
+                int touch = 0;
+                for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
+                if (!touch) continue;
+                /* the earlier state is scaled once, with the tile's first sub-block */
+                const float *al = j1 ? ones : alpha + r0;
+                for (int64_t c0 = 0; c0 < Dv / 8; c0 += 4) {
+                    const float *w = s + r0 * ts + j1;
+                    int64_t wstride = ts;
+                    if (COMPACT(FMT)) { /* weights times this block's scales */
+                        const float *d = dv + (c0 / 4) * VSUB;
+                        for (int64_t r = 0; r < nr; r++)
+                            for (int64_t j = 0; j < ns; j += 8) /* j1 + ns rounded up <= ts */
+                                _mm256_store_ps(pw + r * VSUB + j, _mm256_mul_ps(_mm256_loadu_ps(w + r * ts + j),
+                                                                                 _mm256_load_ps(d + j)));
+                        w = pw;
+                        wstride = VSUB;
+                    }
+                    const int64_t nc = Dv / 8 - c0 < 4 ? Dv / 8 - c0 : 4;
+#define ACC(NR, NC) accum_v(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0, r0 || c0 ? 0 : v_row, NR, NC, FMT)
 #define ACCN(NR)                                   \
     switch (nc) {                                  \
     case 1: ACC(NR, 1); break;                     \
@@ -270,12 +290,14 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     case 3: ACC(NR, 3); break;                     \
     default: ACC(NR, 4); break;                    \
     }
-                ROWS3(ACCN)
+                    ROWS3(ACCN)
 #undef ACCN
 #undef ACC
+                }
             }
         }
     }
+    free(s);
 }
 
 #define DEFINE_DEC_TASK(NAME, FMT) \
@@ -285,8 +307,9 @@ DEFINE_DEC_TASK(dec_f16, SA_F16)
 DEFINE_DEC_TASK(dec_q8_0, SA_Q8_0)
 DEFINE_DEC_TASK(dec_q4_0, SA_Q4_0)
 
-/* Returns 0, or -1 when the shapes are outside what this kernel handles (the caller falls back
- * to the numba kernel before ever calling with them). out (B, H, T, Dv), lse (B, H, T). */
+/* Returns 0, -1 when the shapes are outside what this kernel handles (the caller falls back
+ * to the numba kernel before ever calling with them), -2 when out of memory. out (B, H, T, Dv),
+ * lse (B, H, T). */
 int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
                         int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
                         int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
@@ -304,11 +327,16 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
     float *acc = malloc((size_t)(tasks * R * (Dv + 2)) * sizeof(float));
     if (!acc) return -2;
     float *m = acc + tasks * R * Dv, *l = m + tasks * R;
+    _Atomic int failed = 0;
     dec_args A = {q, k, v, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C,
-                  left, right, softcap, acc, m, l};
+                  left, right, softcap, acc, m, l, &failed};
     sa_task_fn fn = fmt == SA_F32 ? dec_f32 : fmt == SA_F16 ? dec_f16 : fmt == SA_Q8_0 ? dec_q8_0
                   : dec_q4_0;
     sa_pool_run(fn, &A, B * H_kv * C);
+    if (atomic_load(&failed)) {
+        free(acc);
+        return -2;
+    }
 
     const int64_t G = R / T;
     for (int64_t b = 0; b < B; b++)

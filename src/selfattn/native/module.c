@@ -84,7 +84,8 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
         rc = sa_decode_attention(q.buf, k.buf, v.buf, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row,
                                  S, T, j_base, chunk, C, left, right, softcap, out.buf, lse.buf);
         Py_END_ALLOW_THREADS
-        if (rc) PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported shapes");
+        if (rc == -2) PyErr_NoMemory();
+        else if (rc) PyErr_SetString(PyExc_ValueError, "decode_attention: unsupported shapes");
     } else if (!PyErr_Occurred()) {
         PyErr_SetString(PyExc_ValueError, "decode_attention: chunks outside the keys");
     }
