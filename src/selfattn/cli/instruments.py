@@ -170,7 +170,7 @@ def cmd_plan(args):
             calibration = store.load(f"calibration-{kv}") or store.load("calibration")
             dev = device_for_this_machine(roofline, calibration, available_memory() or 0)
             if calibration and calibration.get("weights") != bench.weights_layout(dev):
-                # fitted before decode read the weights as they are read now: not this machine's
+                # fitted with other kernels, or weights read another way: not this machine's
                 dev = device_for_this_machine(roofline, None, dev.memory_bytes)
             return dev
         return catalog_device(find_hardware(name))
