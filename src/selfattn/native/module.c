@@ -110,7 +110,8 @@ static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
         rc = sa_flash_attention(q.buf, k.buf, v.buf, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row,
                                 S, left, right, scale, softcap, out.buf, lse.buf);
         Py_END_ALLOW_THREADS
-        if (rc) PyErr_SetString(PyExc_ValueError, "flash_attention: unsupported shapes");
+        if (rc == -2) PyErr_NoMemory();
+        else if (rc) PyErr_SetString(PyExc_ValueError, "flash_attention: unsupported shapes");
     }
     RELEASE(&q, &k, &v, &out, &lse);
     return rc ? NULL : Py_NewRef(Py_None);
