@@ -7,12 +7,14 @@
  * p - left .. p + right. Tasks are (b, kv head, chunk); each keeps its own online-softmax state
  * and the chunks are merged by log-sum-exp at the end.
  *
- * Keys go in tiles of TILE. Scores: four keys (two for compact rows) against up to three query
- * rows at a time, each 8-value chunk of a key loaded or decoded in registers straight from the
- * stored row (compact rows: the bytes read are the compact bytes, and nothing is written back)
- * and used for every row. Values: up to three rows times four chunks of output held in
- * registers over the tile's keys; a block's scale is folded into the softmax weights (p * d), so
- * the integers are only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
+ * Keys go in tiles of up to TILE (a whole chunk of K rows, then its V rows: long sequential
+ * runs). Scores: four keys (two for compact rows) against up to three query rows at a time, each
+ * 8-value chunk of a key loaded or decoded in registers straight from the stored row (compact
+ * rows: the bytes read are the compact bytes, and nothing is written back) and used for every
+ * row; each group of keys is scored against every group of rows before the next is read.
+ * Values: VSUB keys at a time, up to three rows times four chunks of output held in registers
+ * over them; a block's scale is folded into the softmax weights (p * d), so the integers are
+ * only converted. Rows PF_KEYS keys ahead are prefetched while these are used.
  */
 #include <math.h>
 #include <stdatomic.h>
