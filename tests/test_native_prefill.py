@@ -23,6 +23,7 @@ CASES = [  # B, H, H_kv, D, Dv, S, T, band, softcap
     (1, 4, 2, 64, 80, 257, 130, (257, 0), None),  # Dv != D (float32 rows only), partial tiles
     (1, 4, 2, 40, 40, 129, 70, (129, 0), None),  # D not a multiple of 32 (f32 and f16 rows)
     (1, 3, 1, 20, 12, 90, 90, (90, 90), None),  # D, Dv not multiples of 8, no band (f32)
+    (1, 2, 1, 32, 32, 4096, 2048, (4096, 0), None),  # a long prompt: 128 queries a task
 ]
 
 

@@ -5,11 +5,11 @@
  * float32, k (B, H_kv, S_max, D) and v (B, H_kv, S_max, Dv) stored rows (float32, or a compact KV
  * format: f16, q8_0, q4_0, each tile decoded to float32 once per task), the first S keys used;
  * query i sits at position S - T + i and sees keys p - left .. p + right. Tasks are (b, query
- * head, block of BM queries), the latest blocks (the costliest under a causal band) first.
+ * head, block of bm queries), the latest blocks (the costliest under a causal band) first.
  *
  * Everything is computed keys x queries, transposed from the usual layout: the task keeps its
- * queries as columns (qt: D x BM, pre-scaled), a tile's scores as st (keys x BM), its output as
- * ot (Dv x BM). Then
+ * queries as columns (qt: D x bm, pre-scaled), a tile's scores as st (keys x bm), its output as
+ * ot (Dv x bm). Then
  * - scores: six keys x sixteen queries in twelve registers, each step one d: two loads of qt's row
  *   d, a broadcast of k_j[d] per key, twelve FMAs; K is read in place, never packed or copied;
  * - softmax: a query is a column, so its running maximum, sum and rescale factor are lanes of a
@@ -19,7 +19,7 @@
  * While a tile's keys are scored, the next tile's K and V rows are prefetched to L2 (at 8,192
  * tokens they come from L3 or memory: 5-12% faster measured).
  * The score matrix is never built: the extra memory is each running task's buffers (46 KB at
- * D = Dv = 64, float32 rows).
+ * D = Dv = 64 with 64 queries a task, float32 rows; 92 KB with 128).
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -27,9 +27,10 @@
 
 #include "simd.h"
 
-/* queries per task (a multiple of 16) and keys per tile: speed was flat from 32 to 64 queries
- * and 16 to 48 keys on the 2-core AVX2 machine the benchmarks ran on */
-#define BM 64
+/* queries per task (bm: 64, or BM_MAX for long prompts; a multiple of 16) and keys per tile:
+ * speed was flat from 32 to 96 queries and 16 to 96 keys at n = 2048 on the 2-core AVX2 machine
+ * the benchmarks ran on */
+#define BM_MAX 128
 #define BN 48
 #define MAX_DIM 256
 #define NR_MAX 6 /* keys (scores) or values of d (output) per register block */
@@ -38,18 +39,20 @@ typedef struct {
     const float *q;
     const uint8_t *k, *v;
     int fmt;
-    int64_t B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, blocks;
+    int64_t B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, bm, blocks;
     float scale, softcap;
     float *out, *lse;
     _Atomic int *failed; /* set by a task that could not allocate its buffers */
 } pf_args;
 
-/* st[r][c0 .. c0+15] = q_c . k_r for NR keys (rows of K from krow, D apart): qt D x BM */
-SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, const int NR) {
+/* st[r][c0 .. c0+15] = q_c . k_r for NR keys (rows of K from krow, D apart): qt D x ld, st
+ * rows ld apart (ld: the task's queries, bm) */
+SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, int64_t ld,
+                   const int NR) {
     __m256 a[NR_MAX][2];
     for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d++) {
-        __m256 q0 = _mm256_load_ps(qt + d * BM), q1 = _mm256_load_ps(qt + d * BM + 8);
+        __m256 q0 = _mm256_load_ps(qt + d * ld), q1 = _mm256_load_ps(qt + d * ld + 8);
         for (int r = 0; r < NR; r++) {
             __m256 kb = _mm256_broadcast_ss(krow + r * D + d);
             a[r][0] = _mm256_fmadd_ps(kb, q0, a[r][0]);
@@ -57,23 +60,23 @@ SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, 
         }
     }
     for (int r = 0; r < NR; r++) {
-        _mm256_store_ps(st + r * BM, a[r][0]);
-        _mm256_store_ps(st + r * BM + 8, a[r][1]);
+        _mm256_store_ps(st + r * ld, a[r][0]);
+        _mm256_store_ps(st + r * ld + 8, a[r][1]);
     }
 }
 
 /* ot[d0 + r][c0 .. c0+15] = alpha * ot + sum over keys j < nk of st[j][c] * v_j[d0 + r], for NR
  * values of d (st, ot and alpha already offset to the column block, vrow to v_0[d0]) */
 SA_INLINE void values(float *ot, const float *alpha, const float *st, const float *vrow,
-                      int64_t Dv, int64_t nk, const int NR) {
+                      int64_t Dv, int64_t nk, int64_t ld, const int NR) {
     __m256 a[NR_MAX][2];
     const __m256 al0 = _mm256_load_ps(alpha), al1 = _mm256_load_ps(alpha + 8);
     for (int r = 0; r < NR; r++) {
-        a[r][0] = _mm256_mul_ps(_mm256_load_ps(ot + r * BM), al0);
-        a[r][1] = _mm256_mul_ps(_mm256_load_ps(ot + r * BM + 8), al1);
+        a[r][0] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld), al0);
+        a[r][1] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld + 8), al1);
     }
     for (int64_t j = 0; j < nk; j++) {
-        __m256 p0 = _mm256_load_ps(st + j * BM), p1 = _mm256_load_ps(st + j * BM + 8);
+        __m256 p0 = _mm256_load_ps(st + j * ld), p1 = _mm256_load_ps(st + j * ld + 8);
         for (int r = 0; r < NR; r++) {
             __m256 vb = _mm256_broadcast_ss(vrow + j * Dv + r);
             a[r][0] = _mm256_fmadd_ps(vb, p0, a[r][0]);
@@ -81,8 +84,8 @@ SA_INLINE void values(float *ot, const float *alpha, const float *st, const floa
         }
     }
     for (int r = 0; r < NR; r++) {
-        _mm256_store_ps(ot + r * BM, a[r][0]);
-        _mm256_store_ps(ot + r * BM + 8, a[r][1]);
+        _mm256_store_ps(ot + r * ld, a[r][0]);
+        _mm256_store_ps(ot + r * ld + 8, a[r][1]);
     }
 }
 
@@ -99,12 +102,12 @@ SA_INLINE void values(float *ot, const float *alpha, const float *st, const floa
 /* one tile's online softmax, down the columns (nv vectors of 8 queries): scores outside the band
  * (if `band`) become -inf, st becomes p = exp(s - m_new), m and l are brought up to date and
  * alpha = exp(m_old - m_new) is what the output so far is scaled by */
-SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t j0, int64_t p0,
-                            int64_t left, int64_t right, float softcap, float *m, float *l,
-                            float *alpha) {
+SA_INLINE void softmax_tile(float *st, int64_t ld, int64_t nk, int64_t nv, int band, int64_t j0,
+                            int64_t p0, int64_t left, int64_t right, float softcap, float *m,
+                            float *l, float *alpha) {
     if (softcap > 0.0f)
         for (int64_t j = 0; j < nk; j++)
-            for (int64_t c = 0; c < 8 * nv; c++) st[j * BM + c] = softcap * tanhf(st[j * BM + c] / softcap);
+            for (int64_t c = 0; c < 8 * nv; c++) st[j * ld + c] = softcap * tanhf(st[j * ld + c] / softcap);
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t cv = 0; cv < nv; cv++) {
@@ -114,20 +117,20 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
             for (int64_t j = 0; j < nk; j++) {
                 __m256i hide = _mm256_or_si256(_mm256_cmpgt_epi32(p, _mm256_set1_epi32((int)(j0 + j + left))),
                                                _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(j0 + j - right)), p));
-                _mm256_store_ps(col + j * BM, _mm256_blendv_ps(_mm256_load_ps(col + j * BM), ninf,
+                _mm256_store_ps(col + j * ld, _mm256_blendv_ps(_mm256_load_ps(col + j * ld), ninf,
                                                                _mm256_castsi256_ps(hide)));
             }
         }
         __m256 mx = ninf;
-        for (int64_t j = 0; j < nk; j++) mx = _mm256_max_ps(mx, _mm256_load_ps(col + j * BM));
+        for (int64_t j = 0; j < nk; j++) mx = _mm256_max_ps(mx, _mm256_load_ps(col + j * ld));
         const __m256 m_old = _mm256_load_ps(m + 8 * cv), m_new = _mm256_max_ps(m_old, mx);
         /* a column that has seen no key yet subtracts 0: exp(-inf - 0) = 0, never NaN */
         const __m256 base = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
         const __m256 al = sa_exp_neg(_mm256_sub_ps(m_old, base));
         __m256 sum = _mm256_setzero_ps();
         for (int64_t j = 0; j < nk; j++) {
-            __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(col + j * BM), base));
-            _mm256_store_ps(col + j * BM, e);
+            __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(col + j * ld), base));
+            _mm256_store_ps(col + j * ld, e);
             sum = _mm256_add_ps(sum, e);
         }
         _mm256_store_ps(m + 8 * cv, m_new);
@@ -139,33 +142,33 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
 SA_TARGET static void pf_task(const void *ctx, int64_t task) {
     const pf_args *A = ctx;
     const int64_t D = A->D, Dv = A->Dv, T = A->T, S = A->S;
-    const int64_t bh = task % (A->B * A->H), blk = A->blocks - 1 - task / (A->B * A->H);
+    const int64_t bm = A->bm, bh = task % (A->B * A->H), blk = A->blocks - 1 - task / (A->B * A->H);
     const int64_t b = bh / A->H, h = bh % A->H, g = h / (A->H / A->H_kv);
-    const int64_t i0 = blk * BM, tq = T - i0 < BM ? T - i0 : BM;
+    const int64_t i0 = blk * bm, tq = T - i0 < bm ? T - i0 : bm;
     const int64_t np = (tq + 15) / 16, nv = 2 * np; /* blocks of 16 queries, vectors of 8 */
     const int64_t p0 = S - T + i0, p1 = p0 + tq - 1;  /* positions of the first and last query */
     const float *q = A->q + (bh * T + i0) * D;
     const uint8_t *kh = A->k + (b * A->H_kv + g) * A->S_max * A->k_row;
     const uint8_t *vh = A->v + (b * A->H_kv + g) * A->S_max * A->v_row;
-    /* the task's buffers, on the heap (a caller's thread may have a small stack): qt (D x BM),
-     * st (BN x BM), ot (Dv x BM), m, l, alpha (BM each), and for compact rows a tile of K and
+    /* the task's buffers, on the heap (a caller's thread may have a small stack): qt (D x bm),
+     * st (BN x bm), ot (Dv x bm), m, l, alpha (bm each), and for compact rows a tile of K and
      * one of V decoded (BN x D, BN x Dv); every part a multiple of 8 floats, so 32-byte aligned */
     const int64_t decoded = A->fmt == SA_F32 ? 0 : BN * (D + Dv);
-    float *qt = aligned_alloc(32, (size_t)((D + BN + Dv + 3) * BM + decoded) * 4);
+    float *qt = aligned_alloc(32, (size_t)((D + BN + Dv + 3) * bm + decoded) * 4);
     if (!qt) {
         atomic_store(A->failed, 1);
         return;
     }
-    float *st = qt + D * BM, *ot = st + BN * BM, *m = ot + Dv * BM, *l = m + BM, *alpha = l + BM;
-    float *kbuf = alpha + BM, *vbuf = kbuf + BN * D;
+    float *st = qt + D * bm, *ot = st + BN * bm, *m = ot + Dv * bm, *l = m + bm, *alpha = l + bm;
+    float *kbuf = alpha + bm, *vbuf = kbuf + BN * D;
 
     for (int64_t d = 0; d < D; d++)
-        for (int64_t c = 0; c < 16 * np; c++) qt[d * BM + c] = c < tq ? q[c * D + d] * A->scale : 0.0f;
-    for (int64_t c = 0; c < BM; c++) {
+        for (int64_t c = 0; c < 16 * np; c++) qt[d * bm + c] = c < tq ? q[c * D + d] * A->scale : 0.0f;
+    for (int64_t c = 0; c < bm; c++) {
         m[c] = -INFINITY;
         l[c] = 0.0f;
     }
-    memset(ot, 0, (size_t)(Dv * BM) * 4);
+    memset(ot, 0, (size_t)(Dv * bm) * 4);
 
     /* keys any of the block's queries sees */
     const int64_t j_lo = p0 - A->left > 0 ? p0 - A->left : 0;
@@ -190,7 +193,7 @@ SA_TARGET static void pf_task(const void *ctx, int64_t task) {
                     _mm_prefetch((const char *)(vh + (j0 + BN + j) * A->v_row + o), _MM_HINT_T1);
             }
             for (int64_t c = 0; c < np; c++) {
-#define SCORES(NR) scores(qt + 16 * c, kt + j * D, D, st + j * BM + 16 * c, NR)
+#define SCORES(NR) scores(qt + 16 * c, kt + j * D, D, st + j * bm + 16 * c, bm, NR)
                 BY_NR(SCORES, n)
 #undef SCORES
             }
@@ -198,11 +201,11 @@ SA_TARGET static void pf_task(const void *ctx, int64_t task) {
         /* the band test is needed unless every (query, key) of the tile is inside it (the block's
          * padding columns past tq, zero queries, are computed too and never written out) */
         const int band = j0 < p1 - A->left || j0 + nk - 1 > p0 + A->right;
-        softmax_tile(st, nk, nv, band, j0, p0, A->left, A->right, A->softcap, m, l, alpha);
+        softmax_tile(st, bm, nk, nv, band, j0, p0, A->left, A->right, A->softcap, m, l, alpha);
         for (int64_t d = 0; d < Dv; d += NR_MAX) {
             const int64_t n = Dv - d < NR_MAX ? Dv - d : NR_MAX;
             for (int64_t c = 0; c < np; c++) {
-#define VALUES(NR) values(ot + d * BM + 16 * c, alpha + 16 * c, st + 16 * c, vt + d, Dv, nk, NR)
+#define VALUES(NR) values(ot + d * bm + 16 * c, alpha + 16 * c, st + 16 * c, vt + d, Dv, nk, bm, NR)
                 BY_NR(VALUES, n)
 #undef VALUES
             }
@@ -213,7 +216,7 @@ SA_TARGET static void pf_task(const void *ctx, int64_t task) {
     for (int64_t c = 0; c < tq; c++) {
         if (l[c] > 0.0f) {
             const float inv = 1.0f / l[c];
-            for (int64_t d = 0; d < Dv; d++) out[c * Dv + d] = ot[d * BM + c] * inv;
+            for (int64_t d = 0; d < Dv; d++) out[c * Dv + d] = ot[d * bm + c] * inv;
             lse[c] = m[c] + logf(l[c]);
         } else { /* no visible key */
             memset(out + c * Dv, 0, (size_t)Dv * 4);
@@ -242,10 +245,14 @@ int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int f
     if (!sa_row_bytes(fmt, D) || !sa_row_bytes(fmt, Dv) || k_row < sa_row_bytes(fmt, D) ||
         v_row < sa_row_bytes(fmt, Dv) || (fmt == SA_F32 && (k_row != 4 * D || v_row != 4 * Dv)))
         return -1;
-    const int64_t blocks = (T + BM - 1) / BM;
+    /* long prompts take twice the queries per task: each K/V tile then serves 128 of them, which
+     * measured 5-10% faster where K/V no longer fit in L3 (H_kv 8, D 128, n >= 4096) and 9% slower
+     * at n = 512 */
+    const int64_t bm = T >= 2048 && S >= 4096 ? BM_MAX : BM_MAX / 2;
+    const int64_t blocks = (T + bm - 1) / bm;
     _Atomic int failed = 0;
-    pf_args A = {q, k, v, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, blocks,
-                 scale, softcap, out, lse, &failed};
+    pf_args A = {q, k, v, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right, bm,
+                 blocks, scale, softcap, out, lse, &failed};
     sa_pool_run(pf_task, &A, B * H * blocks);
     return atomic_load(&failed) ? -2 : 0;
 }
