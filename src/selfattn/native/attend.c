@@ -8,7 +8,8 @@
  * and the chunks are merged by log-sum-exp at the end.
  *
  * Keys go in tiles of up to TILE (a whole chunk of K rows, then its V rows: long sequential
- * runs). Scores: four keys (two for compact rows) against up to three query rows at a time, each
+ * runs). Scores: four keys (two for compact rows, or for a group of four float rows) against up
+ * to three query rows at a time (four, row_group), each
  * 8-value chunk of a key loaded or decoded in registers straight from the stored row (compact
  * rows: the bytes read are the compact bytes, and nothing is written back) and used for every
  * row; each group of keys is scored against every group of rows before the next is read.
@@ -90,6 +91,31 @@ SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float
     }
 }
 
+/* float rows: the same for four rows and the two keys kp[0..1]: a group of four rows (GQA with
+ * four query heads a kv head) is scored in one pass over the keys, not as three and one */
+SA_INLINE void score2x4(const float *q, int64_t D, const uint8_t *const *kp, float *s, int64_t ts,
+                        int64_t pf_row, const int FMT) {
+    __m256 a[2][4];
+    for (int j = 0; j < 2; j++) {
+        prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
+        for (int r = 0; r < 4; r++) a[j][r] = _mm256_setzero_ps();
+    }
+    for (int64_t c = 0; c < D / 8; c++) {
+        __m256 w0 = ld_chunk(kp[0], c, FMT), w1 = ld_chunk(kp[1], c, FMT);
+        for (int r = 0; r < 4; r++) {
+            __m256 qv = _mm256_loadu_ps(q + r * D + 8 * c);
+            a[0][r] = _mm256_fmadd_ps(qv, w0, a[0][r]);
+            a[1][r] = _mm256_fmadd_ps(qv, w1, a[1][r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        __m256 u = _mm256_hadd_ps(a[0][r], a[1][r]); /* per lane half: k0 k0 k1 k1 */
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+        v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
+        _mm_storel_pi((__m64 *)(s + r * ts), v);
+    }
+}
+
 /* compact rows (q8_0, q4_0): the same for the two keys kp[0..1], each block's dot product taken
  * over the unscaled integers and scaled once, sum_b d_b * (q_b . n_b): no multiply per chunk, and
  * twelve accumulators (a block's, and the running sums) for two keys */
@@ -124,12 +150,12 @@ SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp
 }
 
 /* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*ts + j] * v_j,
- * for NR (<= 3) rows; v_j is stored row j from vt, pw the softmax weights (times the block's
+ * for NR rows (NR x NC <= 12 registers); v_j is stored row j from vt, pw the softmax weights (times the block's
  * scale for compact rows) */
 SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t *vt,
                        int64_t v_row, int64_t nk, const float *pw, int64_t ts, int64_t c0,
                        int64_t pf_row, const int NR, const int NC, const int FMT) {
-    __m256 o[3][4];
+    __m256 o[4][4];
     for (int r = 0; r < NR; r++) {
         __m256 al = _mm256_set1_ps(alpha[r]);
         for (int i = 0; i < NC; i++) o[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * Dv + 8 * (c0 + i)), al);
@@ -137,7 +163,7 @@ SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t
     for (int64_t j = 0; j < nk; j++) {
         const uint8_t *row = vt + j * v_row;
         prefetch_row(row + PF_KEYS * pf_row, pf_row);
-        __m256 p[3];
+        __m256 p[4];
         for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * ts + j);
         for (int i = 0; i < NC; i++) {
             __m256 w = ld_chunk(row, c0 + i, FMT);
@@ -185,6 +211,12 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
     default: CALL(3); break;   \
     }
 
+/* rows go in groups of three, or of four (float rows only, when R is a multiple of 4 and not of
+ * 3: GQA with 4 or 8 query heads a kv head); a group is scored and accumulated in one pass */
+SA_INLINE int64_t row_group(int64_t R, const int FMT) {
+    return !COMPACT(FMT) && R % 3 && R % 4 == 0 ? 4 : 3;
+}
+
 /* one task; FMT is a constant in each instance below, so the row decoding inlines per format.
  * Per tile: every key's K row is read once (each group of keys is scored against every row group
  * while it is in L1), then the tile's V rows once, VSUB keys at a time (each sub-block is used by
@@ -207,9 +239,10 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         atomic_store(A->failed, 1);
         return;
     }
-    float pw[3 * VSUB] __attribute__((aligned(32)));
+    float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
     float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
-    float alpha[MAX_ROWS], ones[3] = {1.0f, 1.0f, 1.0f};
+    float alpha[MAX_ROWS], ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    const int64_t gr = row_group(R, FMT);
     unsigned char seen[MAX_ROWS];
     const uint8_t *kp[TILE + 4];
     int64_t lo[MAX_ROWS], hi[MAX_ROWS];
@@ -236,11 +269,16 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
 
         for (int64_t j = 0; j < ts + 4; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
         for (int64_t j = 0; j < nk; j += COMPACT(FMT) ? 2 : 4)
-            for (int64_t r0 = 0; r0 < R; r0 += 3) {
-                const int64_t nr = R - r0 < 3 ? R - r0 : 3;
-                if (!(seen[r0] | (nr > 1 && seen[r0 + 1]) | (nr > 2 && seen[r0 + 2]))) continue;
+            for (int64_t r0 = 0; r0 < R; r0 += gr) {
+                const int64_t nr = R - r0 < gr ? R - r0 : gr;
+                int any_seen = 0;
+                for (int64_t r = r0; r < r0 + nr; r++) any_seen |= seen[r];
+                if (!any_seen) continue;
                 const int64_t pf = r0 ? 0 : k_row;
-                if (COMPACT(FMT)) {
+                if (nr == 4) {
+                    score2x4(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, FMT);
+                    score2x4(q + r0 * D, D, kp + j + 2, s + r0 * ts + j + 2, ts, pf, FMT);
+                } else if (COMPACT(FMT)) {
 #define SCORE(NR) score2_blocks(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, NR, FMT)
                     ROWS3(SCORE)
 #undef SCORE
@@ -264,14 +302,14 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
             if (COMPACT(FMT))
                 for (int64_t k = 0; k < nb; k++)
                     for (int64_t j = 0; j < VSUB; j++) dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
-            for (int64_t r0 = 0; r0 < R; r0 += 3) {
-                const int64_t nr = R - r0 < 3 ? R - r0 : 3;
+            for (int64_t r0 = 0; r0 < R; r0 += gr) {
+                const int64_t nr = R - r0 < gr ? R - r0 : gr, step = nr == 4 ? 3 : 4; /* chunks a pass */
                 int touch = 0;
                 for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
                 if (!touch) continue;
                 /* the earlier state is scaled once, with the tile's first sub-block */
                 const float *al = j1 ? ones : alpha + r0;
-                for (int64_t c0 = 0; c0 < Dv / 8; c0 += 4) {
+                for (int64_t c0 = 0; c0 < Dv / 8; c0 += step) {
                     const float *w = s + r0 * ts + j1;
                     int64_t wstride = ts;
                     if (COMPACT(FMT)) { /* weights times this block's scales */
@@ -283,7 +321,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
                         w = pw;
                         wstride = VSUB;
                     }
-                    const int64_t nc = Dv / 8 - c0 < 4 ? Dv / 8 - c0 : 4;
+                    const int64_t nc = Dv / 8 - c0 < step ? Dv / 8 - c0 : step;
 #define ACC(NR, NC) accum_v(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0, r0 || c0 ? 0 : v_row, NR, NC, FMT)
 #define ACCN(NR)                                   \
     switch (nc) {                                  \
@@ -292,7 +330,15 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     case 3: ACC(NR, 3); break;                     \
     default: ACC(NR, 4); break;                    \
     }
-                    ROWS3(ACCN)
+                    if (nr == 4) {
+                        switch (nc) {
+                        case 1: ACC(4, 1); break;
+                        case 2: ACC(4, 2); break;
+                        default: ACC(4, 3); break;
+                        }
+                    } else {
+                        ROWS3(ACCN)
+                    }
 #undef ACCN
 #undef ACC
                 }
