@@ -12,6 +12,8 @@ from selfattn import native
 from selfattn.attention import kvformat, threads
 from selfattn.attention.decode import decode_attention, decode_chunks
 
+from .spec import reference_on_stored
+
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
 
@@ -115,11 +117,7 @@ def test_c_decode_kernel_equals_numba_kernel_and_reference(fmt, H, H_kv, D, Dv, 
     np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-6)
     # and the spec, on the decoded values
-    from selfattn.attention.reference import attention_reference
-
-    kd, vd = (kvformat.decode_rows(x[:, :, :S], fmt, x_d) for x, x_d in ((k, D), (v, Dv)))
-    spec_out, spec_lse = attention_reference(q, kd, vd, band=band, mask=None, softcap=softcap,
-                                             scale=scale)
+    spec_out, spec_lse, vd = reference_on_stored(q, k, v, S, band, softcap, scale, fmt)
     np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
     np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
 
@@ -148,11 +146,7 @@ def test_c_decode_kernel_logits_far_apart(fmt):
     ks = kvformat.quantize(k, fmt)
     v = kvformat.quantize(rng.standard_normal((1, 1, S, D), np.float32), fmt)
     out, lse = decode_attention(q, ks, v, S, (S, 0), None, None, 1.0, fmt)
-    from selfattn.attention.reference import attention_reference
-
-    kd, vd = (kvformat.decode_rows(x, fmt, D) for x in (ks, v))
-    spec_out, spec_lse = attention_reference(q, kd, vd, band=(S, 0), mask=None, softcap=None,
-                                             scale=1.0)
+    spec_out, spec_lse, vd = reference_on_stored(q, ks, v, S, (S, 0), None, 1.0, fmt)
     assert np.isfinite(out).all() and np.isfinite(lse).all()
     np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
     np.testing.assert_allclose(lse, spec_lse, rtol=1e-6)
@@ -161,7 +155,8 @@ def test_c_decode_kernel_logits_far_apart(fmt):
 @pytest.mark.parametrize("fmt", kvformat.FORMATS)
 def test_c_decode_kernel_chunks_of_several_tiles(fmt):
     """Chunks of 2,500 keys: tiles of 1,024 keys and a partial one, each read in sub-blocks, the
-    online-softmax state carried from tile to tile; eight rows (groups of 3, 3 and 2)."""
+    online-softmax state carried from tile to tile; eight rows (two groups of four for float
+    rows, groups of 3, 3 and 2 for compact ones)."""
     rng = np.random.default_rng(21)
     S, T, H, H_kv, D = 5000, 2, 8, 2, 64
     q = rng.standard_normal((1, H, T, D), np.float32)
@@ -171,11 +166,7 @@ def test_c_decode_kernel_chunks_of_several_tiles(fmt):
     lse = np.empty((1, H, T), np.float32)
     qs = q.reshape(1, H_kv, H // H_kv * T, D) * np.float32(0.125)
     native.decode_attention(qs, k, v, fmt, S, T, 0, 2500, 2, S, 0, 20.0, out, lse)
-    from selfattn.attention.reference import attention_reference
-
-    kd, vd = (kvformat.decode_rows(x, fmt, D) for x in (k, v))
-    spec_out, spec_lse = attention_reference(q, kd, vd, band=(S, 0), mask=None, softcap=20.0,
-                                             scale=0.125)
+    spec_out, spec_lse, vd = reference_on_stored(q, k, v, S, (S, 0), 20.0, 0.125, fmt)
     np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
     np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
 

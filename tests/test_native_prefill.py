@@ -11,6 +11,8 @@ from selfattn.attention import kvformat, threads
 from selfattn.attention.flash import flash_attention
 from selfattn.attention.reference import attention_reference
 
+from .spec import reference_on_stored
+
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
 
@@ -46,9 +48,7 @@ def test_c_prefill_kernel_equals_numba_kernel_and_reference(fmt, B, H, H_kv, D, 
                                        compiled=False)
     np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
     np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-6)
-    kd, vd = (kvformat.decode_rows(x[:, :, :S], fmt, x_d) for x, x_d in ((k, D), (v, Dv)))
-    spec_out, spec_lse = attention_reference(q, kd, vd, band=band, mask=None, softcap=softcap,
-                                             scale=scale)
+    spec_out, spec_lse, vd = reference_on_stored(q, k, v, S, band, softcap, scale, fmt)
     np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
     np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
 

@@ -45,28 +45,40 @@ typedef struct {
     _Atomic int *failed; /* set by a task that could not allocate its buffers */
 } pf_args;
 
-/* st[r][c0 .. c0+15] = q_c . k_r for NR keys (rows of K from krow, D apart): qt D x ld, st
- * rows ld apart (ld: the task's queries, bm) */
-SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, int64_t ld,
-                   const int NR) {
-    __m256 a[NR_MAX][2];
-    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d++) {
-        __m256 q0 = _mm256_load_ps(qt + d * ld), q1 = _mm256_load_ps(qt + d * ld + 8);
+/* the shared register block: a[r][0..1] += b_r[i] * x_i[0..15] for i < n, NR rows r; x_i is row
+ * i of a column block (ld apart), b_r[i] sits at b + r * rs + i * is */
+SA_INLINE void panel(__m256 a[][2], const float *x, int64_t ld, const float *b, int64_t rs,
+                     int64_t is, int64_t n, const int NR) {
+    for (int64_t i = 0; i < n; i++) {
+        __m256 x0 = _mm256_load_ps(x + i * ld), x1 = _mm256_load_ps(x + i * ld + 8);
         for (int r = 0; r < NR; r++) {
-            __m256 kb = _mm256_broadcast_ss(krow + r * D + d);
-            a[r][0] = _mm256_fmadd_ps(kb, q0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(kb, q1, a[r][1]);
+            __m256 bb = _mm256_broadcast_ss(b + r * rs + i * is);
+            a[r][0] = _mm256_fmadd_ps(bb, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(bb, x1, a[r][1]);
         }
-    }
-    for (int r = 0; r < NR; r++) {
-        _mm256_store_ps(st + r * ld, a[r][0]);
-        _mm256_store_ps(st + r * ld + 8, a[r][1]);
     }
 }
 
+SA_INLINE void store_panel(float *y, int64_t ld, __m256 a[][2], const int NR) {
+    for (int r = 0; r < NR; r++) {
+        _mm256_store_ps(y + r * ld, a[r][0]);
+        _mm256_store_ps(y + r * ld + 8, a[r][1]);
+    }
+}
+
+/* st[r][c0 .. c0+15] = q_c . k_r for NR keys (rows of K from krow, D apart): qt D x ld, st
+ * rows ld apart (ld: the task's queries, bm); each step one d */
+SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, int64_t ld,
+                      const int NR) {
+    __m256 a[NR_MAX][2];
+    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    panel(a, qt, ld, krow, D, 1, D, NR);
+    store_panel(st, ld, a, NR);
+}
+
 /* ot[d0 + r][c0 .. c0+15] = alpha * ot + sum over keys j < nk of st[j][c] * v_j[d0 + r], for NR
- * values of d (st, ot and alpha already offset to the column block, vrow to v_0[d0]) */
+ * values of d (st, ot and alpha already offset to the column block, vrow to v_0[d0]); each step
+ * one key */
 SA_INLINE void values(float *ot, const float *alpha, const float *st, const float *vrow,
                       int64_t Dv, int64_t nk, int64_t ld, const int NR) {
     __m256 a[NR_MAX][2];
@@ -75,18 +87,8 @@ SA_INLINE void values(float *ot, const float *alpha, const float *st, const floa
         a[r][0] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld), al0);
         a[r][1] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld + 8), al1);
     }
-    for (int64_t j = 0; j < nk; j++) {
-        __m256 p0 = _mm256_load_ps(st + j * ld), p1 = _mm256_load_ps(st + j * ld + 8);
-        for (int r = 0; r < NR; r++) {
-            __m256 vb = _mm256_broadcast_ss(vrow + j * Dv + r);
-            a[r][0] = _mm256_fmadd_ps(vb, p0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(vb, p1, a[r][1]);
-        }
-    }
-    for (int r = 0; r < NR; r++) {
-        _mm256_store_ps(ot + r * ld, a[r][0]);
-        _mm256_store_ps(ot + r * ld + 8, a[r][1]);
-    }
+    panel(a, st, ld, vrow, 1, Dv, nk, NR);
+    store_panel(ot, ld, a, NR);
 }
 
 #define BY_NR(CALL, n)              \
