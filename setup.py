@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "selfattn.native._kernels",
-    sources=[f"src/selfattn/native/{name}.c" for name in ("module", "pool", "matvec", "attend", "ops", "quant", "step", "prefill")],
+    sources=[f"src/selfattn/native/{name}.c" for name in ("module", "pool", "matvec", "attend", "ops", "quant", "step", "prefill", "peak")],
     depends=["src/selfattn/native/simd.h", "src/selfattn/native/kernels.h"],
     extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off"],
     extra_link_args=["-pthread"],

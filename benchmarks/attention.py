@@ -6,7 +6,8 @@ Rows: prefill (causal, T = S = n) and decode (T = 1 against S keys), for two sha
 SmolLM2-135M (H 9, H_kv 3, D 64) and Llama-3-8B (H 32, H_kv 8, D 128), float32.
 Columns: selfattn, a plain NumPy implementation (per head: scores, softmax, @ v) and
 torch.nn.functional.scaled_dot_product_attention (CPU, enable_gqa=True), all on the same threads;
-the machine's limits (NumPy BLAS matmul GFLOP/s, read bandwidth) measured in the same run.
+the machine's limits (the FMA units' peak, NumPy BLAS matmul GFLOP/s, read bandwidth) measured in
+the same run; prefill rows also say what share of the FMA peak selfattn and SDPA reach.
 Times are medians over --reps after one warm-up call (which also compiles); raw samples go to
 --json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike. Inputs are
 allocated 64-byte aligned, as selfattn's KV cache is, and every implementation gets the same ones.
@@ -34,6 +35,7 @@ from rich.table import Table  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import selfattn  # noqa: E402
+from selfattn import native  # noqa: E402
 from selfattn.measure.roofline import blas_description, matmul_gflops, read_gbs  # noqa: E402
 
 SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
@@ -149,8 +151,10 @@ def main():
         peak_gflops = matmul_gflops(threads=args.threads)
         blas = blas_description()
     bandwidth = read_gbs(threads=args.threads)
+    fma_peak = native.fma_gflops(args.threads) if native.available() else None
     console.print(f"threads {args.threads} · BLAS: {blas} · {torch_info}")
-    console.print(f"roofline: float32 matmul {peak_gflops:.0f} GFLOP/s (NumPy BLAS), "
+    console.print("roofline: " + (f"float32 FMA peak {fma_peak:.0f} GFLOP/s, " if fma_peak else "")
+                  + f"float32 matmul {peak_gflops:.0f} GFLOP/s (NumPy BLAS), "
                   f"read bandwidth {bandwidth:.1f} GB/s")
 
     prefill_n = [n for n in PREFILL_N if not args.quick or n <= 2048]
@@ -180,6 +184,10 @@ def main():
                 table.add_column(f"{name} {unit}", justify="right")
             table.add_column("selfattn vs sdpa", justify="right")
             table.add_column("selfattn % of roofline", justify="right")
+            fma_cols = [nm for nm in ("selfattn", "sdpa") if nm in names] \
+                if phase == "prefill" and fma_peak else []
+            for name in fma_cols:
+                table.add_column(f"{name} % of FMA peak", justify="right")
             for size in sizes:
                 T = size if phase == "prefill" else 1
                 flops = 4.0 * T * size * D * H / (2 if phase == "prefill" else 1)
@@ -198,12 +206,14 @@ def main():
                 roof = peak_gflops if phase == "prefill" else bandwidth
                 row.append(f"{rate['selfattn'] / rate['sdpa']:.2f}x" if "sdpa" in rate else "-")
                 row.append(f"{100 * rate['selfattn'] / roof:.0f}%")
+                row += [f"{100 * rate[nm] / fma_peak:.0f}%" if nm in rate else "-" for nm in fma_cols]
                 table.add_row(*row)
             console.print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(blas=blas, torch=torch_info, threads=args.threads,
-                           matmul_gflops=peak_gflops, read_gbs=bandwidth, records=records), f,
+                           fma_gflops=fma_peak, matmul_gflops=peak_gflops, read_gbs=bandwidth,
+                           records=records), f,
                       indent=1)
 
 

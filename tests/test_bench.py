@@ -116,11 +116,13 @@ def test_cli_roofline_measures_then_caches(cli_env):
     assert doc["measured_now"] is True
     assert doc["matmul_gflops"] > 1 and doc["read_gbs"] > 0.5 and doc["threads"] >= 1
     assert doc["matmul_gflops_1t"] > 0.5 and doc["read_gbs_1t"] > 0.2
+    assert doc["fma_gflops"] > 1 and doc["fma_gflops_1t"] > 0.5  # the compiled kernels are built
     assert "blas" in doc and doc["blas"] != "unknown BLAS"
     again = json.loads(run("roofline", "--json", env=cli_env).stdout)
     assert again["measured_now"] is False and again["date"] == doc["date"]
     r = run("roofline", env=cli_env)
     assert r.returncode == 0 and "GFLOP/s" in r.stdout and "GB/s" in r.stdout
+    assert "FMA peak" in r.stdout
 
 
 def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):

@@ -325,3 +325,23 @@ def test_kernels_work_in_a_forked_child():
     with multiprocessing.get_context("fork").Pool(1) as p:
         got = p.apply_async(native.matmul, (x, pm)).get(timeout=60)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 1000, 1001])
+def test_fma_peak_loop_runs_every_step_of_every_chain(iters):
+    """The roofline's FMA peak counts tasks x iters x 12 FMAs of 8 lanes: each task's chain sum
+    is the closed form of that many steps (one step fewer or more moves it by ~1.5e-4)."""
+    sums = np.full(3, np.nan, np.float32)
+    native._module().fma_loop(iters, 3, sums)
+    m, c = np.float64(np.float32(0.999999)), np.float64(np.float32(1e-3))
+    a0 = np.arange(1, 13, dtype=np.float64)
+    want = 8 * (a0 * m**iters + c * (1 - m**iters) / (1 - m)).sum()
+    np.testing.assert_allclose(sums, want, rtol=2e-6)
+
+
+def test_fma_peak_is_measured_and_refuses_bad_input():
+    assert native.fma_gflops(1, seconds=0.01, reps=2) > 0.5
+    with pytest.raises(ValueError, match="n_threads"):
+        native.fma_gflops(0)
+    with pytest.raises(ValueError, match="sums"):
+        native._module().fma_loop(10, 4, np.zeros(3, np.float32))

@@ -50,7 +50,7 @@ def cmd_roofline(args):
     from ..measure.roofline import load_or_measure
 
     console = terminal(stderr=True)
-    with console.status("measuring this machine's matmul FLOP/s and read bandwidth..."):
+    with console.status("measuring this machine's FLOP/s and read bandwidth..."):
         r, fresh = load_or_measure(refresh=args.refresh)
     if args.json:
         print(json.dumps(dict(r, measured_now=fresh)))
@@ -59,6 +59,9 @@ def cmd_roofline(args):
                         f"{'measured now' if fresh else 'measured ' + r['date']}")
     for col in ("", "1 thread", f"{r['threads']} threads"):
         table.add_column(col, justify="right")
+    if r["fma_gflops"] is not None:
+        table.add_row("float32 FMA peak GFLOP/s", f"{r['fma_gflops_1t']:.1f}",
+                      f"{r['fma_gflops']:.1f}")
     table.add_row("float32 matmul GFLOP/s", f"{r['matmul_gflops_1t']:.1f}",
                   f"{r['matmul_gflops']:.1f}")
     table.add_row("read bandwidth GB/s", f"{r['read_gbs_1t']:.1f}", f"{r['read_gbs']:.1f}")

@@ -1,7 +1,10 @@
-"""This machine's limits: sustained float32 matmul FLOP/s and memory read bandwidth.
+"""This machine's limits: float32 FLOP/s (the FMA units' peak, and what a BLAS matmul sustains)
+and memory read bandwidth.
 
+FMA peak: registers-only chains of fused multiply-adds on the compiled kernels' threads
+(native/peak.c): the ceiling no float32 kernel passes (None without the compiled kernels).
 Matmul: NumPy's BLAS on square float32 matrices, best of a few runs (the sustained peak, not an
-average with warm-up). Bandwidth: a compiled, vectorized sum over an array much larger than the
+average with warm-up): what a well-tuned kernel with real loads and stores reaches. Bandwidth: a compiled, vectorized sum over an array much larger than the
 last-level cache, split across threads: the access pattern of decode, which streams K, V and the
 weights once per token. Both are measured with one thread and with all threads.
 """
@@ -32,6 +35,8 @@ def _parallel_sum(x):
 
 @dataclass
 class Roofline:
+    fma_gflops: float | None  # all threads; None without the compiled kernels
+    fma_gflops_1t: float | None
     matmul_gflops: float  # all threads
     matmul_gflops_1t: float
     read_gbs: float  # all threads
@@ -88,18 +93,21 @@ def load_or_measure(refresh: bool = False) -> tuple[dict, bool]:
 
     if not refresh:
         stored = store.load("roofline")
-        if stored is not None:
-            return stored, False
+        if stored is not None and all(f in stored for f in Roofline.__dataclass_fields__):
+            return stored, False  # (a record from before a field was added is measured again)
     record = dict(asdict(measure()), cpu=store.cpu_name())
     store.save("roofline", record)
     return store.load("roofline") or record, True
 
 
 def measure(threads=None) -> Roofline:
+    from .. import native
     from ..attention.threads import num_threads
 
     threads = threads or num_threads()
-    r = Roofline(matmul_gflops=matmul_gflops(threads=threads),
+    fma = native.fma_gflops if native.available() else (lambda n: None)
+    r = Roofline(fma_gflops=fma(threads), fma_gflops_1t=fma(1),
+                 matmul_gflops=matmul_gflops(threads=threads),
                  matmul_gflops_1t=matmul_gflops(threads=1),
                  read_gbs=read_gbs(threads=threads), read_gbs_1t=read_gbs(threads=1),
                  threads=threads, blas=blas_description())

@@ -203,6 +203,36 @@ def layer_step(x: np.ndarray, layer_args: tuple, cos: np.ndarray, sin: np.ndarra
                               j_base, chunk, n_chunks)
 
 
+def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
+    """This machine's float32 FMA throughput (GFLOP/s, an FMA counted as 2 FLOPs) on n_threads
+    of the kernels' pool: registers-only FMA chains (peak.c), best of `reps` runs of ~`seconds`."""
+    import time
+
+    global _threads
+    if not isinstance(n_threads, int) or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+    with _lock:
+        mod = _load()
+        if mod is None:
+            raise RuntimeError("selfattn's compiled kernels are not available")
+        mod.set_threads(n_threads)
+        _threads = n_threads  # the next kernel call sizes the pool back
+        tasks = 4 * n_threads  # taken dynamically: a late-waking worker still gets its share
+        sums = np.empty(tasks, np.float32)
+
+        def run(iters):
+            t = time.perf_counter()
+            mod.fma_loop(iters, tasks, sums)
+            return time.perf_counter() - t
+
+        iters = 100_000
+        iters = max(iters, int(iters * seconds / max(run(iters), 1e-6)))
+        best = min(run(iters) for _ in range(reps))
+    if not np.isfinite(sums).all():
+        raise RuntimeError("fma_loop: the chains' sums are not finite")
+    return tasks * iters * 12 * 16 / best / 1e9
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, n) float32 -> x / sqrt(mean(x²) + eps) · w."""
     x = np.ascontiguousarray(x, np.float32)

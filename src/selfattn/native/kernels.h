@@ -45,6 +45,7 @@ int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int f
                        float scale, float softcap, float *out, float *lse);
 int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
                      int64_t head_stride, int64_t row_stride);
+void sa_fma_loop(int64_t iters, int64_t tasks, float *sums);
 void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);
 void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
              const float *sin_t, int64_t pos);

@@ -243,6 +243,20 @@ done:
     return rc ? NULL : PyFloat_FromDouble(attn_s);
 }
 
+static PyObject *py_fma_loop(PyObject *self, PyObject *args) {
+    Py_buffer sums;
+    long long iters, tasks;
+    if (!PyArg_ParseTuple(args, "LLw*", &iters, &tasks, &sums)) return NULL;
+    int ok = iters >= 0 && tasks >= 1 && big_enough(&sums, tasks * 4, "sums");
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        sa_fma_loop(iters, tasks, sums.buf);
+        Py_END_ALLOW_THREADS
+    } else if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "fma_loop: bad sizes");
+    PyBuffer_Release(&sums);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -261,6 +275,7 @@ static PyMethodDef methods[] = {
     {"swiglu", py_swiglu, METH_VARARGS, "silu(gate) * up"},
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
     {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
+    {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of 8 lanes per task, on the pool"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads the kernels use"},
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "AVX2, FMA and F16C present"},
     {NULL, NULL, 0, NULL}};
