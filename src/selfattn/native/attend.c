@@ -31,7 +31,7 @@
 /* rows fetched ahead of use, spread over the loops that use them (one tile ahead at once
  * stalls on the misses it starts; none leaves the stream to the hardware prefetcher, which
  * keeps up with neither the f32 nor the compact rows here) */
-#define PF_KEYS 64
+#define PF_KEYS 32
 
 typedef struct {
     const float *q;
@@ -151,7 +151,9 @@ SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp
 
 /* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*ts + j] * v_j,
  * for NR rows (NR x NC <= 12 registers); v_j is stored row j from vt, pw the softmax weights (times the block's
- * scale for compact rows) */
+ * scale for compact rows). Each key's step holds whichever of its chunks or its weights fits
+ * beside the accumulators in 16 registers: for four rows x three chunks the weights did not, and
+ * one accumulator lived on the stack (a store-to-load chain a key: 17% slower in L2) */
 SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t *vt,
                        int64_t v_row, int64_t nk, const float *pw, int64_t ts, int64_t c0,
                        int64_t pf_row, const int NR, const int NC, const int FMT) {
@@ -163,11 +165,20 @@ SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t
     for (int64_t j = 0; j < nk; j++) {
         const uint8_t *row = vt + j * v_row;
         prefetch_row(row + PF_KEYS * pf_row, pf_row);
-        __m256 p[4];
-        for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * ts + j);
-        for (int i = 0; i < NC; i++) {
-            __m256 w = ld_chunk(row, c0 + i, FMT);
-            for (int r = 0; r < NR; r++) o[r][i] = _mm256_fmadd_ps(p[r], w, o[r][i]);
+        if (NR * NC + NC + 1 <= 16) { /* the key's NC chunks in registers, one weight at a time */
+            __m256 w[4];
+            for (int i = 0; i < NC; i++) w[i] = ld_chunk(row, c0 + i, FMT);
+            for (int r = 0; r < NR; r++) {
+                const __m256 p = _mm256_broadcast_ss(pw + r * ts + j);
+                for (int i = 0; i < NC; i++) o[r][i] = _mm256_fmadd_ps(p, w[i], o[r][i]);
+            }
+        } else { /* the NR weights in registers, one chunk at a time */
+            __m256 p[4];
+            for (int r = 0; r < NR; r++) p[r] = _mm256_broadcast_ss(pw + r * ts + j);
+            for (int i = 0; i < NC; i++) {
+                __m256 w = ld_chunk(row, c0 + i, FMT);
+                for (int r = 0; r < NR; r++) o[r][i] = _mm256_fmadd_ps(p[r], w, o[r][i]);
+            }
         }
     }
     for (int r = 0; r < NR; r++)
