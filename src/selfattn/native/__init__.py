@@ -32,8 +32,9 @@ KV_CODES = {"f32": F32, "f16": F16, "q4_0": Q4_0, "q8_0": Q8_0}
 # raised when a change makes decoding or prefill materially faster or slower, so that speed
 # calibrations fitted before it (measure.bench.calibrate) are no longer taken for this machine's
 # 2: one C call a layer per decode step, fused compact-KV kernel; 3: the C prefill kernel
-# (prefill.c), decode tiles of up to 1,024 keys and groups of four rows
-KERNELS_REVISION = 3
+# (prefill.c), decode tiles of up to 1,024 keys and groups of four rows; 4: built with -fno-wrapv
+# (every kernel), prefill in column blocks, decode without a spilled accumulator
+KERNELS_REVISION = 4
 MAX_T = 16  # rows of x per matmul call
 MAX_DIM, MAX_ROWS = 256, 256  # decode_attention's head dims and G*T rows at most
 
