@@ -131,6 +131,23 @@ def torch_available():
     return importlib.util.find_spec("torch") is not None
 
 
+def cpu_jiffies():
+    """(stolen, total) CPU time of this machine so far (/proc/stat), or None: the host running
+    something else on our virtual CPUs shows up as steal, and a row measured then is low."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def steal_share(before, after):
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def measure_limits(threads):
     """(FMA peak GFLOP/s or None, NumPy matmul GFLOP/s, read GB/s) on `threads` threads."""
     with threadpool_limits(threads, user_api="blas"):
@@ -174,18 +191,21 @@ def main():
     if "sdpa" not in names:
         console.print("torch not installed: `pip install torch==2.13.0` to add SDPA")
     ctx = multiprocessing.get_context("spawn")
-    samples_by = {}
+    samples_by, steal_by = {}, {}
     for shape, (H, H_kv, D) in SHAPES.items():
         for phase, sizes in (("prefill", prefill_n), ("decode", decode_s)):
             if phase not in args.phases.split(","):
                 continue
             samples = samples_by[shape, phase] = {}
+            steal = steal_by[shape, phase] = {}
             for name in names:
                 todo = [n for n in sizes
                         if not (name == "numpy" and phase == "prefill" and n > args.numpy_max_n)]
+                j0 = cpu_jiffies()
                 with ctx.Pool(1) as p, console.status(f"{phase} {shape}: {name}"):
                     samples[name] = p.apply(worker, (name, phase, H, H_kv, D, todo, args.reps,
                                                      args.threads))
+                steal[name] = steal_share(j0, cpu_jiffies())
     after = measure_limits(args.threads)
     console.print("roofline, after: " + describe(*after))
     fma_peak, peak_gflops, bandwidth = (max(a, b) if a and b else a or b
@@ -224,6 +244,7 @@ def main():
                     rate[name] = (flops if phase == "prefill" else kv_bytes) / med / 1e9
                     row += [f"{med * 1e3:.2f}", f"{rate[name]:.1f}"]
                     records.append(dict(shape=shape, phase=phase, size=size, impl=name,
+                                        steal=steal_by[shape, phase][name],
                                         samples_s=samples[name][size], median_s=med,
                                         rate=rate[name], unit=unit))
                 roof = peak_gflops if phase == "prefill" else bandwidth
@@ -232,6 +253,11 @@ def main():
                 row += [f"{100 * rate[nm] / fma_peak:.0f}%" if nm in rate else "-" for nm in fma_cols]
                 table.add_row(*row)
             console.print(table)
+            stolen = [f"{nm} {100 * x:.1f}%" for nm, x in steal_by[shape, phase].items()
+                      if x is not None]
+            if stolen:
+                console.print("CPU time the host took from this machine during each column's run "
+                              "(steal): " + ", ".join(stolen))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(blas=blas, torch=torch_info, threads=args.threads,
