@@ -27,15 +27,18 @@ def cmd_demo(args):
     table = Table()
     for col in ("n", "pairs", "impl", "ms (median)", "x prev n", "GFLOP/s", "peak extra MiB"):
         table.add_column(col, justify="right")
-    prev = {}
+    points = []
     with console.status("measuring...") as status:
         for p in quadratic_wall(ns, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
                                 reference_max_n=args.reference_max_n):
             status.update(f"measured {p.impl} at n={p.n}")
-            grow = f"{p.median_s / prev[p.impl]:.1f}x" if p.impl in prev else ""
-            prev[p.impl] = p.median_s
-            table.add_row(str(p.n), f"{p.pairs:,}", p.impl, f"{p.median_s * 1e3:.1f}", grow,
-                          f"{p.gflops:.1f}", f"{p.peak_bytes / 2**20:.1f}")
+            points.append(p)
+    prev = {}
+    for p in sorted(points, key=lambda p: (p.n, p.impl != "reference")):
+        grow = f"{p.median_s / prev[p.impl]:.1f}x" if p.impl in prev else ""
+        prev[p.impl] = p.median_s
+        table.add_row(str(p.n), f"{p.pairs:,}", p.impl, f"{p.median_s * 1e3:.1f}", grow,
+                      f"{p.gflops:.1f}", f"{p.peak_bytes / 2**20:.1f}")
     console.print(table)
     console.print("Doubling n multiplies the pairs, and so the time, by ~4: the quadratic wall. "
                   "The reference's memory grows by ~4 too; the flash path's only by ~2 (its "
