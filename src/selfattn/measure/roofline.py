@@ -4,9 +4,10 @@ and memory read bandwidth.
 FMA peak: registers-only chains of fused multiply-adds on the compiled kernels' threads
 (native/peak.c): the ceiling no float32 kernel passes (None without the compiled kernels).
 Matmul: NumPy's BLAS on square float32 matrices, best of a few runs (the sustained peak, not an
-average with warm-up): what a well-tuned kernel with real loads and stores reaches. Bandwidth: a compiled, vectorized sum over an array much larger than the
-last-level cache, split across threads: the access pattern of decode, which streams K, V and the
-weights once per token. Both are measured with one thread and with all threads.
+average with warm-up): what a well-tuned kernel with real loads and stores reaches.
+Bandwidth: a compiled, vectorized sum over an array much larger than the last-level cache, split
+across threads: the access pattern of decode, which streams K, V and the weights once per token.
+Each is measured with one thread and with all threads.
 """
 
 import logging

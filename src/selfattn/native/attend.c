@@ -30,7 +30,8 @@
 #define MAX_BLOCKS (MAX_DIM / 32)
 /* rows fetched ahead of use, spread over the loops that use them (one tile ahead at once
  * stalls on the misses it starts; none leaves the stream to the hardware prefetcher, which
- * keeps up with neither the f32 nor the compact rows here) */
+ * keeps up with neither the f32 nor the compact rows here; 32 rows measured 3-5% faster than
+ * 64 or 128 on the Llama-3 shape, the same on SmolLM2's) */
 #define PF_KEYS 32
 
 typedef struct {

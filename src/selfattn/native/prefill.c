@@ -104,10 +104,10 @@ SA_INLINE void values(float *ot, const float *alpha, const float *st, const floa
     default: CALL(6); break;        \
     }
 
-/* one tile's online softmax, down the columns (nv vectors of 8 queries; st in blocks of QB columns,
- * BN x QB each): scores outside the band
- * (if `band`) become -inf, st becomes p = exp(s - m_new), m and l are brought up to date and
- * alpha = exp(m_old - m_new) is what the output so far is scaled by */
+/* one tile's online softmax, down the columns (nv vectors of 8 queries; st in blocks of QB
+ * columns, BN x QB each): scores outside the band (if `band`) become -inf, st becomes
+ * p = exp(s - m_new), m and l are brought up to date and alpha = exp(m_old - m_new) is what the
+ * output so far is scaled by */
 SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t j0,
                             int64_t p0, int64_t left, int64_t right, float softcap, float *m,
                             float *l, float *alpha) {
@@ -160,8 +160,9 @@ SA_TARGET static void pf_task(const void *ctx, int64_t task) {
     const uint8_t *kh = A->k + (b * A->H_kv + g) * A->S_max * A->k_row;
     const uint8_t *vh = A->v + (b * A->H_kv + g) * A->S_max * A->v_row;
     /* the task's buffers, on the heap (a caller's thread may have a small stack): qt (D x bm),
-     * st (BN x bm), ot (Dv x bm), each as bm / QB blocks of QB columns; m, l, alpha (bm each), and for compact rows a tile of K and
-     * one of V decoded (BN x D, BN x Dv); every part a multiple of 8 floats, so 32-byte aligned */
+     * st (BN x bm), ot (Dv x bm), each as bm / QB blocks of QB columns; m, l, alpha (bm each),
+     * and for compact rows a tile of K and one of V decoded (BN x D, BN x Dv); every part a
+     * multiple of 8 floats, so 32-byte aligned */
     const int64_t decoded = A->fmt == SA_F32 ? 0 : BN * (D + Dv);
     float *qt = aligned_alloc(32, (size_t)((D + BN + Dv + 3) * bm + decoded) * 4);
     if (!qt) {
