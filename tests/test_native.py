@@ -12,7 +12,7 @@ from selfattn import native
 from selfattn.attention import kvformat, threads
 from selfattn.attention.decode import decode_attention, decode_chunks
 
-from .spec import reference_on_stored
+from .spec import assert_matches_twin_and_spec, reference_on_stored, stored_inputs
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
@@ -107,19 +107,11 @@ DECODE_CASES = [  # H, H_kv, D, Dv, S, T, band, softcap
     if fmt == "f32" or (case[2] == case[3] and case[2] % 32 == 0)])
 def test_c_decode_kernel_equals_numba_kernel_and_reference(fmt, H, H_kv, D, Dv, S, T, band,
                                                            softcap):
-    rng = np.random.default_rng(S + T)
-    q = rng.standard_normal((1, H, T, D), np.float32)
-    k = kvformat.quantize(rng.standard_normal((1, H_kv, S + 5, D), np.float32), fmt)
-    v = kvformat.quantize(rng.standard_normal((1, H_kv, S + 5, Dv), np.float32), fmt)
+    q, k, v = stored_inputs(S + T, 1, H, H_kv, T, S, D, Dv, fmt)
     scale = 1 / np.sqrt(D)
     out, lse = decode_attention(q, k, v, S, band, None, softcap, scale, fmt)
-    ref_out, ref_lse = _numba_decode(q, k, v, S, band, softcap, scale, fmt)
-    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-6)
-    # and the spec, on the decoded values
-    spec_out, spec_lse, vd = reference_on_stored(q, k, v, S, band, softcap, scale, fmt)
-    np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
-    np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
+    twin = _numba_decode(q, k, v, S, band, softcap, scale, fmt)
+    assert_matches_twin_and_spec(out, lse, twin, q, k, v, S, band, softcap, scale, fmt)
 
 
 def test_c_decode_kernel_rows_that_see_nothing():

@@ -11,7 +11,7 @@ from selfattn.attention import kvformat, threads
 from selfattn.attention.flash import flash_attention
 from selfattn.attention.reference import attention_reference
 
-from .spec import reference_on_stored
+from .spec import assert_matches_twin_and_spec, stored_inputs
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
@@ -38,19 +38,11 @@ def _supported(fmt, D, Dv):
 def test_c_prefill_kernel_equals_numba_kernel_and_reference(fmt, B, H, H_kv, D, Dv, S, T, band,
                                                             softcap):
     assert native.flash_supported(fmt, D, Dv, False, np.float32)
-    rng = np.random.default_rng(S + T + D)
-    q = rng.standard_normal((B, H, T, D), np.float32)
-    k = kvformat.quantize(rng.standard_normal((B, H_kv, S + 5, D), np.float32), fmt)
-    v = kvformat.quantize(rng.standard_normal((B, H_kv, S + 5, Dv), np.float32), fmt)
+    q, k, v = stored_inputs(S + T + D, B, H, H_kv, T, S, D, Dv, fmt)
     scale = 1 / np.sqrt(D)
     out, lse = flash_attention(q, k, v, S, band, None, softcap, scale, fmt=fmt)
-    ref_out, ref_lse = flash_attention(q, k, v, S, band, None, softcap, scale, fmt=fmt,
-                                       compiled=False)
-    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=2e-5)
-    np.testing.assert_allclose(lse, ref_lse, atol=2e-5, rtol=2e-6)
-    spec_out, spec_lse, vd = reference_on_stored(q, k, v, S, band, softcap, scale, fmt)
-    np.testing.assert_allclose(out, spec_out, atol=3e-6 * np.abs(vd).max())
-    np.testing.assert_allclose(lse, spec_lse, atol=2e-5)
+    twin = flash_attention(q, k, v, S, band, None, softcap, scale, fmt=fmt, compiled=False)
+    assert_matches_twin_and_spec(out, lse, twin, q, k, v, S, band, softcap, scale, fmt)
 
 
 def test_c_prefill_rows_that_see_nothing():
