@@ -19,9 +19,12 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-FORMATS = ("f32", "f16", "q8_0", "q4_0")
+from .. import formats
+
+FORMATS = formats.KV_TYPES  # f32, f16, q8_0, q4_0
 BLOCK = 32
-_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
+_BLOCK_BYTES = {f: formats.BY_NAME[f].block_bytes for f in FORMATS
+                if formats.BY_NAME[f].block == BLOCK}
 Q8_0, Q4_0 = 1, 2  # format codes the uint8 kernels branch on
 
 

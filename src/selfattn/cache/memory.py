@@ -2,8 +2,11 @@
 
 import numpy as np
 
-KV_BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q4_0": 4.5}  # bits per cached value (ggml's
-# q8_0 and q4_0: blocks of 32 values with one f16 scale, so 34 and 18 bytes per 32 values)
+from .. import formats
+
+# bits per cached value, widest first (ggml's q8_0 and q4_0: blocks of 32 values with one f16
+# scale, so 34 and 18 bytes per 32 values: 8.5 and 4.5 bits)
+KV_BITS = {name: formats.BY_NAME[name].bits_per_weight for name in formats.KV_TYPES}
 
 
 def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, positions: int,
