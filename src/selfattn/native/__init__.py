@@ -2,17 +2,22 @@
 at install time by setup.py as the extension module `_kernels`. Each releases the GIL while it
 runs, on its own small thread pool (pool.c).
 
-- `matmul(x, w)`: x @ Wᵀ for a few rows of x, with W kept in its GGUF type (`PackedMatrix`: f32,
-  f16, q4_0, q4_1, q8_0 blocks, decoded in registers inside the kernel to the exact float32
-  values gguf's dequantize gives). Decoding a token streams the file's compact bytes instead of a
-  float32 copy.
+- `matmul(x, w)`: x @ Wᵀ for a few rows of x, with W kept in its GGUF type (`PackedMatrix`:
+  every type selfattn.formats marks `kernels`, f32 / f16 / bf16, the 32-value block types and
+  the 256-value K-quants, decoded inside the kernel from the stored bytes). Decoding a token
+  streams the file's compact bytes instead of a float32 copy.
+- `gemm(x, w)`: the same product for a prompt's many rows: tiles of W decoded to float32 in
+  cache and multiplied by a register-blocked kernel (gemm.c); no float32 copy of W, no BLAS.
+- `PackedMatrix.dequantize(r0, r1)`, `PackedMatrix.rows_f32(index)`: stored rows to float32,
+  bit for bit what gguf's dequantize gives (embedding lookups; the reference for the tests).
+- `StepLayer`, `layer_step(...)`: one token through one llama-style layer in one C call.
 - `flash_attention(...)`: the prefill kernel (blocked online softmax over a float32 or compact
   KV cache), with the contract of the numba + BLAS kernel in attention/flash.py (which stays as
   the fallback, and for masks and float64).
 - `decode_attention(...)`: the split-K decode kernel over a float32 or compact KV cache, with the
   contract of the numba kernel in attention/decode.py (which stays as the fallback).
 - `rmsnorm`, `rope`, `swiglu`: a decode step's small operations, whose NumPy versions (in
-  model/llama.py, used for prompts) cost more in call overhead than in arithmetic.
+  model/transformer.py, used without them) cost more in call overhead than in arithmetic.
 
 `available()` is False when the extension was not built (no C compiler at install time), the CPU
 lacks AVX2/FMA/F16C, or SELFATTN_NATIVE=0; callers then use the NumPy and numba paths.
@@ -23,18 +28,22 @@ import threading
 
 import numpy as np
 
+from .. import formats
 from ..attention import threads
 
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8  # ggml's type ids
-BLOCK_BYTES = {F32: 128, F16: 64, Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per 32 values
-PACKED_TYPES = (F16, Q4_0, Q4_1, Q8_0)  # the types a model keeps as stored (smaller than float32)
-KV_CODES = {"f32": F32, "f16": F16, "q4_0": Q4_0, "q8_0": Q8_0}
+# ggml's type ids of the KV formats
+F32, F16, Q4_0, Q4_1, Q8_0 = (formats.by_name(n).type_id for n in ("f32", "f16", "q4_0", "q4_1",
+                                                                     "q8_0"))
+# the types a model keeps as stored (smaller than float32)
+PACKED_TYPES = tuple(t for t in formats.KERNEL_TYPES if t != F32)
+KV_CODES = {f.name: f.type_id for f in formats.FORMATS if f.kv}
 # raised when a change makes decoding or prefill materially faster or slower, so that speed
 # calibrations fitted before it (measure.bench.calibrate) are no longer taken for this machine's
 # 2: one C call a layer per decode step, fused compact-KV kernel; 3: the C prefill kernel
 # (prefill.c), decode tiles of up to 1,024 keys and groups of four rows; 4: built with -fno-wrapv
-# (every kernel), prefill in column blocks, decode without a spilled accumulator
-KERNELS_REVISION = 4
+# (every kernel), prefill in column blocks, decode without a spilled accumulator; 5: every weight
+# type read in place, prompts through gemm.c instead of BLAS over float32 copies
+KERNELS_REVISION = 5
 MAX_T = 16  # rows of x per matmul call
 MAX_DIM, MAX_ROWS = 256, 256  # decode_attention's head dims and G*T rows at most
 
@@ -84,19 +93,25 @@ def _module():
 
 
 class PackedMatrix:
-    """A (rows, cols) weight matrix as its GGUF bytes: data (rows, row_bytes) uint8, C-contiguous.
-    cols must be a multiple of 32 (every block type's block size divides it)."""
+    """A (rows, cols) weight matrix as its GGUF bytes: data (rows, row_bytes) C-contiguous (any
+    dtype, viewed as bytes; a read-only memmap is used in place, never copied), fmt a ggml type id
+    the kernels read (selfattn.formats: `kernels`), cols a multiple of the type's block size."""
 
     def __init__(self, data: np.ndarray, fmt: int, cols: int):
-        if fmt not in BLOCK_BYTES:
-            raise ValueError(f"unsupported weight type id {fmt}")
-        if cols % 32:
-            raise ValueError(f"cols must be a multiple of 32, got {cols}")
-        data = np.ascontiguousarray(data).view(np.uint8)
+        f = formats.BY_ID.get(fmt)
+        if f is None or not f.kernels:
+            raise ValueError(f"unsupported weight type id {fmt} (the kernels read "
+                             f"{formats.supported_names()})")
+        if cols < 1 or cols % f.block:
+            raise ValueError(f"cols must be a multiple of {f.block} for {f.name}, got {cols}")
+        data = np.asarray(data)
+        if not data.flags.c_contiguous:
+            raise ValueError("PackedMatrix: data must be C-contiguous (it is used in place)")
+        data = data.view(np.uint8)
         data = data.reshape(data.shape[0], -1)
-        if data.shape[1] != cols // 32 * BLOCK_BYTES[fmt]:
-            raise ValueError(f"rows of {data.shape[1]} bytes do not hold {cols} values of type "
-                             f"{fmt}")
+        if data.shape[1] != f.row_bytes(cols):
+            raise ValueError(f"rows of {data.shape[1]} bytes do not hold {cols} values of "
+                             f"{f.name}")
         self.data, self.fmt, self.cols = data, fmt, cols
         self.rows, self.row_bytes = data.shape
 
@@ -110,17 +125,36 @@ class PackedMatrix:
 
     @classmethod
     def stack(cls, parts: list["PackedMatrix"]) -> "PackedMatrix":
-        """Rows of several matrices of one type and width, one after another."""
+        """Rows of several matrices of one type and width, one after another (a copy)."""
         fmt, cols = parts[0].fmt, parts[0].cols
         if any(p.fmt != fmt or p.cols != cols for p in parts):
             raise ValueError("stacked matrices must share type and width")
         return cls(np.concatenate([p.data for p in parts]), fmt, cols)
 
+    def dequantize(self, r0: int = 0, r1: int | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Rows r0 .. r1-1 as float32 (r1 - r0, cols), exactly gguf's dequantize, decoded on the
+        kernels' threads; into `out` (C-contiguous float32 of that shape) when given."""
+        r1 = self.rows if r1 is None else r1
+        if not 0 <= r0 <= r1 <= self.rows:
+            raise ValueError(f"rows {r0} .. {r1} outside a matrix of {self.rows}")
+        if out is None:
+            out = np.empty((r1 - r0, self.cols), np.float32)
+        elif (out.dtype != np.float32 or out.shape != (r1 - r0, self.cols)
+              or not out.flags.c_contiguous):
+            raise ValueError(f"out must be C-contiguous float32 {(r1 - r0, self.cols)}")
+        mod = _module()
+        with _lock:
+            mod.dequant_range(self.data, self.fmt, self.cols, self.row_bytes, r0, r1, out)
+        return out
+
     def rows_f32(self, index) -> np.ndarray:
         """Rows `index` (n,) decoded to float32 (n, cols): an embedding lookup."""
         index = np.ascontiguousarray(index, np.int64)
         out = np.empty((index.shape[0], self.cols), np.float32)
-        _module().dequant_rows(self.data, self.fmt, self.cols, self.row_bytes, index, out)
+        mod = _module()
+        with _lock:
+            mod.dequant_rows(self.data, self.fmt, self.cols, self.row_bytes, index, out)
         return out
 
 
@@ -133,6 +167,19 @@ def matmul(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
     y = np.empty((x.shape[0], w.rows), np.float32)
     with _lock:
         mod.matmul(w.data, w.fmt, w.rows, w.cols, w.row_bytes, x, x.shape[0], y)
+    return y
+
+
+def gemm(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
+    """x (T, cols) float32, any T >= 1 -> (T, rows) = x @ Wᵀ: tiles of W decoded to float32 in
+    cache and multiplied by a register-blocked kernel (gemm.c), for prompts."""
+    mod = _module()
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != w.cols or x.shape[0] < 1:
+        raise ValueError(f"x must be (T >= 1, {w.cols}), got {x.shape}")
+    y = np.empty((x.shape[0], w.rows), np.float32)
+    with _lock:
+        mod.gemm(w.data, w.fmt, w.rows, w.cols, w.row_bytes, x, x.shape[0], y)
     return y
 
 
@@ -189,19 +236,52 @@ def quantize_rows(x: np.ndarray, dst: np.ndarray, pos: int, fmt: str):
                             dst.shape[2] * row_bytes, row_bytes, row_bytes)
 
 
-def layer_step(x: np.ndarray, layer_args: tuple, cos: np.ndarray, sin: np.ndarray, k: np.ndarray,
+class StepLayer:
+    """One llama layer's weights as native.layer_step takes them: attn_norm, ffn_norm (dim,)
+    float32; b_qkv (q_dim + 2·kv_dim,) float32 or None; q (H·D, dim), k and v (H_kv·D, dim),
+    o (dim, H·D), gate and up (ffn, dim), down (dim, ffn) PackedMatrix, each in its own type;
+    rope_half: the rotated pairs per head; scale: the attention scale. Checked here, and every
+    size again in C."""
+
+    def __init__(self, attn_norm, ffn_norm, b_qkv, q, k, v, o, gate, up, down, dim: int,
+                 n_heads: int, n_kv_heads: int, head_dim: int, ffn_dim: int, rope_half: int,
+                 eps: float, scale: float):
+        q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+        shapes = {"w_q": (q, (q_dim, dim)), "w_k": (k, (kv_dim, dim)), "w_v": (v, (kv_dim, dim)),
+                  "w_o": (o, (dim, q_dim)), "w_gate": (gate, (ffn_dim, dim)),
+                  "w_up": (up, (ffn_dim, dim)), "w_down": (down, (dim, ffn_dim))}
+        for name, (m, shape) in shapes.items():
+            if not isinstance(m, PackedMatrix) or m.shape != shape:
+                raise ValueError(f"StepLayer: {name} must be a PackedMatrix {shape}, got "
+                                 f"{getattr(m, 'shape', type(m).__name__)}")
+
+        def vector(a, n, name):
+            a = np.ascontiguousarray(a, np.float32)
+            if a.shape != (n,):
+                raise ValueError(f"StepLayer: {name} must be ({n},), got {a.shape}")
+            return a
+
+        b = None if b_qkv is None else vector(b_qkv, q_dim + 2 * kv_dim, "b_qkv")
+        self.mats = (q, k, v, o, gate, up, down)
+        self._weights = (vector(attn_norm, dim, "attn_norm"), vector(ffn_norm, dim, "ffn_norm"), b,
+                         *(part for m in self.mats for part in (m.data, m.fmt)))
+        self._sizes = (dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_half, float(eps),
+                       float(scale))
+
+
+def layer_step(x: np.ndarray, layer: StepLayer, cos: np.ndarray, sin: np.ndarray, k: np.ndarray,
                v: np.ndarray, kv_fmt: str, pos: int, left: int, j_base: int, chunk: int,
                n_chunks: int) -> float:
     """One token through one llama layer (step.c), x (dim,) float32 updated in place; writes the
     token's K/V at pos of this layer's cache k, v (1, H_kv, S_max, row) and attends over 0..pos
-    (keys from pos - left on; j_base, chunk, n_chunks: attention.decode.split_keys). layer_args:
-    the layer's arrays and sizes, as model.llama.Llama.step_args builds them. Returns the seconds
-    spent in attention (the cache write included)."""
+    (keys from pos - left on; j_base, chunk, n_chunks: attention.decode.split_keys); cos, sin
+    (positions > pos, rope_half). Returns the seconds spent in attention (the cache write
+    included)."""
     mod = _module()
     with _lock:
-        return mod.layer_step(x, *layer_args[:11], cos, sin, k, v, KV_CODES[kv_fmt],
-                              *layer_args[11:], k.shape[2], k.shape[3] * k.itemsize, pos, left,
-                              j_base, chunk, n_chunks)
+        return mod.layer_step(x, *layer._weights, cos, sin, k, v, KV_CODES[kv_fmt], *layer._sizes,
+                              k.shape[2], k.shape[3] * k.itemsize, pos, left, j_base, chunk,
+                              n_chunks)
 
 
 def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:

@@ -6,27 +6,39 @@
 
 #include <stdint.h>
 
-/* ggml type ids (the GGUF tensor types); the KV formats reuse them: f32 0, f16 1, q4_0 2, q8_0 8 */
-enum { SA_F32 = 0, SA_F16 = 1, SA_Q4_0 = 2, SA_Q4_1 = 3, SA_Q8_0 = 8 };
+/* ggml type ids (the GGUF tensor types) of the weight types the kernels read; the KV formats
+ * reuse them: f32 0, f16 1, q4_0 2, q8_0 8 */
+enum {
+    SA_F32 = 0, SA_F16 = 1, SA_Q4_0 = 2, SA_Q4_1 = 3, SA_Q5_0 = 6, SA_Q5_1 = 7, SA_Q8_0 = 8,
+    SA_Q2_K = 10, SA_Q3_K = 11, SA_Q4_K = 12, SA_Q5_K = 13, SA_Q6_K = 14, SA_IQ4_NL = 20,
+    SA_IQ4_XS = 23, SA_BF16 = 30, SA_N_TYPES = 31
+};
 
-/* bytes that 32 values of type fmt take (0: a type the kernels do not read) */
-static inline int64_t sa_block_bytes(int fmt) {
-    switch (fmt) {
-    case SA_F32: return 128;
-    case SA_F16: return 64;
-    case SA_Q4_0: return 18;
-    case SA_Q4_1: return 20;
-    case SA_Q8_0: return 34;
-    default: return 0;
-    }
+/* Values per block and bytes per block of each type, by type id; {0, 0}: a type the kernels do
+ * not read. ggml's sizes (selfattn/formats.py holds the same table; a test compares them). */
+static const struct { int16_t values, bytes; } SA_BLOCKS[SA_N_TYPES] = {
+    [SA_F32] = {1, 4},      [SA_F16] = {1, 2},       [SA_BF16] = {1, 2},
+    [SA_Q4_0] = {32, 18},   [SA_Q4_1] = {32, 20},    [SA_Q5_0] = {32, 22},
+    [SA_Q5_1] = {32, 24},   [SA_Q8_0] = {32, 34},    [SA_IQ4_NL] = {32, 18},
+    [SA_Q2_K] = {256, 84},  [SA_Q3_K] = {256, 110},  [SA_Q4_K] = {256, 144},
+    [SA_Q5_K] = {256, 176}, [SA_Q6_K] = {256, 210},  [SA_IQ4_XS] = {256, 136},
+};
+
+/* values per block of type fmt (0: a type the kernels do not read) */
+static inline int64_t sa_block_values(int fmt) {
+    return fmt >= 0 && fmt < SA_N_TYPES ? SA_BLOCKS[fmt].values : 0;
 }
 
-/* bytes a row of n values of type fmt takes (0: an unknown type, or a block type with n not a
- * multiple of 32) */
+/* bytes per block of type fmt (0: a type the kernels do not read) */
+static inline int64_t sa_block_bytes(int fmt) {
+    return fmt >= 0 && fmt < SA_N_TYPES ? SA_BLOCKS[fmt].bytes : 0;
+}
+
+/* bytes a row of n values of type fmt takes (0: an unknown type, n < 1, or n not a whole
+ * number of blocks) */
 static inline int64_t sa_row_bytes(int fmt, int64_t n) {
-    if (fmt == SA_F32) return 4 * n;
-    if (fmt == SA_F16) return 2 * n;
-    return n % 32 ? 0 : n / 32 * sa_block_bytes(fmt);
+    int64_t b = sa_block_values(fmt);
+    return b && n > 0 && n % b == 0 ? n / b * sa_block_bytes(fmt) : 0;
 }
 
 int sa_set_threads(int n);
@@ -34,6 +46,13 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
               const float *x, int64_t T, float *y);
 int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
                     const int64_t *rows, int64_t n, float *out);
+/* n values of a stored row (n a whole number of blocks) -> dst float32, exactly (dequant.c) */
+typedef void (*sa_row_fn)(const uint8_t *src, int64_t n, float *dst);
+sa_row_fn sa_row_decoder(int fmt);
+int sa_gemm(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+            const float *x, int64_t T, float *y);
+int sa_dequant_range(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes, int64_t r0,
+                     int64_t r1, float *out);
 int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
                         int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
                         int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
@@ -61,8 +80,9 @@ typedef struct {
 typedef struct {
     int64_t dim, H, H_kv, D, ffn, rope_half;
     float eps, scale;
-    const float *attn_norm, *ffn_norm, *b_qkv; /* b_qkv may be NULL */
-    sa_mat qkv, wo, gate_up, down;
+    const float *attn_norm, *ffn_norm, *b_qkv; /* b_qkv (q_dim + 2 kv_dim) may be NULL */
+    /* q (H*D, dim), k and v (H_kv*D, dim), o (dim, H*D), gate and up (ffn, dim), down (dim, ffn) */
+    sa_mat q, k_proj, v_proj, o, gate, up, down;
     const float *cos, *sin; /* RoPE tables (positions > pos, rope_half) */
     uint8_t *k, *v;         /* this layer's cache, (H_kv, S_max, row_bytes) each */
     int kv_fmt;

@@ -1,17 +1,23 @@
-/* y (T, rows) = x (T, cols) @ W^T with W kept in its GGUF type (f32, f16, q4_0, q4_1, q8_0):
- * each 32-weight block is decoded in registers to its exact float32 values (as gguf's dequantize
- * gives them) and multiplied with float32 activations. Nothing is rounded that a float32 matmul
- * over the dequantized matrix would not round; only the order of the sums differs.
+/* y (T, rows) = x (T, cols) @ W^T with W kept in its GGUF type (every type in kernels.h's table).
+ * Nothing is rounded that a float32 matmul over the exactly dequantized matrix would not round
+ * in kind; only the order of the sums differs.
  *
  * Decoding one token reads every weight once, so this is a stream over the file's compact bytes
- * (SmolLM2's Q4_1: 0.625 bytes a weight, against 4 for a float32 copy). Rows are cut into about
- * TASKS_PER_THREAD contiguous tasks per pool thread (at least MIN_TASK_ROWS rows each): long runs
- * of consecutive rows keep each core's stream sequential (16-row tasks handed out in turn cost
- * ~20% in misses on two cores).
+ * (Q4_K: 0.5625 bytes a weight, against 4 for a float32 copy). Two families of inner loops:
+ *  - f32, f16, bf16, q4_0, q4_1, q8_0: each 32-weight block decoded in registers to its exact
+ *    float32 values and multiplied with the activations;
+ *  - the other quantized types: a (super-)block unpacked (unpack.h) to int8 integers and one
+ *    scale and offset per group of 16 or 32; for one row of x each group's dot product is taken
+ *    over the integers and scaled once, sum_g s_g * (q_g . x_g) - sum_g m_g * sum(x_g), with the
+ *    sums of x per group formed once per call (x is shared by every row); for several rows of x
+ *    the block's float32 values are formed once and used for each.
+ * Rows are cut into about TASKS_PER_THREAD contiguous tasks per pool thread (at least
+ * MIN_TASK_ROWS rows each): long runs of consecutive rows keep each core's stream sequential
+ * (16-row tasks handed out in turn cost ~20% in misses on two cores).
  */
 #include <stdlib.h>
 
-#include "simd.h"
+#include "unpack.h"
 
 #define TASKS_PER_THREAD 4
 #define MIN_TASK_ROWS 16
@@ -25,7 +31,8 @@ typedef struct {
     const uint8_t *w;
     int64_t row_bytes, rows, cols, T, task_rows;
     int fmt;
-    const float *x;
+    const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block */
+    const float *xs; /* sums of x over each group of sa_sub(fmt) values (T = 1, offset types) */
     float *y;
 } mv_args;
 
@@ -47,6 +54,9 @@ SA_INLINE void nibbles_permuted(const uint8_t *qs, __m256 n[4]) {
     }
 }
 
+/* 32 values of a float or q4_0 / q4_1 / q8_0 block at p -> w[0..3]. q4_1's d * n is exact in
+ * float32 (an f16 times a 4-bit integer), so the fused d * n + m rounds once, as gguf's
+ * (d * n) + m does: the same bits. */
 SA_INLINE void decode_block(const uint8_t *p, int fmt, __m256 w[4]) {
     if (fmt == SA_Q4_1) {
         int32_t halves;
@@ -63,9 +73,30 @@ SA_INLINE void decode_block(const uint8_t *p, int fmt, __m256 w[4]) {
     } else if (fmt == SA_Q8_0) sa_block_q8_0(p, w);
     else if (fmt == SA_F16) {
         for (int i = 0; i < 4; i++) w[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * i)));
+    } else if (fmt == SA_BF16) {
+        for (int i = 0; i < 4; i++) {
+            __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * i)));
+            w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+        }
     } else {
         for (int i = 0; i < 4; i++) w[i] = _mm256_loadu_ps((const float *)p + 8 * i);
     }
+}
+
+/* value i of a float row (the tail past the last whole 32 values) */
+SA_INLINE float float_at(const uint8_t *row, int fmt, int64_t i) {
+    if (fmt == SA_F32) {
+        float f;
+        memcpy(&f, row + 4 * i, 4);
+        return f;
+    }
+    if (fmt == SA_F16) return sa_half(row + 2 * i);
+    uint16_t h;
+    memcpy(&h, row + 2 * i, 2);
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 /* one token: four accumulators, so consecutive blocks do not wait on each other's FMA */
@@ -80,17 +111,22 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
     return sa_hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 }
 
+/* bytes 32 values take in a type of the first family */
+#define BYTES32(FMT) (32 * sa_block_bytes(FMT) / sa_block_values(FMT))
+
 #define DEFINE_MV_TASK(NAME, FMT)                                                                \
     SA_TARGET static void NAME(const void *ctx, int64_t task) {                                  \
         const mv_args *A = ctx;                                                                  \
-        const int bb = sa_block_bytes(FMT);                                                      \
-        const int64_t nb = A->cols / 32;                                                         \
+        const int bb = BYTES32(FMT);                                                             \
+        const int64_t nb = A->cols / 32, tail = nb * 32;                                         \
         int64_t r0 = task * A->task_rows, r1 = r0 + A->task_rows;                                \
         if (r1 > A->rows) r1 = A->rows;                                                          \
         for (int64_t r = r0; r < r1; r++) {                                                      \
             const uint8_t *row = A->w + r * A->row_bytes;                                        \
             if (A->T == 1) {                                                                     \
-                A->y[r] = row_dot1(row, FMT, bb, nb, A->x);                                      \
+                float y = row_dot1(row, FMT, bb, nb, A->x);                                      \
+                for (int64_t i = tail; i < A->cols; i++) y += float_at(row, FMT, i) * A->x[i];   \
+                A->y[r] = y;                                                                     \
                 continue;                                                                        \
             }                                                                                    \
             __m256 acc[MAX_T], w[4];                                                             \
@@ -107,7 +143,12 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
                     acc[t] = _mm256_add_ps(acc[t], s);                                           \
                 }                                                                                \
             }                                                                                    \
-            for (int64_t t = 0; t < A->T; t++) A->y[t * A->rows + r] = sa_hsum(acc[t]);          \
+            for (int64_t t = 0; t < A->T; t++) {                                                 \
+                float y = sa_hsum(acc[t]);                                                       \
+                for (int64_t i = tail; i < A->cols; i++)                                         \
+                    y += float_at(row, FMT, i) * A->x[t * A->cols + i];                          \
+                A->y[t * A->rows + r] = y;                                                       \
+            }                                                                                    \
         }                                                                                        \
     }
 
@@ -115,45 +156,171 @@ DEFINE_MV_TASK(mv_q4_1, SA_Q4_1)
 DEFINE_MV_TASK(mv_q8_0, SA_Q8_0)
 DEFINE_MV_TASK(mv_q4_0, SA_Q4_0)
 DEFINE_MV_TASK(mv_f16, SA_F16)
+DEFINE_MV_TASK(mv_bf16, SA_BF16)
 DEFINE_MV_TASK(mv_f32, SA_F32)
 
-/* Returns 0, or -1 for arguments the caller should have refused (checked again here: compiled
- * code never trusts them). cols must be a multiple of 32, T in 1 .. MAX_T. */
+/* The second family's integers, 32 at a time in one register: byte b of each 32-bit lane,
+ * widened in place by shifts (no shuffles), 8 integers a vector; the values come out in
+ * LANE_ORDER (vector b: values b, 4 + b, ..., 28 + b), and x is permuted the same way once per
+ * call. A lane holds 4 consecutive values, so lanes 0-3 are the first 16 values, 4-7 the rest. */
+static const int LANE_ORDER[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
+                                   2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+
+/* 32 integers . 32 permuted x values, 8 partial sums */
+SA_INLINE __m256 dot32(__m256i q, const float *x, const int UNSIGNED) {
+    __m256i e[4];
+    if (UNSIGNED) {
+        const __m256i ff = _mm256_set1_epi32(0xFF);
+        e[0] = _mm256_and_si256(q, ff);
+        e[1] = _mm256_and_si256(_mm256_srli_epi32(q, 8), ff);
+        e[2] = _mm256_and_si256(_mm256_srli_epi32(q, 16), ff);
+        e[3] = _mm256_srli_epi32(q, 24);
+    } else {
+        e[0] = _mm256_srai_epi32(_mm256_slli_epi32(q, 24), 24);
+        e[1] = _mm256_srai_epi32(_mm256_slli_epi32(q, 16), 24);
+        e[2] = _mm256_srai_epi32(_mm256_slli_epi32(q, 8), 24);
+        e[3] = _mm256_srai_epi32(q, 24);
+    }
+    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(e[0]), _mm256_load_ps(x));
+    for (int b = 1; b < 4; b++) s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e[b]), _mm256_load_ps(x + 8 * b), s);
+    return s;
+}
+
+/* the second family, one row of x: per group, the integers' dot product with x, scaled once
+ * (groups of 16: lanes 0-3 by one scale, 4-7 by the next); the offsets' share, sum_g m_g * xs_g,
+ * subtracted at the end. Two accumulators, so consecutive groups do not wait on each other. */
+SA_INLINE float unit_dot1(const uint8_t *p, const int FMT, int64_t nu, const float *x,
+                          const float *xs) {
+    const int unit = (int)sa_block_values(FMT), bytes = (int)sa_block_bytes(FMT);
+    const int sub = sa_sub(FMT), groups = unit / sub;
+    sa_unpacked u;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, macc = _mm256_setzero_ps();
+    float mlast = 0.0f;
+    for (int64_t b = 0; b < nu; b++, p += bytes, x += unit) {
+        for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
+        sa_unpack(p, FMT, &u);
+        for (int i = 0; i < unit / 32; i++) {
+            __m256 d = dot32(u.q[i], x + 32 * i, sa_unsigned_q(FMT));
+            __m256 sc = sub == 32 ? _mm256_set1_ps(u.s[i])
+                                  : _mm256_set_m128(_mm_set1_ps(u.s[2 * i + 1]), _mm_set1_ps(u.s[2 * i]));
+            acc[i & 1] = _mm256_fmadd_ps(d, sc, acc[i & 1]);
+        }
+        if (sa_has_min(FMT)) {
+            if (groups >= 8)
+                for (int g = 0; g < groups; g += 8)
+                    macc = _mm256_fmadd_ps(_mm256_load_ps(u.m + g), _mm256_loadu_ps(xs + b * groups + g), macc);
+            else
+                mlast += u.m[0] * xs[b];
+        }
+    }
+    float y = sa_hsum(_mm256_add_ps(acc[0], acc[1]));
+    return sa_has_min(FMT) ? y - (sa_hsum(macc) + mlast) : y;
+}
+
+/* the second family, T rows of x: the unit's float32 values (exact), then a dot for each row */
+SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t T,
+                         int64_t cols, float *y, int64_t y_stride) {
+    const int unit = (int)sa_block_values(FMT), bytes = (int)sa_block_bytes(FMT);
+    sa_unpacked u;
+    float w[SA_MAX_UNIT] __attribute__((aligned(32)));
+    __m256 acc[MAX_T];
+    for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nu; b++, p += bytes) {
+        for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
+        sa_unpack(p, FMT, &u);
+        sa_unpacked_values(&u, FMT, w);
+        for (int k = 0; k < unit; k += 32) {
+            __m256 w0 = _mm256_load_ps(w + k), w1 = _mm256_load_ps(w + k + 8);
+            __m256 w2 = _mm256_load_ps(w + k + 16), w3 = _mm256_load_ps(w + k + 24);
+            for (int64_t t = 0; t < T; t++) {
+                const float *xt = x + t * cols + b * unit + k;
+                __m256 s = _mm256_mul_ps(w0, _mm256_load_ps(xt));
+                s = _mm256_fmadd_ps(w1, _mm256_load_ps(xt + 8), s);
+                s = _mm256_fmadd_ps(w2, _mm256_load_ps(xt + 16), s);
+                s = _mm256_fmadd_ps(w3, _mm256_load_ps(xt + 24), s);
+                acc[t] = _mm256_add_ps(acc[t], s);
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++) y[t * y_stride] = sa_hsum(acc[t]);
+}
+
+#define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
+    SA_TARGET static void NAME(const void *ctx, int64_t task) {                                  \
+        const mv_args *A = ctx;                                                                  \
+        const int64_t nu = A->cols / sa_block_values(FMT);                                       \
+        int64_t r0 = task * A->task_rows, r1 = r0 + A->task_rows;                                \
+        if (r1 > A->rows) r1 = A->rows;                                                          \
+        for (int64_t r = r0; r < r1; r++) {                                                      \
+            const uint8_t *row = A->w + r * A->row_bytes;                                        \
+            if (A->T == 1) A->y[r] = unit_dot1(row, FMT, nu, A->x, A->xs);                       \
+            else unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                \
+        }                                                                                        \
+    }
+
+DEFINE_UNIT_TASK(mv_q5_0, SA_Q5_0)
+DEFINE_UNIT_TASK(mv_q5_1, SA_Q5_1)
+DEFINE_UNIT_TASK(mv_iq4_nl, SA_IQ4_NL)
+DEFINE_UNIT_TASK(mv_q2_k, SA_Q2_K)
+DEFINE_UNIT_TASK(mv_q3_k, SA_Q3_K)
+DEFINE_UNIT_TASK(mv_q4_k, SA_Q4_K)
+DEFINE_UNIT_TASK(mv_q5_k, SA_Q5_K)
+DEFINE_UNIT_TASK(mv_q6_k, SA_Q6_K)
+DEFINE_UNIT_TASK(mv_iq4_xs, SA_IQ4_XS)
+
+static sa_task_fn mv_task(int fmt) {
+    switch (fmt) {
+    case SA_F32: return mv_f32;
+    case SA_F16: return mv_f16;
+    case SA_BF16: return mv_bf16;
+    case SA_Q4_0: return mv_q4_0;
+    case SA_Q4_1: return mv_q4_1;
+    case SA_Q8_0: return mv_q8_0;
+    case SA_Q5_0: return mv_q5_0;
+    case SA_Q5_1: return mv_q5_1;
+    case SA_IQ4_NL: return mv_iq4_nl;
+    case SA_Q2_K: return mv_q2_k;
+    case SA_Q3_K: return mv_q3_k;
+    case SA_Q4_K: return mv_q4_k;
+    case SA_Q5_K: return mv_q5_k;
+    case SA_Q6_K: return mv_q6_k;
+    case SA_IQ4_XS: return mv_iq4_xs;
+    default: return NULL;
+    }
+}
+
+/* w (rows, row_bytes) of type fmt, x (T, cols) float32 -> y (T, rows). Returns 0, -1 for
+ * arguments the caller should have refused (checked again here: compiled code never trusts
+ * them): an unknown type, cols not a whole number of blocks, row_bytes not the row's size, T
+ * outside 1 .. MAX_T; -2 when out of memory. */
 int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
               const float *x, int64_t T, float *y) {
-    if (rows < 1 || cols < 32 || cols % 32 || T < 1 || T > MAX_T) return -1;
-    if (row_bytes != cols / 32 * sa_block_bytes(fmt)) return -1;
-    sa_task_fn fn;
-    switch (fmt) {
-    case SA_Q4_1: fn = mv_q4_1; break;
-    case SA_Q8_0: fn = mv_q8_0; break;
-    case SA_Q4_0: fn = mv_q4_0; break;
-    case SA_F16: fn = mv_f16; break;
-    case SA_F32: fn = mv_f32; break;
-    default: return -1;
-    }
+    sa_task_fn fn = mv_task(fmt);
+    if (!fn || rows < 1 || T < 1 || T > MAX_T || !sa_row_bytes(fmt, cols) ||
+        row_bytes != sa_row_bytes(fmt, cols))
+        return -1;
     /* x copied to a 64-byte aligned buffer (every 32-byte load of it within one cache line), in
-     * the order the nibbles decode to for the q4 types */
-    float *xp = aligned_alloc(64, (size_t)((T * cols * 4 + 63) / 64 * 64));
+     * the order the integers are widened to (q4_0 / q4_1; the second family for one row of x);
+     * then the sums of its groups */
+    const int first = fmt == SA_F32 || fmt == SA_F16 || fmt == SA_BF16 || fmt == SA_Q4_0 ||
+                      fmt == SA_Q4_1 || fmt == SA_Q8_0;
+    const int sub = sa_sub(fmt), sums = T == 1 && !first && sa_has_min(fmt);
+    const int64_t n_x = T * cols, n_xs = sums ? cols / sub : 0;
+    float *xp = aligned_alloc(64, (size_t)((n_x + n_xs) * 4 + 63) / 64 * 64);
     if (!xp) return -2;
-    const int q4 = fmt == SA_Q4_0 || fmt == SA_Q4_1;
-    for (int64_t i = 0; i < T * cols; i += 32)
-        for (int j = 0; j < 32; j++) xp[i + j] = x[i + (q4 ? NIBBLE_ORDER[j] : j)];
-    x = xp;
+    const int *order = fmt == SA_Q4_0 || fmt == SA_Q4_1 ? NIBBLE_ORDER : !first && T == 1 ? LANE_ORDER : NULL;
+    for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
+    float *xs = xp + n_x;
+    for (int64_t g = 0; g < n_xs; g++) {
+        float s = 0.0f;
+        for (int k = 0; k < sub; k++) s += x[g * sub + k];
+        xs[g] = s;
+    }
     const int64_t want = (int64_t)TASKS_PER_THREAD * sa_pool_threads();
     int64_t task_rows = (rows + want - 1) / want;
     if (task_rows < MIN_TASK_ROWS) task_rows = MIN_TASK_ROWS;
-    mv_args A = {w, row_bytes, rows, cols, T, task_rows, fmt, x, y};
+    mv_args A = {w, row_bytes, rows, cols, T, task_rows, fmt, xp, xs, y};
     sa_pool_run(fn, &A, (rows + task_rows - 1) / task_rows);
     free(xp);
-    return 0;
-}
-
-/* rows of a block-typed matrix -> float32 (for gathering embedding rows): out (n, cols) */
-SA_TARGET int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
-                              const int64_t *rows, int64_t n, float *out) {
-    if (cols % 32 || row_bytes != cols / 32 * sa_block_bytes(fmt)) return -1;
-    for (int64_t i = 0; i < n; i++)
-        sa_decode_row(w + rows[i] * row_bytes, fmt, cols, out + i * cols);
     return 0;
 }

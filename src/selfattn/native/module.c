@@ -29,7 +29,11 @@ static int big_enough(Py_buffer *b, Py_ssize_t need, const char *name) {
         for (size_t i_ = 0; i_ < sizeof bs_ / sizeof *bs_; i_++) PyBuffer_Release(bs_[i_]);     \
     } while (0)
 
-static PyObject *py_matmul(PyObject *self, PyObject *args) {
+typedef int (*product_fn)(const uint8_t *, int, int64_t, int64_t, int64_t, const float *, int64_t,
+                          float *);
+
+/* matmul and gemm: the same arguments, the same checks */
+static PyObject *product(PyObject *args, product_fn fn, const char *name) {
     Py_buffer w, x, y;
     int fmt;
     long long rows, cols, row_bytes, T;
@@ -39,13 +43,19 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     if (big_enough(&w, rows * row_bytes, "w") && big_enough(&x, T * cols * 4, "x") &&
         big_enough(&y, T * rows * 4, "y")) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sa_matmul(w.buf, fmt, rows, cols, row_bytes, x.buf, T, y.buf);
+        rc = fn(w.buf, fmt, rows, cols, row_bytes, x.buf, T, y.buf);
         Py_END_ALLOW_THREADS
-        if (rc) PyErr_Format(PyExc_ValueError, "matmul: unsupported arguments (type %d, cols %lld, T %lld)", fmt, cols, T);
+        if (rc == -2) PyErr_NoMemory();
+        else if (rc) PyErr_Format(PyExc_ValueError, "%s: unsupported arguments (type %d, cols %lld, "
+                                  "row_bytes %lld, T %lld)", name, fmt, cols, row_bytes, T);
     }
     RELEASE(&w, &x, &y);
     return rc ? NULL : Py_NewRef(Py_None);
 }
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) { return product(args, sa_matmul, "matmul"); }
+
+static PyObject *py_gemm(PyObject *self, PyObject *args) { return product(args, sa_gemm, "gemm"); }
 
 static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
     Py_buffer w, idx, out;
@@ -56,14 +66,44 @@ static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
     int rc = -1;
     if (big_enough(&out, n * cols * 4, "out")) {
         const int64_t *rows = idx.buf;
-        rc = 0;
-        for (long long i = 0; i < n; i++)
-            if (rows[i] < 0 || (rows[i] + 1) * row_bytes > w.len) rc = -1;
-        if (!rc) rc = sa_dequant_rows(w.buf, fmt, cols, row_bytes, rows, n, out.buf);
-        if (rc) PyErr_SetString(PyExc_ValueError, "dequant_rows: row index or type out of range");
+        rc = row_bytes < 1 ? -1 : 0;
+        for (long long i = 0; i < n && !rc; i++)
+            if (rows[i] < 0 || rows[i] >= w.len / row_bytes) rc = -1;
+        if (!rc) {
+            Py_BEGIN_ALLOW_THREADS
+            rc = sa_dequant_rows(w.buf, fmt, cols, row_bytes, rows, n, out.buf);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc) PyErr_Format(PyExc_ValueError, "dequant_rows: a row index, or type %d with rows of "
+                             "%lld values in %lld bytes, out of range", fmt, cols, row_bytes);
     }
     RELEASE(&w, &idx, &out);
     return rc ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *py_dequant_range(PyObject *self, PyObject *args) {
+    Py_buffer w, out;
+    int fmt;
+    long long cols, row_bytes, r0, r1;
+    if (!PyArg_ParseTuple(args, "y*iLLLLw*", &w, &fmt, &cols, &row_bytes, &r0, &r1, &out)) return NULL;
+    int rc = -1;
+    if (r0 < 0 || r1 < r0 || row_bytes < 1 || r1 > w.len / row_bytes)
+        PyErr_Format(PyExc_ValueError, "dequant_range: rows %lld .. %lld outside the matrix", r0, r1);
+    else if (big_enough(&out, (r1 - r0) * cols * 4, "out")) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = sa_dequant_range(w.buf, fmt, cols, row_bytes, r0, r1, out.buf);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_Format(PyExc_ValueError, "dequant_range: type %d with rows of %lld values in "
+                             "%lld bytes", fmt, cols, row_bytes);
+    }
+    RELEASE(&w, &out);
+    return rc ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *py_block_size(PyObject *self, PyObject *args) {
+    int fmt;
+    if (!PyArg_ParseTuple(args, "i", &fmt)) return NULL;
+    return Py_BuildValue("LL", (long long)sa_block_values(fmt), (long long)sa_block_bytes(fmt));
 }
 
 static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
@@ -173,11 +213,11 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
     return rc ? NULL : Py_NewRef(Py_None);
 }
 
-/* a matrix of `rows` rows of `cols` values, exactly the buffer's size */
+/* a matrix of `rows` rows of `cols` values of type fmt, exactly the buffer's size */
 static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const char *name, sa_mat *m) {
     m->w = b->buf;
     m->fmt = fmt;
-    m->row_bytes = cols % 32 ? 0 : sa_row_bytes(fmt, cols); /* the block matmul takes whole blocks */
+    m->row_bytes = sa_row_bytes(fmt, cols);
     if (!m->row_bytes || b->len != rows * m->row_bytes) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes are not %lld rows of %lld values of type %d",
                      name, b->len, rows, cols, fmt);
@@ -187,18 +227,19 @@ static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const c
 }
 
 static PyObject *py_layer_step(PyObject *self, PyObject *args) {
-    Py_buffer x, an, fn, qkv, wo, gu, down, cs, sn, k, v, bias = {0};
+    Py_buffer x, an, fn, wq, wk, wv, wo, wg, wu, wd, cs, sn, k, v, bias = {0};
     PyObject *bias_obj;
-    int f_qkv, f_wo, f_gu, f_down, kv_fmt;
+    int f_q, f_k, f_v, f_o, f_g, f_u, f_d, kv_fmt;
     long long dim, H, H_kv, D, ffn, half, S_max, row_bytes, pos, left, j_base, chunk, C;
     float eps, scale;
-    if (!PyArg_ParseTuple(args, "w*y*y*Oy*iy*iy*iy*iy*y*w*w*iLLLLLLffLLLLLLL", &x, &an, &fn, &bias_obj,
-                          &qkv, &f_qkv, &wo, &f_wo, &gu, &f_gu, &down, &f_down, &cs, &sn, &k, &v,
-                          &kv_fmt, &dim, &H, &H_kv, &D, &ffn, &half, &eps, &scale, &S_max,
-                          &row_bytes, &pos, &left, &j_base, &chunk, &C))
+    if (!PyArg_ParseTuple(args, "w*y*y*Oy*iy*iy*iy*iy*iy*iy*iy*y*w*w*iLLLLLLffLLLLLLL", &x, &an, &fn,
+                          &bias_obj, &wq, &f_q, &wk, &f_k, &wv, &f_v, &wo, &f_o, &wg, &f_g, &wu, &f_u,
+                          &wd, &f_d, &cs, &sn, &k, &v, &kv_fmt, &dim, &H, &H_kv, &D, &ffn, &half, &eps,
+                          &scale, &S_max, &row_bytes, &pos, &left, &j_base, &chunk, &C))
         return NULL;
     sa_layer L = {dim, H, H_kv, D, ffn, half, eps, scale, an.buf, fn.buf, NULL};
-    long long n_qkv = (H + 2 * H_kv) * D, kv_row = kv_fmt == SA_Q4_1 ? 0 : sa_row_bytes(kv_fmt, D);
+    const int kv_type = kv_fmt == SA_F32 || kv_fmt == SA_F16 || kv_fmt == SA_Q8_0 || kv_fmt == SA_Q4_0;
+    long long q_dim = H * D, kv_dim = H_kv * D, kv_row = kv_type ? sa_row_bytes(kv_fmt, D) : 0;
     int ok = bias_obj == Py_None || !PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE);
     double attn_s = 0.0;
     int rc = -1;
@@ -209,12 +250,14 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
         goto done;
     }
     if (!(big_enough(&x, dim * 4, "x") && big_enough(&an, dim * 4, "attn_norm") &&
-          big_enough(&fn, dim * 4, "ffn_norm") && (!bias.buf || big_enough(&bias, n_qkv * 4, "bias")) &&
+          big_enough(&fn, dim * 4, "ffn_norm") &&
+          (!bias.buf || big_enough(&bias, (q_dim + 2 * kv_dim) * 4, "bias")) &&
           big_enough(&cs, (pos + 1) * half * 4, "cos") && big_enough(&sn, (pos + 1) * half * 4, "sin") &&
           big_enough(&k, H_kv * S_max * row_bytes, "k") && big_enough(&v, H_kv * S_max * row_bytes, "v") &&
-          matrix(&qkv, f_qkv, n_qkv, dim, "w_qkv", &L.qkv) && matrix(&wo, f_wo, dim, H * D, "w_o", &L.wo) &&
-          matrix(&gu, f_gu, 2 * ffn, dim, "w_gate_up", &L.gate_up) &&
-          matrix(&down, f_down, dim, ffn, "w_down", &L.down)))
+          matrix(&wq, f_q, q_dim, dim, "w_q", &L.q) && matrix(&wk, f_k, kv_dim, dim, "w_k", &L.k_proj) &&
+          matrix(&wv, f_v, kv_dim, dim, "w_v", &L.v_proj) && matrix(&wo, f_o, dim, q_dim, "w_o", &L.o) &&
+          matrix(&wg, f_g, ffn, dim, "w_gate", &L.gate) && matrix(&wu, f_u, ffn, dim, "w_up", &L.up) &&
+          matrix(&wd, f_d, dim, ffn, "w_down", &L.down)))
         goto done;
     if (j_base < 0 || chunk < 1 || C < 1 || j_base + (C - 1) * chunk > pos) {
         PyErr_SetString(PyExc_ValueError, "layer_step: chunks outside the keys");
@@ -236,10 +279,11 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = sa_layer_step(&L, x.buf, &attn_s);
     Py_END_ALLOW_THREADS
-    if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
+    if (rc == -2) PyErr_NoMemory();
+    else if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
 done:
     if (bias.buf) PyBuffer_Release(&bias);
-    RELEASE(&x, &an, &fn, &qkv, &wo, &gu, &down, &cs, &sn, &k, &v);
+    RELEASE(&x, &an, &fn, &wq, &wk, &wv, &wo, &wg, &wu, &wd, &cs, &sn, &k, &v);
     return rc ? NULL : PyFloat_FromDouble(attn_s);
 }
 
@@ -267,7 +311,10 @@ static PyObject *py_cpu_ok(PyObject *self, PyObject *noargs) { return PyBool_Fro
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y (T, rows) = x (T, cols) @ W^T, W in GGUF blocks"},
-    {"dequant_rows", py_dequant_rows, METH_VARARGS, "rows of W -> float32"},
+    {"gemm", py_gemm, METH_VARARGS, "the same for many rows of x: tiles of W decoded, then multiplied"},
+    {"dequant_rows", py_dequant_rows, METH_VARARGS, "rows of W by index -> float32"},
+    {"dequant_range", py_dequant_range, METH_VARARGS, "rows r0 .. r1-1 of W -> float32"},
+    {"block_size", py_block_size, METH_VARARGS, "(values, bytes) per block of a type id; 0, 0: unread"},
     {"decode_attention", py_decode_attention, METH_VARARGS, "split-K decode attention"},
     {"flash_attention", py_flash_attention, METH_VARARGS, "blocked online-softmax prefill attention"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "RMSNorm of T rows"},

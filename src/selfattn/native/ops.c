@@ -1,6 +1,6 @@
 /* The small per-token operations of a decode step, which in NumPy cost more in call overhead
  * (~2-15 us a call here) than in arithmetic: RMSNorm, RoPE (rotate-half), SwiGLU. Each has its
- * NumPy twin in model/llama.py, which prompts use and the tests compare against. */
+ * NumPy twin in model/transformer.py, which prompts use and the tests compare against. */
 #include <math.h>
 
 #include "simd.h"

@@ -19,8 +19,9 @@ SA_INLINE float sa_half(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* 32 values of one block at p -> w[0..3] (8 floats each, in order), exact as ggml dequantizes:
- * q8_0 d*q; q4_0 d*(n-8) (one rounding, as (n-8)*d); q4_1 d*n + m (fused). */
+/* 32 values of one KV-cache block at p -> w[0..3] (8 floats each, in order), exact as ggml
+ * dequantizes: q8_0 d*q; q4_0 d*(n-8) (one rounding, as (n-8)*d: -8d is exact). The weight
+ * types' decoders are in unpack.h. */
 SA_INLINE void sa_block_q8_0(const uint8_t *p, __m256 w[4]) {
     __m256 d = _mm256_set1_ps(sa_half(p));
     for (int i = 0; i < 4; i++) {
@@ -46,13 +47,7 @@ SA_INLINE void sa_block_q4_0(const uint8_t *p, __m256 w[4]) {
     for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(w[i], dv, off);
 }
 
-SA_INLINE void sa_block_q4_1(const uint8_t *p, __m256 w[4]) {
-    __m256 dv = _mm256_set1_ps(sa_half(p)), mv = _mm256_set1_ps(sa_half(p + 2));
-    sa_nibbles(p + 4, w);
-    for (int i = 0; i < 4; i++) w[i] = _mm256_fmadd_ps(w[i], dv, mv);
-}
-
-/* a whole row of n values (n a multiple of 32 for block types, of 8 otherwise) -> dst floats */
+/* a KV-cache row of n values (f32, f16: n a multiple of 8; q8_0, q4_0: of 32) -> dst floats */
 SA_INLINE void sa_decode_row(const uint8_t *src, int fmt, int64_t n, float *dst) {
     __m256 w[4];
     if (fmt == SA_F32) {
@@ -61,11 +56,10 @@ SA_INLINE void sa_decode_row(const uint8_t *src, int fmt, int64_t n, float *dst)
         for (int64_t i = 0; i < n; i += 8)
             _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
     } else {
-        int bytes = fmt == SA_Q8_0 ? 34 : fmt == SA_Q4_0 ? 18 : 20;
+        int bytes = fmt == SA_Q8_0 ? 34 : 18;
         for (int64_t b = 0; b < n / 32; b++, src += bytes, dst += 32) {
             if (fmt == SA_Q8_0) sa_block_q8_0(src, w);
-            else if (fmt == SA_Q4_0) sa_block_q4_0(src, w);
-            else sa_block_q4_1(src, w);
+            else sa_block_q4_0(src, w);
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(dst + 8 * i, w[i]);
         }
     }

@@ -1,12 +1,16 @@
-/* One decode step (one token) through one llama layer, all in C: the same compiled kernels, in the
- * same order, as model/llama.py's forward pass calls one by one from Python (RMSNorm, the block
- * matmuls, RoPE, the cache write, split-K attention, SwiGLU), so the result is the same bits. At
- * ~15 Python calls a layer, that loop's own overhead was about a third of a token's time on the
- * default model; here it is one call a layer.
+/* One decode step (one token) through one llama-style layer, all in C: the same compiled kernels,
+ * in the same order, as model/transformer.py's forward pass calls one by one from Python
+ * (RMSNorm, the block matmuls, RoPE, the cache write, split-K attention, SwiGLU), so the result
+ * is the same bits. At ~15 Python calls a layer, that loop's own overhead was about a third of
+ * a token's time on the default model; here it is one call a layer.
  *
- *   h = rmsnorm(x) * attn_norm;  qkv = h Wqkv^T (+ bias);  rope(q), rope(k) at pos
+ *   h = rmsnorm(x) * attn_norm;  q, k, v = h Wq^T, h Wk^T, h Wv^T (+ bias);  rope(q), rope(k)
  *   cache[pos] = k, v (quantized to the cache's type);  o = attention(q * scale, cache[0..pos])
- *   x += o Wo^T;  h = rmsnorm(x) * ffn_norm;  x += swiglu(h Wgu^T) Wdown^T
+ *   x += o Wo^T;  h = rmsnorm(x) * ffn_norm;  x += swiglu(h Wgate^T, h Wup^T) Wdown^T
+ *
+ * Each matrix keeps its own type (a Q4_K_M file mixes Q4_K and Q6_K within a layer); the rows
+ * of x @ W^T are computed one by one, so the q, k, v (and gate, up) products are the same bits
+ * as one product with the matrices stacked.
  */
 #include <stdlib.h>
 #include <time.h>
@@ -17,6 +21,11 @@ static double seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* y (rows) = W x (cols), one row of x */
+static int mat(const sa_mat *m, int64_t rows, int64_t cols, const float *x, float *y) {
+    return sa_matmul(m->w, m->fmt, rows, cols, m->row_bytes, x, 1, y);
 }
 
 /* Returns 0 (attn_s: the seconds spent in attention, the cache write included, as the Python
@@ -31,7 +40,9 @@ int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
     int rc = 0;
 
     sa_rmsnorm(x, L->attn_norm, L->eps, 1, dim, h);
-    if ((rc = sa_matmul(L->qkv.w, L->qkv.fmt, n_qkv, dim, L->qkv.row_bytes, h, 1, qkv))) goto out;
+    if ((rc = mat(&L->q, q_dim, dim, h, qkv)) || (rc = mat(&L->k_proj, kv_dim, dim, h, qkv + q_dim)) ||
+        (rc = mat(&L->v_proj, kv_dim, dim, h, qkv + q_dim + kv_dim)))
+        goto out;
     if (L->b_qkv)
         for (int64_t i = 0; i < n_qkv; i++) qkv[i] += L->b_qkv[i];
     sa_rope(qkv, 1, L->H, D, L->rope_half, L->cos, L->sin, L->pos);
@@ -56,12 +67,12 @@ int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
     *attn_s = seconds() - t0;
     if (rc) goto out;
 
-    if ((rc = sa_matmul(L->wo.w, L->wo.fmt, dim, q_dim, L->wo.row_bytes, o, 1, y))) goto out;
+    if ((rc = mat(&L->o, dim, q_dim, o, y))) goto out;
     for (int64_t i = 0; i < dim; i++) x[i] += y[i];
     sa_rmsnorm(x, L->ffn_norm, L->eps, 1, dim, h);
-    if ((rc = sa_matmul(L->gate_up.w, L->gate_up.fmt, 2 * ffn, dim, L->gate_up.row_bytes, h, 1, gu))) goto out;
+    if ((rc = mat(&L->gate, ffn, dim, h, gu)) || (rc = mat(&L->up, ffn, dim, h, gu + ffn))) goto out;
     sa_swiglu(gu, 1, ffn, act);
-    if ((rc = sa_matmul(L->down.w, L->down.fmt, dim, ffn, L->down.row_bytes, act, 1, y))) goto out;
+    if ((rc = mat(&L->down, dim, ffn, act, y))) goto out;
     for (int64_t i = 0; i < dim; i++) x[i] += y[i];
 out:
     free(buf);
