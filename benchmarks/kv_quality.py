@@ -24,7 +24,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from _corpus import perplexity_text  # noqa: E402
 
-from selfattn.model import Llama, Tokenizer, default_model_path  # noqa: E402
+from selfattn.model import Transformer, Tokenizer, default_model_path  # noqa: E402
 from selfattn.model import perplexity as ppl  # noqa: E402
 from selfattn.model.gguf_file import open_gguf  # noqa: E402
 
@@ -40,7 +40,7 @@ def main():
         f.write(text)
     path = default_model_path()
     reader = open_gguf(path)
-    model, tok = Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+    model, tok = Transformer.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
     ids = tok.encode(text)
     console = Console(width=130)
     console.print(f"text: {len(text):,} characters, {len(ids):,} tokens")

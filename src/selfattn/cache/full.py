@@ -53,14 +53,16 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def attend(self, layer: int, pos: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-               window, rotate=None) -> np.ndarray:
+               window, rotate=None, softcap=None, scale=None) -> np.ndarray:
         """Write k, v (T, H_kv, D) at pos and return causal attention of q (1, H, T, D) over
-        positions 0 .. pos+T-1 (window: the model's sliding window, or None)."""
+        positions 0 .. pos+T-1 (window: the layer's sliding window, or None; softcap and scale
+        as `selfattn.attention` takes them)."""
         k_all, v_all = self.write(layer, pos, k, v)
         if q.shape[2] <= DECODE_MAX_T:
-            return decode_cached(q, k_all, v_all, pos + k.shape[0], window, self.kv_dtype)
+            return decode_cached(q, k_all, v_all, pos + k.shape[0], window, self.kv_dtype,
+                                 softcap, scale)
         return attention(q, k_all, v_all, causal=True, window=window, kv_len=pos + k.shape[0],
-                         kv_format=self.kv_dtype)
+                         kv_format=self.kv_dtype, softcap=softcap, scale=scale)
 
     def keys_seen(self, positions: np.ndarray, window) -> np.ndarray:
         """Keys a causal query at each position attends to (per head and layer)."""

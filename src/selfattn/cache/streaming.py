@@ -63,9 +63,10 @@ class StreamingCache:
                                f"{self.max_chunk}")
 
     def attend(self, layer: int, pos: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-               window, rotate) -> np.ndarray:
+               window, rotate, softcap=None, scale=None) -> np.ndarray:
         """q (1, H, T, D) at true positions pos ..; k, v (T, H_kv, D). rotate(q, delta) turns q
-        by delta[t] positions (RoPE). Returns (1, H, T, D)."""
+        by delta[t] positions (RoPE). softcap, scale: as `selfattn.attention`. Returns
+        (1, H, T, D)."""
         S, W, T = self.sinks, self.window, k.shape[0]
         fmt = self.kv_dtype
         n_new_sinks = max(0, min(S - pos, T))
@@ -86,7 +87,7 @@ class StreamingCache:
             band = W if window is None else min(W, window)
             parts.append(attention(q, self.k_recent[layer], self.v_recent[layer], causal=True,
                                    window=band, kv_len=self.held + t_recent, return_lse=True,
-                                   kv_format=fmt))
+                                   kv_format=fmt, softcap=softcap, scale=scale))
         n_sinks = min(S, pos + T)
         if n_sinks:
             t = pos + np.arange(T)
@@ -96,7 +97,8 @@ class StreamingCache:
             if pos < S:  # the sinks' own queries: causal among them
                 mask = np.arange(n_sinks)[None, :] <= t[:, None]  # (T, n_sinks)
             parts.append(attention(qs, self.k_sink[layer], self.v_sink[layer], mask=mask,
-                                   kv_len=n_sinks, return_lse=True, kv_format=fmt))
+                                   kv_len=n_sinks, return_lse=True, kv_format=fmt,
+                                   softcap=softcap, scale=scale))
         out, _ = merge(parts) if len(parts) > 1 else parts[0]
         return out
 

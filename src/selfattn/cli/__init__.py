@@ -6,7 +6,7 @@ Errors the user can fix (bad arguments, bad input) print one line on stderr and 
 import logging
 import sys
 
-
+from .. import formats
 from .common import CLIError, Parser, cache_options, int_list, nonneg_float, positive_int
 from .instruments import cmd_bench, cmd_demo, cmd_plan, cmd_roofline
 from .look import cmd_inspect
@@ -94,7 +94,7 @@ def build_parser():
     b.add_argument("--json", metavar="FILE", help="the records, llama-bench's fields and ours")
     b.add_argument("--plot", metavar="FILE", help="PNG: TTFT against n, tok/s against depth")
     b.add_argument("--kernels", action="store_true", help="the attention kernels alone")
-    b.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+    b.add_argument("--kv-dtype", choices=list(formats.KV_TYPES), default="f32",
                    help="KV cache type of the runner (default f32)")
     b.set_defaults(func=cmd_bench)
 
@@ -103,7 +103,7 @@ def build_parser():
     pl.add_argument("--ctx", type=positive_int, required=True)
     pl.add_argument("--quant", help="for catalog models: Q4_0, Q4_K_M (default), Q5_K_M, Q6_K, "
                                     "Q8_0, F16, BF16")
-    pl.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"],
+    pl.add_argument("--kv-dtype", choices=list(formats.KV_TYPES),
                     help="default f32 on this machine (selfattn), f16 on catalog hardware")
     pl.add_argument("--hardware", default="this", help="'this', a catalog name, or several "
                                                        "separated by commas")

@@ -4,6 +4,8 @@ import argparse
 import os
 import sys
 
+from .. import formats
+
 
 class CLIError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
@@ -66,8 +68,9 @@ def store_path(kind):
 
 
 def open_model_file(model_path):
-    """-> (path, reader, seconds): --model (or the default model) opened once; parsing a GGUF
-    takes seconds, so every later step shares this reader. ModelError on a bad file."""
+    """-> (path, reader, seconds): --model (or the default model) opened once (its header and
+    metadata read and checked, its tensors mapped), shared by every later step. ModelError on a
+    bad file."""
     import time
 
     from ..model import default_model_path
@@ -84,11 +87,11 @@ def load_model(model_path, kv_dtype="f32", opened=None):
     open_model_file's result when the caller has it already."""
     import time
 
-    from ..model import Llama, Tokenizer
+    from ..model import Transformer, Tokenizer
 
     path, reader, open_s = opened or open_model_file(model_path)
     t = time.perf_counter()
-    model = Llama.from_reader(reader, path, kv_dtype)
+    model = Transformer.from_reader(reader, path, kv_dtype)
     tokenizer = Tokenizer.from_gguf(reader, path)
     return model, tokenizer, path, open_s + time.perf_counter() - t
 
@@ -127,7 +130,7 @@ def model_shape(model_arg, quant=None):
 
 
 def cache_options(parser):
-    parser.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+    parser.add_argument("--kv-dtype", choices=list(formats.KV_TYPES), default="f32",
                         help="KV cache type (q8_0, q4_0: ggml's blocks; default f32)")
     parser.add_argument("--context-policy", metavar="POLICY",
                         help="full (default), window:W, or sink:S,window:W (StreamingLLM): "
@@ -143,8 +146,8 @@ def guard_memory(args, opened):
 
     path, reader, _ = opened
     shape = ModelShape.from_gguf(reader, path)
-    text = args.context_policy or (f"window:{shape.sliding_window}" if shape.sliding_window
-                                   else "full")
+    every_layer = shape.sliding_window and shape.sliding_layers == shape.n_layers
+    text = args.context_policy or (f"window:{shape.sliding_window}" if every_layer else "full")
     policy = parse_policy(text)
     if args.kv_dtype in ("q8_0", "q4_0") and shape.head_dim % 32:
         raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32; "

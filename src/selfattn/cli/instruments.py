@@ -191,7 +191,8 @@ def cmd_plan(args):
     if args.rank:
         preds.sort(key=lambda p: (not p.fits, -p.decode_tps))
     if args.json:
-        docs = [dict(p.as_dict(), hardware_label=d.label, source=d.source)
+        docs = [dict(p.as_dict(), hardware_label=d.label, source=d.source,
+                     runnable=shape.cannot_run is None, cannot_run=shape.cannot_run)
                 for p, d in zip(preds, devices)]
         print(json.dumps(docs[0] if len(docs) == 1 and not args.rank else docs))
         return
@@ -211,6 +212,8 @@ def cmd_plan(args):
                       *((("never" if p.min_tps_depth is None else f"{p.min_tps_depth:,}"),)
                         if args.min_tps else ()))
     out.print(table)
+    if shape.cannot_run:
+        out.print(f"[yellow]{shape.cannot_run}[/]")
     if len(preds) == 1:
         for line in preds[0].advice:
             out.print(f"- {line}")

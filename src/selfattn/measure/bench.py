@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cache import KVCache
 from ..model.generate import prefill
-from ..model.llama import Timings
+from ..model.transformer import Timings
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..cache import KVCache
-from .llama import Timings
+from .transformer import Timings
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward call: bounds activations (~25 MB for SmolLM2);
 # larger chunks than 512 cut TTFT at 4,000 tokens from 19.6 s to 17.3 s here (fewer, larger calls)

@@ -34,7 +34,7 @@ class Device:
     e_linear: float
     e_attention: float
     weight_bits: float | None = None  # None: the file's own (quantized) bytes; 32: float32 copy
-    packed: bool = False  # selfattn with its compiled kernels: also the file's blocks, for decode
+    packed: bool = False  # selfattn with its compiled kernels: matrices held as the file's blocks
     calibrated: bool = True
     source: str = ""
 
@@ -81,8 +81,8 @@ def device_for_this_machine(roofline: dict, calibration: dict | None,
                             memory_bytes: int) -> Device:
     """This machine running selfattn: its measured roofline, and bench's efficiencies.
 
-    selfattn holds weights as float32 (dequantized at load, for prompts) and, where its compiled
-    kernels are built, the file's q4_0/q4_1/q8_0/f16 matrices as stored too (for decode steps);
+    With its compiled kernels selfattn holds every matrix of a type they read as the file's
+    blocks (selfattn.formats), the rest as float32; without them, everything as float32.
     memory_bytes is what the OS says is available now (all of it usable)."""
     from .. import native
 
@@ -97,10 +97,14 @@ def device_for_this_machine(roofline: dict, calibration: dict | None,
 
 
 def weights_bytes(shape: ModelShape, device: Device) -> int:
-    """Memory the weights take."""
+    """Memory the weights take: an engine that computes on the file's blocks holds the file's
+    bytes; selfattn with its compiled kernels holds the matrices of the types they read as
+    stored and the rest as float32, and without them everything as float32."""
     if device.weight_bits is None:
         return shape.file_bytes
-    return int(shape.params * device.weight_bits / 8) + (shape.packed_bytes if device.packed else 0)
+    if device.packed:
+        return shape.held_bytes
+    return int(shape.params * device.weight_bits / 8)
 
 
 def weight_bytes_per_token(shape: ModelShape, device: Device) -> int:

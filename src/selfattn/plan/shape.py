@@ -6,17 +6,13 @@ From a GGUF file (its metadata and the actual size of every tensor) or from the 
 
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType
-
-from .. import native
+from .. import formats
 from ..cache import kv_cache_bytes
 
 # average bits per weight of llama.cpp's quantization types over a whole file, as llama.cpp
 # reports them (BPW) for Llama-3 8B: the K-quant mixes keep some tensors at higher precision
 QUANT_BITS = {"Q4_0": 4.55, "Q4_1": 5.0, "Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56,
               "Q8_0": 8.50, "F16": 16.0, "BF16": 16.0, "F32": 32.0}
-# the types selfattn.native.matmul reads as stored, by name
-PACKED_TYPES = tuple(GGMLQuantizationType(t).name for t in native.PACKED_TYPES)
 
 
 @dataclass
@@ -37,10 +33,14 @@ class ModelShape:
     quant: str
     sliding_window: int | None = None
     sliding_layers: int = 0  # how many layers use the window
-    # the matrices selfattn's compiled kernels read in their file type when decoding (q4_0, q4_1,
-    # q8_0, f16; the LM head included, an untied embedding table not): their weights and bytes
+    # the matrices selfattn's compiled kernels read in their file type (selfattn.formats' kernel
+    # types; the LM head included, an untied embedding table not): their weights and bytes
     packed_params: int = 0
     packed_bytes: int = 0
+    # bytes selfattn holds with its compiled kernels: every matrix of a kernel type as stored,
+    # the rest as float32
+    held_bytes: int = 0
+    cannot_run: str | None = None  # why selfattn cannot run this file (its plan still stands)
 
     @classmethod
     def from_catalog(cls, entry: dict, quant: str) -> "ModelShape":
@@ -51,7 +51,7 @@ class ModelShape:
         layers = entry["n_layers"]
         # a single-type file in a type the kernels read: every matrix but an untied embedding
         matrices = int(entry["params"]) - (0 if entry["tied"] else entry["vocab"] * entry["dim"])
-        packable = quant in PACKED_TYPES
+        packable = True  # the kernels read every type in QUANT_BITS as stored
         sliding = {"alternate": layers // 2, "all": layers}.get(entry.get("sliding_layers", ""), 0)
         return cls(name=entry["name"], params=int(entry["params"]),
                    embedding_params=entry["vocab"] * entry["dim"], n_layers=layers,
@@ -61,20 +61,30 @@ class ModelShape:
                    file_bytes=int(entry["params"] * QUANT_BITS[quant] / 8), quant=quant,
                    sliding_window=window, sliding_layers=sliding if window else 0,
                    packed_params=matrices if packable else 0,
-                   packed_bytes=int(matrices * QUANT_BITS[quant] / 8) if packable else 0)
+                   packed_bytes=int(matrices * QUANT_BITS[quant] / 8) if packable else 0,
+                   held_bytes=int(entry["params"] * QUANT_BITS[quant] / 8))
 
     @classmethod
     def from_gguf(cls, reader, path) -> "ModelShape":
         from ..model.config import ModelArgs
         from ..model.gguf_file import tensor_index
 
-        a = ModelArgs.from_gguf(reader, path)
+        a, cannot_run = ModelArgs.shape_of(reader, path)
         tensors = tensor_index(reader)
-        types = sorted({t.tensor_type.name for t in tensors.values()})
+        fmt = {name: formats.by_id(int(t.tensor_type)) for name, t in tensors.items()}
+        types = sorted({f.name.upper() for f in fmt.values()})
+        odd = sorted({f.name.upper() for name, f in fmt.items()
+                      if not f.kernels and len(tensors[name].shape) == 2})
+        if odd and cannot_run is None:
+            cannot_run = (f"selfattn cannot run {', '.join(odd)} weights (it runs "
+                          f"{formats.supported_names()})")
         embd = tensors["token_embd.weight"] if "token_embd.weight" in tensors else None
-        packed = [t for name, t in tensors.items()
-                  if t.tensor_type.name in PACKED_TYPES and len(t.shape) == 2 and t.shape[0] % 32 == 0
+        as_stored = {name for name, t in tensors.items()
+                     if fmt[name].kernels and len(t.shape) == 2 and t.shape[0] % fmt[name].block == 0}
+        packed = [t for name, t in tensors.items() if name in as_stored
                   and (name != "token_embd.weight" or a.tied_embeddings)]
+        held = sum(int(t.n_bytes) if name in as_stored else 4 * int(t.n_elements)
+                   for name, t in tensors.items())
         return cls(name=a.name or str(path), params=sum(int(t.n_elements) for t in tensors.values()),
                    embedding_params=int(embd.n_elements) if embd is not None else 0,
                    n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
@@ -82,9 +92,10 @@ class ModelShape:
                    tied=a.tied_embeddings, context=a.context_length,
                    file_bytes=sum(int(t.n_bytes) for t in tensors.values()),
                    quant="+".join(types), sliding_window=a.sliding_window,
-                   sliding_layers=a.n_layers if a.sliding_window else 0,
+                   sliding_layers=sum(a.window(i) is not None for i in range(a.n_layers)),
                    packed_params=sum(int(t.n_elements) for t in packed),
-                   packed_bytes=sum(int(t.n_bytes) for t in packed))
+                   packed_bytes=sum(int(t.n_bytes) for t in packed), held_bytes=held,
+                   cannot_run=cannot_run)
 
     # -- what a token costs ---------------------------------------------------------------------
 
