@@ -49,9 +49,9 @@ class ModelShape:
             raise ValueError(f"unknown --quant {quant!r} (known: {', '.join(QUANT_BITS)})")
         window = entry.get("sliding_window")
         layers = entry["n_layers"]
-        # a single-type file in a type the kernels read: every matrix but an untied embedding
+        # a single-type file (the kernels read every type in QUANT_BITS as stored): every matrix
+        # but an untied embedding
         matrices = int(entry["params"]) - (0 if entry["tied"] else entry["vocab"] * entry["dim"])
-        packable = True  # the kernels read every type in QUANT_BITS as stored
         sliding = {"alternate": layers // 2, "all": layers}.get(entry.get("sliding_layers", ""), 0)
         return cls(name=entry["name"], params=int(entry["params"]),
                    embedding_params=entry["vocab"] * entry["dim"], n_layers=layers,
@@ -60,8 +60,7 @@ class ModelShape:
                    vocab=entry["vocab"], tied=entry["tied"], context=entry["context"],
                    file_bytes=int(entry["params"] * QUANT_BITS[quant] / 8), quant=quant,
                    sliding_window=window, sliding_layers=sliding if window else 0,
-                   packed_params=matrices if packable else 0,
-                   packed_bytes=int(matrices * QUANT_BITS[quant] / 8) if packable else 0,
+                   packed_params=matrices, packed_bytes=int(matrices * QUANT_BITS[quant] / 8),
                    held_bytes=int(entry["params"] * QUANT_BITS[quant] / 8))
 
     @classmethod
