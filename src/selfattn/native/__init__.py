@@ -34,8 +34,6 @@ from ..attention import threads
 # ggml's type ids of the KV formats
 F32, F16, Q4_0, Q4_1, Q8_0 = (formats.by_name(n).type_id for n in ("f32", "f16", "q4_0", "q4_1",
                                                                      "q8_0"))
-# the types a model keeps as stored (smaller than float32)
-PACKED_TYPES = tuple(t for t in formats.KERNEL_TYPES if t != F32)
 KV_CODES = {f.name: f.type_id for f in formats.FORMATS if f.kv}
 # raised when a change makes decoding or prefill materially faster or slower, so that speed
 # calibrations fitted before it (measure.bench.calibrate) are no longer taken for this machine's
@@ -122,14 +120,6 @@ class PackedMatrix:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
-
-    @classmethod
-    def stack(cls, parts: list["PackedMatrix"]) -> "PackedMatrix":
-        """Rows of several matrices of one type and width, one after another (a copy)."""
-        fmt, cols = parts[0].fmt, parts[0].cols
-        if any(p.fmt != fmt or p.cols != cols for p in parts):
-            raise ValueError("stacked matrices must share type and width")
-        return cls(np.concatenate([p.data for p in parts]), fmt, cols)
 
     def dequantize(self, r0: int = 0, r1: int | None = None,
                    out: np.ndarray | None = None) -> np.ndarray:

@@ -13,8 +13,6 @@
 #define MIN_TASK_VALUES 16384
 #define TASKS_PER_THREAD 4
 
-typedef sa_row_fn row_fn;
-
 SA_TARGET static void row_f32(const uint8_t *src, int64_t n, float *dst) {
     memcpy(dst, src, (size_t)n * 4);
 }
@@ -88,7 +86,7 @@ sa_row_fn sa_row_decoder(int fmt) {
 
 typedef struct {
     const uint8_t *w;
-    row_fn fn;
+    sa_row_fn fn;
     int64_t cols, row_bytes, r0, n, task_rows;
     const int64_t *index; /* NULL: rows r0 .. r0 + n - 1 */
     float *out;
@@ -116,7 +114,7 @@ static void run(dq_args *A) {
  * for an unknown type, cols not a whole number of blocks, a wrong row_bytes or r1 < r0. */
 int sa_dequant_range(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes, int64_t r0,
                      int64_t r1, float *out) {
-    row_fn fn = sa_row_decoder(fmt);
+    sa_row_fn fn = sa_row_decoder(fmt);
     if (!fn || !sa_row_bytes(fmt, cols) || row_bytes != sa_row_bytes(fmt, cols) || r0 < 0 || r1 < r0)
         return -1;
     dq_args A = {w, fn, cols, row_bytes, r0, r1 - r0, 0, NULL, out};
@@ -128,7 +126,7 @@ int sa_dequant_range(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
  * same checks as sa_dequant_range. */
 int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
                     const int64_t *rows, int64_t n, float *out) {
-    row_fn fn = sa_row_decoder(fmt);
+    sa_row_fn fn = sa_row_decoder(fmt);
     if (!fn || !sa_row_bytes(fmt, cols) || row_bytes != sa_row_bytes(fmt, cols) || n < 0) return -1;
     dq_args A = {w, fn, cols, row_bytes, 0, n, 0, rows, out};
     if (A.n) run(&A);

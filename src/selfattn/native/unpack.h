@@ -86,6 +86,14 @@ SA_INLINE void scale8(const uint8_t b[8], float d, float *out) {
     _mm256_store_ps(out, _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))));
 }
 
+/* q4_k / q5_k: d and dmin (f16 at p, p + 2) times the 6-bit scales and mins at p + 4 */
+SA_INLINE void k_scales_mins(const uint8_t *p, sa_unpacked *u) {
+    uint8_t sc[8], mn[8];
+    k_scales(p + 4, sc, mn);
+    scale8(sc, sa_half(p), u->s);
+    scale8(mn, sa_half(p + 2), u->m);
+}
+
 /* q8_0: d (f16), 32 int8 */
 SA_INLINE void unpack_q8_0(const uint8_t *p, sa_unpacked *u) {
     u->s[0] = sa_half(p);
@@ -178,10 +186,7 @@ SA_INLINE void unpack_q4_k(const uint8_t *p, sa_unpacked *u) {
         u->q[2 * c] = _mm256_and_si256(v, low4);
         u->q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
     }
-    uint8_t sc[8], mn[8];
-    k_scales(p + 4, sc, mn);
-    scale8(sc, sa_half(p), u->s);
-    scale8(mn, sa_half(p + 2), u->m);
+    k_scales_mins(p, u);
 }
 
 /* q5_k: as q4_k with 32 bytes of fifth bits after the scales: group i's bit is bit i of byte l */
@@ -197,10 +202,7 @@ SA_INLINE void unpack_q5_k(const uint8_t *p, sa_unpacked *u) {
             u->q[i] = _mm256_or_si256(_mm256_and_si256(n, low4), _mm256_and_si256(hb, bit4));
         }
     }
-    uint8_t sc[8], mn[8];
-    k_scales(p + 4, sc, mn);
-    scale8(sc, sa_half(p), u->s);
-    scale8(mn, sa_half(p + 2), u->m);
+    k_scales_mins(p, u);
 }
 
 /* q6_k: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d. Value 128h + p
