@@ -283,3 +283,23 @@ def test_cli_perplexity(tiny32, tmp_path):
     assert r.returncode == 2 and "not UTF-8" in r.stderr
     r = run("perplexity", str(text), "--model", path, "--ctx", "100000")
     assert r.returncode == 2 and "shorter than one window" in r.stderr
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_cache_is_resident_only_where_positions_were_written():
+    """The guard counts the whole cache, but memory is taken as positions arrive: a 512 MiB cache
+    with a few positions written adds a few MiB of resident memory, not 512."""
+    before = _rss_bytes()
+    cache = KVCache(n_layers=8, n_kv_heads=4, head_dim=128, max_len=16384)  # 2 x 256 MiB
+    assert cache.nbytes == 2 * 8 * 4 * 16384 * 128 * 4
+    for layer in range(8):
+        cache.write(layer, 0, np.ones((3, 4, 128), np.float32), np.ones((3, 4, 128), np.float32))
+    grown = _rss_bytes() - before
+    assert grown < 32 * 2**20, f"{grown / 2**20:.0f} MiB resident after writing 3 positions"
+    assert cache.k.ctypes.data % 64 == 0 and cache.k.flags.writeable
+    np.testing.assert_array_equal(cache.k[:, 0, :, :3], 1.0)
+    assert not cache.k[:, 0, :, 3:].any()

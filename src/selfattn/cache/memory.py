@@ -1,5 +1,7 @@
 """Cache sizes and the memory they need: one arithmetic for the runner, the guard and the planner."""
 
+import mmap
+
 import numpy as np
 
 from .. import formats
@@ -53,15 +55,17 @@ def check_fits(n_layers: int, n_kv_heads: int, head_dim: int, positions: int, kv
         f"{kv_dtype}" + (f" (smaller KV types: {', '.join(smaller)})" if smaller else ""))
 
 
-def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-    """Zeros whose first byte starts a cache line, every page touched (so the memory is resident
-    from the start). NumPy's large arrays start 16 bytes into a line, so half the 32-byte loads of
-    a float32 row would straddle two; the compiled decode kernel measured 26 against 32 ns a key
-    and kv head (one core, keys in cache) with the cache aligned."""
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """Zeros for a KV cache, from an anonymous mapping: page-aligned (NumPy's large arrays start
+    16 bytes into a cache line, so half the 32-byte loads of a float32 row would straddle two; the
+    compiled decode kernel measured 26 against 32 ns a key and kv head, one core, keys in cache),
+    and in 4 KiB pages that become resident only as positions are written. NumPy asks for huge
+    pages on large arrays; a cache for 8,192 positions of the default model (360 MiB) then took
+    1.3 s to fault in on its first write (the kernel compacting memory for 2 MiB pages), against
+    ~0.5 us a 4 KiB page as positions arrive; decode at depth 4,096 read K/V as fast either way."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    out = raw[start:start + nbytes].view(dtype).reshape(shape)
-    out.fill(0)
-    return out
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype, count=count).reshape(shape)
