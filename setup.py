@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "selfattn.native._kernels",
-    sources=[f"src/selfattn/native/{name}.c" for name in ("module", "pool", "matvec", "attend", "ops", "quant", "dequant", "gemm", "step", "prefill", "peak")],
+    sources=[f"src/selfattn/native/{name}.c" for name in ("module", "pool", "matvec", "attend", "ops", "quant", "dequant", "gemm", "step", "prefill", "peak", "pages")],
     depends=["src/selfattn/native/simd.h", "src/selfattn/native/kernels.h",
              "src/selfattn/native/unpack.h"],
     # -fno-wrapv undoes the -fwrapv that Python's own CFLAGS bring (signed overflow defined to

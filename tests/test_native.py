@@ -341,3 +341,22 @@ def test_fma_peak_is_measured_and_refuses_bad_input():
         native.fma_gflops(0)
     with pytest.raises(ValueError, match="sums"):
         native._module().fma_loop(10, 4, np.zeros(3, np.float32))
+
+
+def test_touch_pages_reads_a_mapping_and_changes_nothing(tmp_path):
+    import mmap
+
+    path = tmp_path / "blob"
+    data = np.random.default_rng(3).integers(0, 256, 3 * 4096 + 17, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    for readers in (1, 3, 16, 40):
+        assert native.touch_pages(m, readers)
+    with memoryview(m) as whole, whole[5:] as tail:  # an unaligned start, a short last page
+        assert native.touch_pages(tail, 4)
+        assert native.touch_pages(tail[:0], 2)
+    assert m[:] == data.tobytes()
+    with pytest.raises(ValueError):
+        native.touch_pages(m, 0)
+    m.close()

@@ -194,6 +194,10 @@ class GGUFFile:
         return (f"GGUFFile({str(self.path)!r}, v{self.version}, {len(self.fields)} keys, "
                 f"{len(self.tensors)} tensors)")
 
+    def mapping(self) -> mmap.mmap:
+        """The whole file, mapped read-only (ModelError once closed)."""
+        return self._mapped()
+
     def _mapped(self):
         if self._closed:
             raise ModelError(f"{self.path}: the file was closed")

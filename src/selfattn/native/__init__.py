@@ -16,6 +16,7 @@ runs, on its own small thread pool (pool.c).
   the fallback, and for masks and float64).
 - `decode_attention(...)`: the split-K decode kernel over a float32 or compact KV cache, with the
   contract of the numba kernel in attention/decode.py (which stays as the fallback).
+- `touch_pages(buf)`: a mapped file's pages faulted in by several reader threads (pages.c).
 - `rmsnorm`, `rope`, `swiglu`: a decode step's small operations, whose NumPy versions (in
   model/transformer.py, used without them) cost more in call overhead than in arithmetic.
 
@@ -272,6 +273,17 @@ def layer_step(x: np.ndarray, layer: StepLayer, cos: np.ndarray, sin: np.ndarray
         return mod.layer_step(x, *layer._weights, cos, sin, k, v, KV_CODES[kv_fmt], *layer._sizes,
                               k.shape[2], k.shape[3] * k.itemsize, pos, left, j_base, chunk,
                               n_chunks)
+
+
+def touch_pages(buf, readers: int = 4) -> bool:
+    """Fault in every page of buf (a mapped file) from `readers` threads at once, so a cold
+    file is read at the disk's parallel speed rather than one page fault at a time. Returns
+    False (and does nothing) without the compiled kernels."""
+    mod = _load()
+    if mod is None:
+        return False
+    mod.touch_pages(buf, readers)
+    return True
 
 
 def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:

@@ -301,6 +301,18 @@ static PyObject *py_fma_loop(PyObject *self, PyObject *args) {
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+static PyObject *py_touch_pages(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    int readers, rc;
+    if (!PyArg_ParseTuple(args, "y*i", &buf, &readers)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sa_touch_pages(buf.buf, buf.len, readers);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    if (rc) PyErr_SetString(PyExc_ValueError, "touch_pages: readers must be >= 1");
+    return rc ? NULL : Py_NewRef(Py_None);
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *args) {
     int n;
     if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
@@ -323,6 +335,7 @@ static PyMethodDef methods[] = {
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
     {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
     {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of 8 lanes per task, on the pool"},
+    {"touch_pages", py_touch_pages, METH_VARARGS, "fault a mapping's pages in from several threads"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads the kernels use"},
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "AVX2, FMA and F16C present"},
     {NULL, NULL, 0, NULL}};
