@@ -77,3 +77,18 @@ def test_cli_errors_are_one_line(tmp_path):
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_generating_with_the_compiled_kernels_does_not_import_numba():
+    """numba (~0.3-0.6 s to import) is the fallback: a command that never needs it does not
+    pay for it."""
+    from selfattn import native
+    if not native.available():
+        pytest.skip("no compiled kernels: the numba kernels are the path")
+    code = ("import sys; from selfattn.cli import main\n"
+            "try:\n    main(['generate', 'Hi', '--max-tokens', '3', '--json'])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('numba' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False"

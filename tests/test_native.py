@@ -10,7 +10,8 @@ from gguf.quants import dequantize, quantize
 
 from selfattn import native
 from selfattn.attention import kvformat, threads
-from selfattn.attention.decode import decode_attention, decode_chunks
+from selfattn.attention.decode import decode_attention
+from selfattn.attention.decode_numba import decode_chunks
 
 from .spec import assert_matches_twin_and_spec, reference_on_stored, stored_inputs
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,6 +10,7 @@ _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _threads: int | None = None
 _controller = None
+_numba_threads: int | None = None  # what numba's pool was last sized to by us
 
 
 def num_threads() -> int:
@@ -22,15 +24,14 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Limit selfattn's kernels to n threads (the numba layer included)."""
+    """Limit selfattn's kernels to n threads (the numba layer included: now if numba is loaded,
+    else when its first kernel runs, so that setting a count does not import it)."""
     global _threads
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"threads must be a positive int, got {n!r}")
-    import numba
-
     _threads = n
-    prepare_numba_threads()  # numba.set_num_threads starts its OpenMP pool: settings first
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if "numba" in sys.modules:
+        prepare_numba_threads()
 
 
 def prepare_numba_threads():
@@ -39,9 +40,16 @@ def prepare_numba_threads():
     Spinning workers (libgomp's default) steal the cores from OpenBLAS's threads, and OpenBLAS's
     spinning threads steal them back, which made a model's decode step 10x slower. Set here,
     at the last moment, so that a process that never runs our decode path (a torch peer in a
-    benchmark) keeps its own OpenMP settings. A user's OMP_WAIT_POLICY wins.
+    benchmark) keeps its own OpenMP settings. A user's OMP_WAIT_POLICY wins. Then numba's pool
+    gets set_num_threads' count (numba.set_num_threads starts that pool: the setting comes first).
     """
+    global _numba_threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if _threads is not None and _numba_threads != _threads:
+        import numba
+
+        numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+        _numba_threads = _threads
 
 
 def pool(workers: int) -> ThreadPoolExecutor:

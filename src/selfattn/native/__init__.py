@@ -15,7 +15,7 @@ runs, on its own small thread pool (pool.c).
   KV cache), with the contract of the numba + BLAS kernel in attention/flash.py (which stays as
   the fallback, and for masks and float64).
 - `decode_attention(...)`: the split-K decode kernel over a float32 or compact KV cache, with the
-  contract of the numba kernel in attention/decode.py (which stays as the fallback).
+  contract of the numba kernel in attention/decode_numba.py (which stays as the fallback).
 - `touch_pages(buf)`: a mapped file's pages faulted in by several reader threads (pages.c).
 - `rmsnorm`, `rope`, `swiglu`: a decode step's small operations, whose NumPy versions (in
   model/transformer.py, used without them) cost more in call overhead than in arithmetic.
@@ -182,7 +182,7 @@ def decode_supported(fmt: str, D: int, Dv: int, R: int, has_mask: bool, dtype) -
 
 
 def decode_attention(qs, k, v, fmt, S, T, j_base, chunk, C, left, right, softcap, out, lse):
-    """The C twin of attention.decode.decode_chunks, same arguments (less the scratch arrays,
+    """The C twin of attention.decode_numba.decode_chunks, same arguments (less the scratch arrays,
     which the C code allocates): qs (B, H_kv, R, D) pre-scaled
     float32; k, v (B, H_kv, S_max, row) stored rows; results into out (B, H, T, Dv), lse (B, H, T).
     Every array C-contiguous (the buffer protocol refuses anything else)."""
