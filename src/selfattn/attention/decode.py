@@ -63,10 +63,12 @@ def decode_attention(q, k, v, S, band, mask, softcap, scale, fmt="f32"):
         m5 = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (1, 1, 1, T, 1), (0,) * 5)
     else:
         m5 = mask.reshape(B, H_kv, G, T, S)  # splits an axis: a view, never a copy
+    from . import jit
     from .decode_numba import decode_chunks
     from .threads import prepare_numba_threads
 
     prepare_numba_threads()
-    decode_chunks(qs, k, v, format_code(fmt), HALF_TABLE, S, j_lo, chunk, left, right,
-                  float(softcap or 0.0), m5, mask is not None, acc, m_i, l_i, out, lse)
+    with jit.parallel_lock:
+        decode_chunks(qs, k, v, format_code(fmt), HALF_TABLE, S, j_lo, chunk, left, right,
+                      float(softcap or 0.0), m5, mask is not None, acc, m_i, l_i, out, lse)
     return out, lse

@@ -6,16 +6,16 @@ import, more than loading the default model."""
 
 import math
 
-import numba as nb
 import numpy as np
 
+from .jit import CACHE, nb
 from .kvformat_numba import load_rows
 from .softmax import FASTMATH, online_softmax_row
 
 KEY_TILE = 64  # keys scored per online-softmax step inside a chunk
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True, parallel=True)
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, parallel=True)
 def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, mask, has_mask,
                   acc, m_i, l_i, out, lse):
     """q (B, H_kv, R, D) pre-scaled, R = G*T rows (head-major); k, v (B, H_kv, S_max, ·) stored

@@ -5,14 +5,14 @@ not, and runs everything when the compiled kernels are absent. Imported only whe
 
 import math
 
-import numba as nb
 import numpy as np
 
+from .jit import CACHE, nb
 from .kvformat_numba import load_rows
 from .softmax import FASTMATH, online_softmax_row
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
 def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softcap,
                  mask, has_mask, band, ibuf):
     """One key block of online softmax over the rows of `s` (R, nk), head-major rows.
@@ -39,7 +39,7 @@ def block_update(s, m_i, l_i, acc, rows_per_head, qpos0, j0, left, right, softca
         online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf)
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
 def flash_task(qs, kh, vh, code, table, rows_per_head, p0, p1, left, right, softcap, mask,
                has_mask, block_keys, out_rows, lse_rows):
     """All key blocks for one (batch, kv head, query block): rows of qs (R, D), head-major.

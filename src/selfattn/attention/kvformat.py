@@ -96,11 +96,13 @@ def decode_rows(stored: np.ndarray, fmt: str, D: int) -> np.ndarray:
     `dequantize`)."""
     if fmt == "f32":
         return stored
+    from . import jit
     from .kvformat_numba import decode_rows_tiled
     from .threads import prepare_numba_threads
 
     flat = np.ascontiguousarray(stored).reshape(-1, stored.shape[-1])
     out = np.empty((flat.shape[0], D), np.float32)
     prepare_numba_threads()
-    decode_rows_tiled(flat, format_code(fmt), HALF_TABLE, out, 256)
+    with jit.parallel_lock:
+        decode_rows_tiled(flat, format_code(fmt), HALF_TABLE, out, 256)
     return out.reshape(*stored.shape[:-1], D)

@@ -2,16 +2,14 @@
 reference path, and the row decoders the numba attention kernels call (`load_rows`, picked by the
 stored dtype at compile time). Imported only when first needed."""
 
-import numba as nb
 import numpy as np
-from numba import types
-from numba.extending import overload
 
+from .jit import CACHE, nb
 from .kvformat import Q8_0
 
 _F16_EXP_SHIFT = np.float32(2.0 ** 112)  # rebias a half's exponent (15) to a float's (127)
 
-@nb.njit(nogil=True, cache=True)  # no fastmath: the rounding must be ggml's, bit for bit
+@nb.njit(nogil=True, cache=CACHE)  # no fastmath: the rounding must be ggml's, bit for bit
 def quantize_blocks(x, code, out, d):
     """x (n, 32) float32 -> out (n, 34 | 18) uint8 quants (bytes 2..), d (n,) float32 scales.
     ggml's reference (quantize_row_q8_0_ref / q4_0_ref), as gguf-py writes it in NumPy."""
@@ -46,7 +44,7 @@ def quantize_blocks(x, code, out, d):
         d[b] = db
 
 
-@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
+@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=CACHE)
 def _halves_to_floats(src, j0, nk, buf):
     """src[j0:j0+nk] (rows of uint16 half bits) -> buf[:nk] float32. Branch-free, so LLVM
     vectorizes it: the magnitude bits shifted into a float's place and scaled by 2^112 (exact for
@@ -68,7 +66,7 @@ def _halves_to_floats(src, j0, nk, buf):
             out[i] = out[i] | ((h & 0x8000) << 16) | special
 
 
-@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=True)
+@nb.njit(fastmath={"nsz", "contract", "reassoc"}, nogil=True, cache=CACHE)
 def _blocks_to_floats(src, j0, nk, code, table, buf):
     """src[j0:j0+nk] (rows of ggml q8_0 / q4_0 blocks, uint8) -> buf[:nk] float32."""
     D = buf.shape[1]
@@ -105,11 +103,11 @@ def load_rows(src, j0, nk, code, table, buf):
     raise NotImplementedError("load_rows runs inside numba-compiled kernels")
 
 
-@overload(load_rows)
+@nb.extending.overload(load_rows)
 def _load_rows_by_dtype(src, j0, nk, code, table, buf):
-    if src.dtype in (types.float32, types.float64):
+    if src.dtype in (nb.types.float32, nb.types.float64):
         return lambda src, j0, nk, code, table, buf: (src, j0)
-    if src.dtype == types.uint16:
+    if src.dtype == nb.types.uint16:
         def halves(src, j0, nk, code, table, buf):
             _halves_to_floats(src, j0, nk, buf)
             return buf, 0
@@ -121,7 +119,7 @@ def _load_rows_by_dtype(src, j0, nk, code, table, buf):
     return blocks
 
 
-@nb.njit(parallel=True, nogil=True, cache=True)
+@nb.njit(parallel=True, nogil=True, cache=CACHE)
 def decode_rows_tiled(stored, code, table, out, tile):
     """stored (N, items) -> out (N, D), `tile` rows per task (the last one may be short)."""
     N = stored.shape[0]

@@ -16,10 +16,9 @@ scaled logits), `l_i` (running sum of exp(logit - m_i)), `acc` (running sum of e
 
 import math
 
-import numba as nb
 import numpy as np
-from numba import types
-from numba.extending import overload
+
+from .jit import CACHE, nb
 
 # fastmath without 'nnan'/'ninf': masked logits are -inf and must stay so; 'reassoc' lets LLVM
 # vectorize the row sums.
@@ -35,7 +34,7 @@ _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
 def _exp_f32(x, n, shift, ibuf):
     """x[:n] <- exp(x[:n] - shift) in place; returns the sum. ibuf: int32 scratch of >= n."""
     fbuf = ibuf.view(np.float32)
@@ -63,7 +62,7 @@ def _exp_f32(x, n, shift, ibuf):
     return total
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True)
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True)
 def _exp_f64(x, n, shift, ibuf):
     """float64 twin of `_exp_f32` using libm's exp (exactness over speed)."""
     total = 0.0
@@ -81,14 +80,14 @@ def exp_inplace(x, n, shift, ibuf):
     raise NotImplementedError("exp_inplace runs inside numba-compiled kernels")
 
 
-@overload(exp_inplace)
+@nb.extending.overload(exp_inplace)
 def _exp_inplace_by_dtype(x, n, shift, ibuf):
-    if x.dtype == types.float32:
+    if x.dtype == nb.types.float32:
         return lambda x, n, shift, ibuf: _exp_f32(x, n, shift, ibuf)
     return lambda x, n, shift, ibuf: _exp_f64(x, n, shift, ibuf)
 
 
-@nb.njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always")  # inlined into the kernels
+@nb.njit(fastmath=FASTMATH, cache=CACHE, nogil=True, inline="always")  # inlined into the kernels
 def online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf):
     """One key block of online softmax for query row r, in place.
 

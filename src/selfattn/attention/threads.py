@@ -46,9 +46,9 @@ def prepare_numba_threads():
     global _numba_threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if _threads is not None and _numba_threads != _threads:
-        import numba
+        from .jit import nb
 
-        numba.set_num_threads(min(_threads, numba.config.NUMBA_NUM_THREADS))
+        nb.set_num_threads(min(_threads, nb.config.NUMBA_NUM_THREADS))
         _numba_threads = _threads
 
 

@@ -14,13 +14,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-import numba as nb
 import numpy as np
+
+from ..attention import jit
+from ..attention.jit import CACHE, nb
 
 log = logging.getLogger(__name__)
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@nb.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
 def _parallel_sum(x):
     """Sum of x in blocks of 16 Ki floats spread over the threads (vectorized inner loops)."""
     block = 16384
@@ -77,13 +79,14 @@ def matmul_gflops(n=2048, reps=5, threads=None) -> float:
 def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
     x = np.ones(nbytes // 4, np.float32)
     threads = threads or nb.config.NUMBA_NUM_THREADS
-    old = nb.get_num_threads()
-    nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
-    try:
-        _parallel_sum(x)
-        t = _best(lambda: _parallel_sum(x), reps)
-    finally:
-        nb.set_num_threads(old)
+    with jit.parallel_lock:
+        old = nb.get_num_threads()
+        nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
+        try:
+            _parallel_sum(x)
+            t = _best(lambda: _parallel_sum(x), reps)
+        finally:
+            nb.set_num_threads(old)
     return x.nbytes / t / 1e9
 
 
