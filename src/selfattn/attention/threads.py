@@ -52,6 +52,15 @@ def prepare_numba_threads():
         _numba_threads = _threads
 
 
+def _in_child():
+    """A forked child inherits the pools without their threads: new ones on first use."""
+    global _lock, _pools
+    _lock, _pools = threading.Lock(), {}
+
+
+os.register_at_fork(after_in_child=_in_child)
+
+
 def pool(workers: int) -> ThreadPoolExecutor:
     with _lock:
         if workers not in _pools:

@@ -65,13 +65,16 @@ def _load():
     return _mod or None
 
 
-def _forget_pool_size():
-    global _threads
-    _threads = 0  # a forked child's pool has no workers: size it again on first use
+def _in_child():
+    """A forked child's pool has no workers: size it again on first use. fork() waited for the
+    kernel in flight (it takes _lock first), so the pool's state was quiet when copied."""
+    global _threads, _lock
+    _threads = 0
+    _lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_size)
+os.register_at_fork(before=lambda: _lock.acquire(), after_in_parent=lambda: _lock.release(),
+                    after_in_child=_in_child)
 
 
 def available() -> bool:
