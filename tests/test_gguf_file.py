@@ -302,3 +302,36 @@ def test_bad_utf8_deep_in_the_vocabulary_is_named_when_read(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelError, match="no such file"):
         open_gguf(tmp_path / "nope.gguf")
+
+
+def _patched_default(tmp_path, key, new):
+    """The default model with metadata value `key` overwritten by bytes of the same size."""
+    from .fuzz.gguf_mutants import scan
+
+    data = bytearray(default_model_path().read_bytes())
+    site = next(s for s in scan(bytes(data)).sites if s.what == key and s.kind == "value")
+    struct.pack_into(site.fmt, data, site.offset, new)
+    path = tmp_path / "patched.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"])
+def test_token_ids_past_the_vocabulary_are_named(tmp_path, key):
+    from selfattn.model import Tokenizer
+
+    path = _patched_default(tmp_path, key, 49152)
+    with pytest.raises(ModelError, match=f"{key} = 49152 is not a token id of its 49,152-entry"):
+        Tokenizer.from_gguf(open_gguf(path), path)
+
+
+def test_a_merge_the_tokenizers_library_refuses_is_one_error_naming_the_file(tmp_path):
+    from selfattn.model import Tokenizer
+
+    data = bytearray(default_model_path().read_bytes())
+    first = data.index(b"\xc4\xa0 t")  # the first merge, 'Ġ t'
+    data[first + 2] = ord("x")  # 'Ġxt': no space, not a pair
+    path = tmp_path / "merges.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=f"{path}: the tokenizer cannot be built from the file"):
+        Tokenizer.from_gguf(open_gguf(path), path)

@@ -6,7 +6,9 @@
   fallback whose merges are ranked by the merged piece's score (how transformers converts
   SentencePiece models), "▁" for spaces.
 Control and user-defined tokens are special: they are matched whole in the text. The chat
-template from the metadata is rendered with jinja2 in a sandbox.
+template from the metadata is rendered in jinja2's sandbox, with bounds (model/template.py).
+Token ids from the metadata are checked against the vocabulary, and anything the tokenizers
+library refuses is one ModelError naming the file.
 """
 
 import logging
@@ -40,11 +42,18 @@ def _byte_level(pre: str):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+MAX_MERGED_PIECE = 1024  # characters; real vocabularies' longest pieces are ~100
+
+
 def _spm_merges(pieces, scores):
-    """Merges for a SentencePiece vocabulary, best-scoring merged piece first."""
+    """Merges for a SentencePiece vocabulary, best-scoring merged piece first. A piece longer
+    than MAX_MERGED_PIECE is not split (each cut copies the piece: a hostile file's one huge
+    piece would cost its length squared)."""
     index = {p: i for i, p in enumerate(pieces)}
     merges = []
     for piece, score in zip(pieces, scores):
+        if len(piece) > MAX_MERGED_PIECE:
+            continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in index and right in index:
@@ -53,14 +62,37 @@ def _spm_merges(pieces, scores):
     return [(m[3], m[4]) for m in merges]
 
 
+def _token_id(reader, path, key, n_pieces, default=None):
+    """tokenizer.ggml.<key> as a token id of the vocabulary, or ModelError naming the key."""
+    value = field(reader, f"tokenizer.ggml.{key}", default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_pieces:
+        raise ModelError(f"{path}: tokenizer.ggml.{key} = {value!r} is not a token id of its "
+                         f"{n_pieces:,}-entry vocabulary")
+    return value
+
+
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, bos_id, eos_id, add_bos, chat_template, pieces):
+    def __init__(self, tok: HFTokenizer, bos_id, eos_id, add_bos, chat_template, pieces,
+                 path=None):
         self.tok, self.bos_id, self.eos_id, self.add_bos = tok, bos_id, eos_id, add_bos
         self.chat_template = chat_template
         self.pieces = pieces  # token id -> the string the file stores
+        self.path = path
 
     @classmethod
     def from_gguf(cls, reader, path) -> "Tokenizer":
+        try:
+            return cls._from_gguf(reader, path)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exceptions
+            raise ModelError(f"{path}: the tokenizer cannot be built from the file: "
+                             f"{' '.join(str(e).split()) or type(e).__name__}") from e
+
+    @classmethod
+    def _from_gguf(cls, reader, path) -> "Tokenizer":
         kind = field(reader, "tokenizer.ggml.model", None)
         pieces = field(reader, "tokenizer.ggml.tokens", None)
         if kind is None or pieces is None:
@@ -81,7 +113,7 @@ class Tokenizer:
             tok.decoder = decoders.ByteLevel()
         elif kind == "llama":
             scores = list(field(reader, "tokenizer.ggml.scores", [0.0] * len(pieces)))
-            unk = int(field(reader, "tokenizer.ggml.unknown_token_id", 0))
+            unk = _token_id(reader, path, "unknown_token_id", len(pieces), 0)
             tok = HFTokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)},
                                         merges=_spm_merges(pieces, scores),
                                         unk_token=pieces[unk], byte_fallback=True,
@@ -98,12 +130,12 @@ class Tokenizer:
         special = [AddedToken(p, special=True, normalized=False)
                    for p, t in zip(pieces, types) if t in (3, 4) and p]
         tok.add_special_tokens(special)
-        bos = field(reader, "tokenizer.ggml.bos_token_id", None)
-        eos = field(reader, "tokenizer.ggml.eos_token_id", None)
+        bos = _token_id(reader, path, "bos_token_id", len(pieces))
+        eos = _token_id(reader, path, "eos_token_id", len(pieces))
         add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
         template = field(reader, "tokenizer.chat_template", None)
-        return cls(tok, None if bos is None else int(bos), None if eos is None else int(eos),
-                   add_bos, None if template is None else str(template), pieces)
+        return cls(tok, bos, eos, add_bos, None if template is None else str(template), pieces,
+                   path)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids
@@ -121,23 +153,16 @@ class Tokenizer:
         return [self.tok.decode([int(i)], skip_special_tokens=False) for i in ids]
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """messages through the file's chat template (model/template.py: sandboxed, bounded)."""
+        from .template import render
+
         if not self.chat_template:
-            raise ModelError("this model's file has no chat template (tokenizer.chat_template)")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+            raise ModelError(f"{self.path}: the file has no chat template "
+                             "(tokenizer.chat_template)")
         piece = lambda i: self.pieces[i] if i is not None else ""  # noqa: E731
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=piece(self.bos_id), eos_token=piece(self.eos_id))
-        except TemplateError as e:
-            raise ModelError(f"the chat template failed: {e}") from e
+        return render(self.chat_template, self.path, messages=messages,
+                      add_generation_prompt=add_generation_prompt, bos_token=piece(self.bos_id),
+                      eos_token=piece(self.eos_id))
 
 
 class StreamDecoder:
