@@ -26,3 +26,37 @@ def test_bad_arguments_are_one_line_on_stderr():
     assert r.returncode == 2 and "Traceback" not in r.stderr and "whole number" in r.stderr
     r = run("demo", "--max-n", "100")
     assert r.returncode == 2 and "at least 256" in r.stderr
+
+
+def test_absurd_numbers_and_output_paths_are_refused_before_any_work(tmp_path):
+    """Each in one line, exit 2, before the model is loaded (so quickly)."""
+    cases = [
+        (("plan", "--ctx", "999999999999999"), "past any model's context"),
+        (("generate", "hi", "--temperature", "inf"), "finite number"),
+        (("generate", "hi", "--top-p", "nan"), "finite number"),
+        (("inspect", "hi", "--png", "/proc/version"), "ending in .png"),
+        (("inspect", "hi", "--png", str(tmp_path)), "ending in .png"),
+        (("inspect", "hi", "--png", str(tmp_path / "sub")), "ending in .png"),
+        (("inspect", "hi", "--png", str(tmp_path / "none" / "x.png")), "folder does not exist"),
+        (("inspect", "hi", "--html", str(tmp_path / "x.png")), "ending in .html"),
+        (("bench", "--json", "/dev/null.json"), "cannot be written"),
+    ]
+    (tmp_path / "dir.png").mkdir()
+    cases.append((("inspect", "hi", "--png", str(tmp_path / "dir.png")), "is a folder"))
+    for args, words in cases:
+        r = run(*args)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`selfattn inspect ... --json - | head -c 10`: no error, no traceback. The JSON
+    (attention weights of 3 layers x 9 heads over ~150 tokens) is far past a pipe's buffer."""
+    p = subprocess.Popen([sys.executable, "-m", "selfattn.cli", "inspect", "word " * 150,
+                          "--json", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(10)) == 10
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=600)
+    assert "Traceback" not in err and "broken pipe" not in err.lower(), err
+    assert "Exception" not in err and p.returncode == 1, (p.returncode, err)

@@ -1,13 +1,17 @@
 """The `selfattn` command. The library logs; this package owns the terminal.
 
-Errors the user can fix (bad arguments, bad input) print one line on stderr and exit 2.
+Errors the user can fix (bad arguments, bad input) print one line on stderr and exit 2. A reader
+that leaves early (`selfattn plan --json | head`) ends the command quietly, as it ends `cat`.
+Anything else is a bug in selfattn: one line naming it, exit 70 (-v shows the traceback).
 """
 
 import logging
+import os
 import sys
 
 from .. import formats
-from .common import CLIError, Parser, cache_options, int_list, nonneg_float, positive_int
+from .common import (CLIError, Parser, cache_options, context_size, int_list, nonneg_float,
+                     positive_int)
 from .instruments import cmd_bench, cmd_demo, cmd_plan, cmd_roofline
 from .look import cmd_inspect
 from .text import cmd_generate, cmd_perplexity
@@ -34,7 +38,7 @@ def build_parser():
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--max-tokens", type=positive_int, default=128)
-    gen.add_argument("--ctx", type=positive_int, help="context size (default: the model's)")
+    gen.add_argument("--ctx", type=context_size, help="context size (default: the model's)")
     gen.add_argument("--temperature", type=nonneg_float, default=0.0,
                      help="0 (default) is greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -48,7 +52,7 @@ def build_parser():
                                             "(llama-perplexity's method, or a stream)")
     ppl.add_argument("file", help="a UTF-8 text file")
     ppl.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct)")
-    ppl.add_argument("--ctx", type=positive_int, default=512,
+    ppl.add_argument("--ctx", type=context_size, default=512,
                      help="window size (default 512); each window's second half is scored")
     ppl.add_argument("--recompute", type=positive_int, metavar="W",
                      help="instead: the exact baseline, each token predicted from a fresh "
@@ -100,7 +104,7 @@ def build_parser():
 
     pl = sub.add_parser("plan", help="will a model fit at a context, and how fast will it run")
     pl.add_argument("--model", help="a GGUF file or a catalog name (default: SmolLM2-135M)")
-    pl.add_argument("--ctx", type=positive_int, required=True)
+    pl.add_argument("--ctx", type=context_size, required=True)
     pl.add_argument("--quant", help="for catalog models: Q4_0, Q4_K_M (default), Q5_K_M, Q6_K, "
                                     "Q8_0, F16, BF16")
     pl.add_argument("--kv-dtype", choices=list(formats.KV_TYPES),
@@ -121,12 +125,23 @@ def main(argv=None):
                         format="%(name)s: %(message)s")
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CLIError, ValueError, OSError, MemoryError) as e:
-        print(f"selfattn {args.command}: {e}", file=sys.stderr)
+        print(f"selfattn {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfattn: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: one line, unless -v asks for the traceback
+        if args.verbose:
+            raise
+        print(f"selfattn {args.command}: internal error, a bug in selfattn: "
+              f"{type(e).__name__}: {' '.join(str(e).split())} (-v shows the traceback)",
+              file=sys.stderr)
+        return 70
     return 0
 
 

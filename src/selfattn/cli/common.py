@@ -37,6 +37,17 @@ def positive_int(text):
     return n
 
 
+MAX_CONTEXT = 1 << 24  # 16,777,216 positions: past any model's trained context
+
+
+def context_size(text):
+    n = positive_int(text)
+    if n > MAX_CONTEXT:
+        raise argparse.ArgumentTypeError(f"{n:,} positions is past any model's context "
+                                         f"(at most {MAX_CONTEXT:,})")
+    return n
+
+
 def int_list(text):
     try:
         values = [int(x) for x in text.split(",")]
@@ -53,9 +64,32 @@ def nonneg_float(text):
         x = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return x
+
+
+def check_outputs(args, suffixes: dict):
+    """Before any work: each output flag given (name -> allowed suffixes) names a file that can
+    be written there: its folder exists and is writable, it is not a folder or a special file,
+    and its suffix is one the writer produces ('-' means stdout where '-' is allowed)."""
+    for flag, allowed in suffixes.items():
+        target = getattr(args, flag, None)
+        if target is None or (target == "-" and "-" in allowed):
+            continue
+        where = f"--{flag} {target}"
+        folder = os.path.dirname(os.path.abspath(target))
+        if os.path.splitext(target)[1].lower() not in allowed:
+            names = ", ".join(a for a in allowed if a != "-")
+            raise CLIError(f"{where}: expected a file name ending in {names}")
+        if not os.path.isdir(folder):
+            raise CLIError(f"{where}: its folder does not exist")
+        if os.path.isdir(target):
+            raise CLIError(f"{where}: is a folder")
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise CLIError(f"{where}: is not a regular file")
+        if not os.access(target if os.path.exists(target) else folder, os.W_OK):
+            raise CLIError(f"{where}: cannot be written (permissions)")
 
 
 def gb(n):

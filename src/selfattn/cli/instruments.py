@@ -2,8 +2,8 @@
 
 import os
 
-from .common import (CLIError, gb, load_model, model_shape, open_model_file, store_path,
-                     terminal)
+from .common import (CLIError, check_outputs, gb, load_model, model_shape, open_model_file,
+                     store_path, terminal)
 
 
 def cmd_demo(args):
@@ -84,10 +84,7 @@ def cmd_bench(args):
     from ..measure.roofline import load_or_measure
     from ..plan import ModelShape
 
-    for flag in ("json", "plot"):
-        target = getattr(args, flag)
-        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-            raise CLIError(f"--{flag} {target}: its folder does not exist")
+    check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
     console = terminal(stderr=True)
     with console.status("roofline..."):
         roofline, _ = load_or_measure()

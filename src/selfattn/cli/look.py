@@ -3,7 +3,7 @@
 import os
 import sys
 
-from .common import CLIError, check_system, load_model, prompt_ids, terminal
+from .common import check_outputs, check_system, load_model, prompt_ids, terminal
 
 
 def cmd_inspect(args):
@@ -14,10 +14,7 @@ def cmd_inspect(args):
     from ..inspect import head_stats, parse_selection, record_attention
     from ..inspect.record import check_size
 
-    for flag in ("png", "html", "json"):
-        target = getattr(args, flag)
-        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-            raise CLIError(f"--{flag} {target}: its folder does not exist")
+    check_outputs(args, {"png": (".png",), "html": (".html", ".htm"), "json": (".json", "-")})
     check_system(args)
     model, tok, path, _ = load_model(args.model)
     a = model.args
