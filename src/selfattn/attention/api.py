@@ -96,12 +96,14 @@ def _validate(q, k, v, causal, mask, window, softcap, scale, impl, kv_len=None):
         right = 0 if right is None else min(right, 0)
 
     if softcap is not None:
-        if not isinstance(softcap, numbers.Real) or not np.isfinite(softcap) or softcap <= 0:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or \
+                not np.isfinite(softcap) or softcap <= 0:
             raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
         softcap = float(softcap)
     if scale is None:
         scale = 1.0 / np.sqrt(D)
-    elif not isinstance(scale, numbers.Real) or not np.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+            not np.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
     if mask is not None:
@@ -158,10 +160,11 @@ def attention(q, k, v, *, causal=False, mask=None, window=None, softcap=None, sc
 
 def _run_kernel(impl, q, k, v, S, band, mask, softcap, scale, work, fmt="f32"):
     """The decode or flash kernel on validated 4-d input. A contiguous cache is used in place
-    (S says how much of it is valid); anything else is copied once to contiguous, so the compiled
-    loops see unit strides. Compact rows (fmt) keep their stored dtype."""
+    (S says how much of it is valid); anything else has its first S keys copied to contiguous, so
+    the compiled loops see unit strides. Compact rows (fmt) keep their stored dtype."""
     q = np.ascontiguousarray(q, work)
-    k, v = (np.ascontiguousarray(x, work if fmt == "f32" else None) for x in (k, v))
+    k, v = (np.ascontiguousarray(x if x.flags.c_contiguous else x[:, :, :S],
+                                 work if fmt == "f32" else None) for x in (k, v))
     B, H, T, _ = q.shape
     if mask is not None:
         if mask.dtype == bool:
@@ -207,7 +210,12 @@ def _attention_compact(q, k, v, *, kv_format, impl, kv_len, return_lse, **flags)
         S = _validate(q, proxy, proxy, flags["causal"], flags["mask"], flags["window"],
                       flags["softcap"], flags["scale"], impl, kv_len)[-1]
         wide = [kvformat.decode_rows(x[..., :S, :], kv_format, D) for x in (k, v)]
-        return attention(q, *wide, impl=chosen, return_lse=return_lse, **flags)
+        # compact rows are float32 values, so the query is too (as on the kernels' path)
+        got = attention(q.astype(np.float32, copy=False), *wide, impl=chosen,
+                        return_lse=return_lse, **flags)
+        out = got[0] if return_lse else got
+        out = out.astype(q.dtype, copy=False)
+        return (out, got[1]) if return_lse else out
     batched = q.ndim == 4
     q4, _, _, band, mask, softcap, scale, S = _validate(q, proxy, proxy, flags["causal"],
                                                         flags["mask"], flags["window"],
