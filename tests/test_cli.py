@@ -39,7 +39,7 @@ def test_absurd_numbers_and_output_paths_are_refused_before_any_work(tmp_path):
         (("inspect", "hi", "--png", str(tmp_path / "sub")), "ending in .png"),
         (("inspect", "hi", "--png", str(tmp_path / "none" / "x.png")), "folder does not exist"),
         (("inspect", "hi", "--html", str(tmp_path / "x.png")), "ending in .html"),
-        (("bench", "--json", "/dev/null.json"), "cannot be written"),
+        (("bench", "--json", "/proc/selfattn.json"), "cannot be written"),
     ]
     (tmp_path / "dir.png").mkdir()
     cases.append((("inspect", "hi", "--png", str(tmp_path / "dir.png")), "is a folder"))

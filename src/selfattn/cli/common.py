@@ -71,8 +71,9 @@ def nonneg_float(text):
 
 def check_outputs(args, suffixes: dict):
     """Before any work: each output flag given (name -> allowed suffixes) names a file that can
-    be written there: its folder exists and is writable, it is not a folder or a special file,
-    and its suffix is one the writer produces ('-' means stdout where '-' is allowed)."""
+    be written: its folder exists, it is not a folder or a special file, its suffix is one the
+    writer produces ('-' means stdout where '-' is allowed), and opening it to append works (a
+    file that was not there is removed again)."""
     for flag, allowed in suffixes.items():
         target = getattr(args, flag, None)
         if target is None or (target == "-" and "-" in allowed):
@@ -88,8 +89,14 @@ def check_outputs(args, suffixes: dict):
             raise CLIError(f"{where}: is a folder")
         if os.path.exists(target) and not os.path.isfile(target):
             raise CLIError(f"{where}: is not a regular file")
-        if not os.access(target if os.path.exists(target) else folder, os.W_OK):
-            raise CLIError(f"{where}: cannot be written (permissions)")
+        existed = os.path.exists(target)
+        try:  # the only sure test (root passes os.access where a mount is read-only)
+            with open(target, "a"):
+                pass
+        except OSError as e:
+            raise CLIError(f"{where}: cannot be written ({e.strerror})") from None
+        if not existed:
+            os.remove(target)
 
 
 def gb(n):
