@@ -113,10 +113,12 @@ class Weights:
 
 
 class Loader:
-    """Tensors of one open file as Linears and float32 vectors, checked against the metadata."""
+    """Tensors of one open file as Linears and float32 vectors, checked against the metadata.
+    check_only: every name and shape is checked, nothing is read or built (the planner's
+    validation of a file it may not run: types it cannot run are its `cannot_run` note)."""
 
-    def __init__(self, reader, path):
-        self.reader, self.path = reader, str(path)
+    def __init__(self, reader, path, check_only: bool = False):
+        self.reader, self.path, self.check_only = reader, str(path), check_only
         self.tensors = tensor_index(reader)
 
     def info(self, name, shape):
@@ -133,10 +135,13 @@ class Loader:
     def vector(self, name, n, required=True):
         if not required and name not in self.tensors:
             return None
-        return dequantize(self.info(name, (n,)), self.path).reshape(n)
+        t = self.info(name, (n,))
+        return np.zeros(n, np.float32) if self.check_only else dequantize(t, self.path).reshape(n)
 
     def linear(self, name, rows, cols, permute_heads=None) -> Linear:
         t = self.info(name, (rows, cols))
+        if self.check_only:
+            return _Checked()
         fmt = formats.by_id(int(t.tensor_type))
         if not fmt.kernels:
             raise ModelError(f"{self.path}: tensor {name!r} has type {fmt.name.upper()}, which "
@@ -153,6 +158,19 @@ class Loader:
         if permute_heads is not None:
             w = np.ascontiguousarray(unpermute(w, permute_heads))
         return Linear(f32=w)
+
+
+class _Checked:
+    """What Loader(check_only=True) gives for a matrix: its checks passed, nothing was read."""
+
+    def split(self, sizes):
+        return [self] * len(sizes)
+
+
+def check_tensors(reader, path, args: ModelArgs):
+    """ModelError for a missing or misshapen tensor, as loading would find, without reading
+    any tensor data."""
+    load_weights(Loader(reader, path, check_only=True), args)
 
 
 class Transformer:

@@ -69,6 +69,9 @@ class ModelShape:
         from ..model.gguf_file import tensor_index
 
         a, cannot_run = ModelArgs.shape_of(reader, path)
+        if cannot_run is None:  # the checks loading makes: every tensor named and shaped
+            from ..model.transformer import check_tensors
+            check_tensors(reader, path, a)
         tensors = tensor_index(reader)
         fmt = {name: formats.by_id(int(t.tensor_type)) for name, t in tensors.items()}
         types = sorted({f.name.upper() for f in fmt.values()})
