@@ -224,7 +224,7 @@ def run(*args):
 def test_cli_cache_options(tiny32, tmp_path):
     path = str(tiny32[0])
     r = run("generate", "the cat", "--model", path, "--ctx", "100000000", "--max-tokens", "2")
-    assert r.returncode == 2 and "positions fit with f32" in r.stderr and "q4_0:" in r.stderr
+    assert r.returncode == 2 and "at most 16,777,216" in r.stderr  # past any model's context
     assert "Traceback" not in r.stderr
     r = run("generate", "the cat sat on the hat " * 4, "--model", path, "--ctx", "16")
     assert r.returncode == 2 and "--context-policy" in r.stderr

@@ -96,6 +96,14 @@ def decode_chunks(q, k, v, code, table, S, j_base, chunk, left, right, softcap, 
                 h = g * (R // T) + r // T
                 t = r % T
                 o = out[b, h, t]
+                poisoned = False
+                for c in range(C):
+                    poisoned |= np.isnan(l_i[b, g, c, r])
+                if poisoned:  # a NaN or +inf logit this row sees
+                    for d in range(Dv):
+                        o[d] = np.nan
+                    lse[b, h, t] = np.nan
+                    continue
                 for d in range(Dv):
                     o[d] = 0.0
                 if M == ninf:

@@ -78,7 +78,11 @@ def flash_task(qs, kh, vh, code, table, rows_per_head, p0, p1, left, right, soft
         np.dot(s, vt[vb:vb + nk], pv)
         acc += pv
     for r in range(R):
-        if l_i[r] > 0:
+        if np.isnan(l_i[r]):  # a NaN or +inf logit this row sees
+            for d in range(Dv):
+                out_rows[r, d] = np.nan
+            lse_rows[r] = np.nan
+        elif l_i[r] > 0:
             inv = 1.0 / l_i[r]
             for d in range(Dv):
                 out_rows[r, d] = acc[r, d] * inv

@@ -9,6 +9,12 @@
 Query i of T sits at key position S - T + i (bottom-right alignment), so a causal query sees keys
 0 .. S - T + i. A row that sees no key gives out = 0 and lse = -inf.
 
+Non-finite input, one convention for every implementation: a row whose visible logits (after
+scale, soft-cap and mask; keys it does not see are -inf) hold a NaN or a +inf - a NaN or
+infinite query, a NaN key, a product that overflows - gives out = NaN and lse = NaN: softmax is
+undefined there, and a NaN says so where zeros or a finite guess would hide it. A NaN or infinite
+value of a key a row sees reaches its output as IEEE arithmetic carries it (NaN).
+
 Every fast path is tested against this function. It costs O(B·H·T·S) memory: it is the spec, not
 a kernel.
 """
@@ -35,8 +41,8 @@ def attention_weights(q, k, *, band=(None, None), mask=None, softcap=None, scale
     """The attention matrix itself: softmax of the masked, scaled logits, (B, H, T, S) float64.
 
     Arguments as `attention_reference`. Returns (p, m, l): p normalized (rows sum to 1, a row
-    that sees no key is all zeros), and each row's max logit m and unnormalized sum l (B, H, T, 1)
-    from which lse = m + log l.
+    that sees no key is all zeros, a row with a NaN or +inf logit all NaN), and each row's max
+    logit m and unnormalized sum l (B, H, T, 1; l NaN for those rows) from which lse = m + log l.
     """
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     B, H, T, D = q.shape
@@ -55,6 +61,8 @@ def attention_weights(q, k, *, band=(None, None), mask=None, softcap=None, scale
         else:
             logits = logits + mask
     logits = np.where(visible, logits, -np.inf)
+    undefined = ~(logits < np.inf).all(axis=-1, keepdims=True)  # a visible NaN or +inf
+    logits = np.where(undefined, -np.inf, logits)
 
     m = logits.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)  # rows with nothing visible
@@ -62,6 +70,8 @@ def attention_weights(q, k, *, band=(None, None), mask=None, softcap=None, scale
     l = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.where(l > 0, p / l, 0.0)
+    p = np.where(undefined, np.nan, p)
+    l = np.where(undefined, np.nan, l)
     return p, m, l
 
 
@@ -75,6 +85,6 @@ def attention_reference(q, k, v, *, band=(None, None), mask=None, softcap=None, 
     v = np.asarray(v, np.float64)
     v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
     out = p @ v
-    with np.errstate(divide="ignore"):
-        lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(np.isnan(l), np.nan, np.where(l > 0, m + np.log(l), -np.inf))[..., 0]
     return out, lse

@@ -95,9 +95,16 @@ def online_softmax_row(row, nk, lo, hi, r, m_i, l_i, acc, ibuf):
     lo .. hi-1 are set to -inf first (the causal / window band). Then m_i[r] (running max),
     l_i[r] (running sum) and acc[r] (running output) are brought up to date, and row[:nk] becomes
     exp(logit - m_i[r]), ready to be multiplied with the block's values. Returns False, with
-    row[:nk] zeroed, if the row has seen no key yet.
+    row[:nk] zeroed, if the row has seen no key yet, or if a logit it sees is NaN or +inf: then
+    l_i[r] becomes NaN, and stays NaN, and the row's output is NaN (reference.py).
     """
     ninf = row.dtype.type(-np.inf)
+    for j in range(lo, hi):
+        if not row[j] < np.inf:  # NaN or +inf
+            l_i[r] = np.nan
+            for i in range(nk):
+                row[i] = 0.0
+            return False
     for j in range(lo):
         row[j] = ninf
     for j in range(hi, nk):

@@ -199,6 +199,8 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
                              float *m, float *l) {
     if (softcap > 0.0f)
         for (int64_t j = lo; j < hi; j++) row[j] = softcap * tanhf(row[j] / softcap);
+    int bad = 0; /* a NaN or +inf logit the row sees: the row is NaN (reference.py) */
+    for (int64_t j = lo; j < hi; j++) bad |= !(row[j] < INFINITY);
     for (int64_t j = 0; j < lo; j++) row[j] = -INFINITY;
     for (int64_t j = hi; j < n; j++) row[j] = -INFINITY;
     __m256 mx = _mm256_load_ps(row);
@@ -212,7 +214,7 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
         _mm256_store_ps(row + j, e);
         sum = _mm256_add_ps(sum, e);
     }
-    *l = *l * alpha + sa_hsum(sum);
+    *l = bad ? NAN : *l * alpha + sa_hsum(sum); /* NaN stays NaN in later tiles */
     return alpha;
 }
 
@@ -409,6 +411,13 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
                 float *o = out + ((b * H_kv * G + h) * T + t) * Dv;
                 float *ls = lse + (b * H_kv * G + h) * T + t;
                 memset(o, 0, (size_t)Dv * 4);
+                int poisoned = 0;
+                for (int64_t c = 0; c < C; c++) poisoned |= isnan(l[(base + c) * R + r]);
+                if (poisoned) {
+                    for (int64_t d = 0; d < Dv; d++) o[d] = NAN;
+                    *ls = NAN;
+                    continue;
+                }
                 if (M == -INFINITY) {
                     *ls = -INFINITY;
                     continue;

@@ -130,8 +130,13 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
                                                                _mm256_castsi256_ps(hide)));
             }
         }
-        __m256 mx = ninf;
-        for (int64_t j = 0; j < nk; j++) mx = _mm256_max_ps(mx, _mm256_load_ps(col + j * QB));
+        __m256 mx = ninf, bad = _mm256_setzero_ps(); /* a NaN or +inf logit seen: NaN column */
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        for (int64_t j = 0; j < nk; j++) {
+            const __m256 x = _mm256_load_ps(col + j * QB);
+            mx = _mm256_max_ps(mx, x);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, inf, _CMP_NLT_UQ));
+        }
         const __m256 m_old = _mm256_load_ps(m + 8 * cv), m_new = _mm256_max_ps(m_old, mx);
         /* a column that has seen no key yet subtracts 0: exp(-inf - 0) = 0, never NaN */
         const __m256 base = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
@@ -143,7 +148,8 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
             sum = _mm256_add_ps(sum, e);
         }
         _mm256_store_ps(m + 8 * cv, m_new);
-        _mm256_store_ps(l + 8 * cv, _mm256_fmadd_ps(_mm256_load_ps(l + 8 * cv), al, sum));
+        _mm256_store_ps(l + 8 * cv, _mm256_blendv_ps(_mm256_fmadd_ps(_mm256_load_ps(l + 8 * cv), al, sum),
+                                                     _mm256_set1_ps(NAN), bad));
         _mm256_store_ps(alpha + 8 * cv, al);
     }
 }
@@ -225,7 +231,10 @@ SA_TARGET static void pf_task(const void *ctx, int64_t task) {
 
     float *out = A->out + (bh * T + i0) * Dv, *lse = A->lse + bh * T + i0;
     for (int64_t c = 0; c < tq; c++) {
-        if (l[c] > 0.0f) {
+        if (isnan(l[c])) { /* a NaN or +inf logit among the keys it sees */
+            for (int64_t d = 0; d < Dv; d++) out[c * Dv + d] = NAN;
+            lse[c] = NAN;
+        } else if (l[c] > 0.0f) {
             const float inv = 1.0f / l[c];
             for (int64_t d = 0; d < Dv; d++) out[c * Dv + d] = ot[(c / QB) * Dv * QB + d * QB + c % QB] * inv;
             lse[c] = m[c] + logf(l[c]);
