@@ -29,7 +29,7 @@ def test_bench_records(tiny):
     steps = []
     recs = bench.run_bench(model, shape, ROOFLINE, p=8, n=4, depths=(0, 16, 40), reps=3,
                            on_step=steps.append)
-    assert [r.test for r in recs] == ["pp8 @ d0", "tg4 @ d0", "ttft @ 16", "pp8 @ d16",
+    assert [r.test for r in recs] == ["pp8", "tg4", "ttft @ 16", "pp8 @ d16",
                                       "tg4 @ d16", "ttft @ 40", "pp8 @ d40", "tg4 @ d40"]
     assert len(steps) == bench.count_steps((0, 16, 40))
     for r in recs:
@@ -84,7 +84,7 @@ def test_calibration_recovers_known_efficiencies(tiny):
 def test_kernel_bench(tiny):
     _, _, shape = tiny
     recs = bench.run_kernel_bench(shape, ROOFLINE, p=16, depths=(0, 32), reps=2)
-    assert [r.test for r in recs] == ["attn pp16 @ d0", "attn pp16 @ d32", "attn tg1 @ d32"]
+    assert [r.test for r in recs] == ["attn pp16", "attn pp16 @ d32", "attn tg1 @ d32"]
     assert recs[1].attention_pairs == shape.n_heads * (16 * 33 + 16 * 15 // 2)
     assert recs[2].kv_bytes_per_token == 2 * shape.n_kv_heads * 32 * shape.head_dim * 4
 

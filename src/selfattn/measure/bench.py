@@ -2,8 +2,8 @@
 
 For each depth d (tokens already in the KV cache):
 - TTFT for a prompt of d tokens (prefill from an empty cache, then the first token chosen);
-- pp{p} @ d{d}: p prompt tokens processed after d cached ones, tokens/s;
-- tg{n} @ d{d}: n tokens generated one at a time after d cached ones, tokens/s.
+- pp{p} @ d{d}: p prompt tokens processed after d cached ones, tokens/s (`pp{p}` at d = 0);
+- tg{n} @ d{d}: n tokens generated one at a time after d cached ones, tokens/s (`tg{n}` at 0).
 Prompts are fixed pseudo-random token ids, as llama-bench's are. Each test runs `reps` times
 (TTFT: `ttft_reps`); mean (llama-bench's avg_ts), median and standard deviation are reported,
 and every sample is kept.
@@ -25,9 +25,14 @@ from ..model.generate import prefill
 from ..model.transformer import Timings
 
 
+def bench_name(kind: str, n: int, depth: int) -> str:
+    """llama-bench's name for a test: 'pp512', 'tg128', with ' @ d2048' only past depth 0."""
+    return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
+
+
 @dataclass
 class Record:
-    test: str  # llama-bench's name: "pp512 @ d2048", "tg128 @ d2048", or "ttft @ 2048"
+    test: str  # llama-bench's name: "pp512", "tg128", "pp512 @ d2048", "tg128 @ d2048"; "ttft @ 2048"
     n_prompt: int
     n_gen: int
     n_depth: int
@@ -110,11 +115,11 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
             t0 = time.perf_counter()
             prefill(model, tokens[d:d + p], cache, t_)
             samples.append(time.perf_counter() - t0)
-        step(f"pp{p} @ d{d}")
+        step(bench_name("pp", p, d))
         flops = shape.linear_flops_per_token() * p + shape.attention_flops(p, d) + head_flops
         stats = _summary(p, samples)
         med = stats["median_ts"]
-        records.append(Record(test=f"pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, **stats,
+        records.append(Record(test=bench_name("pp", p, d), n_prompt=p, n_gen=0, n_depth=d, **stats,
                               ttft_s=ttft if d else statistics.median(samples),
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps, flops=flops,
@@ -129,11 +134,11 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                 logits = model.forward(token, cache, cache.length, t_)
                 token[0] = int(np.argmax(logits))
             samples.append(time.perf_counter() - t0)
-        step(f"tg{n} @ d{d}")
+        step(bench_name("tg", n, d))
         stats = _summary(n, samples)
         med = stats["median_ts"]
         kv_tok = shape.kv_bytes(d + n // 2, kv_dtype)  # the mean depth over the n tokens
-        records.append(Record(test=f"tg{n} @ d{d}", n_prompt=0, n_gen=n, n_depth=d, **stats,
+        records.append(Record(test=bench_name("tg", n, d), n_prompt=0, n_gen=n, n_depth=d, **stats,
                               ttft_s=ttft,
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps,
@@ -207,7 +212,8 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
                      on_step=None, seed: int = 0):
     """The same sweep over the attention kernels alone, one layer of the model's shape, float32:
     'attn pp{p} @ d{d}' (the flash path: p causal queries after d keys) and 'attn tg1 @ d{d}'
-    (the decode path: one query against d keys; reads the layer's K and V once)."""
+    (the decode path: one query against d keys; reads the layer's K and V once); at depth 0
+    without ' @ d0', as llama-bench names its tests."""
     from ..attention import attention
 
     rng = np.random.default_rng(seed)
@@ -229,11 +235,11 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
         stats = _summary(p, samples)
         med = stats["median_ts"]
         pairs = H * (p * (d + 1) + p * (p - 1) // 2)
-        records.append(Record(test=f"attn pp{p} @ d{d}", n_prompt=p, n_gen=0, n_depth=d, **stats,
+        records.append(Record(test="attn " + bench_name("pp", p, d), n_prompt=p, n_gen=0, n_depth=d, **stats,
                               attention_share=1.0, attention_pairs=pairs, flops=4.0 * D * pairs,
                               roofline_fraction=4.0 * D * pairs * med / p / peak))
         if on_step:
-            on_step(f"attn pp{p} @ d{d}")
+            on_step("attn " + bench_name("pp", p, d))
         if d == 0:
             continue
         q1 = q[:, :, :1]
@@ -246,9 +252,9 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
         stats = _summary(1, samples)
         med = stats["median_ts"]
         kv = 2 * H_kv * d * D * 4
-        records.append(Record(test=f"attn tg1 @ d{d}", n_prompt=0, n_gen=1, n_depth=d, **stats,
+        records.append(Record(test="attn " + bench_name("tg", 1, d), n_prompt=0, n_gen=1, n_depth=d, **stats,
                               attention_share=1.0, attention_pairs=H * d, kv_bytes_per_token=kv,
                               roofline_fraction=kv * med / bw))
         if on_step:
-            on_step(f"attn tg1 @ d{d}")
+            on_step("attn " + bench_name("tg", 1, d))
     return records
