@@ -1,6 +1,7 @@
 """Run selfattn's commands on damaged GGUF files and say how each run ended.
 
     python -m tests.fuzz.run --count 10000 --jobs 2 --out fuzz.jsonl [--seed 1] [--start 0]
+    python -m tests.fuzz.run --out fuzz.jsonl --report     (markdown tables of a run)
 
 Mutant i of the default model (tests/fuzz/gguf_mutants.py) goes through `selfattn plan --model F
 --ctx 64 --json` and `selfattn generate hi --model F --ctx 64 --max-tokens 2`. Workers run the
@@ -181,6 +182,64 @@ def summary(results) -> dict:
     return out
 
 
+def _target(r, sites) -> str:
+    """What a mutant changed, coarsely: the kind of site and the key or tensor family (for a bit
+    flip, the key or tensor info whose bytes it fell in)."""
+    import bisect
+    import re
+
+    if r["kind"] == "truncate":
+        return "truncate"
+    if r["kind"] == "flip":
+        spots = [int(x.replace(",", "")) for x in r["what"].split(" at ")[1].split(", ")]
+        starts = [site.offset for site in sites]
+        names = {re.sub(r"blk\.\d+\.", "blk.N.", sites[bisect.bisect_right(starts, p) - 1].what)
+                 for p in spots}
+        return "flip in " + ", ".join(sorted(names))
+    parts = []
+    for note in r["what"].split("; "):
+        site, _, rest = note.partition(" of ")
+        name = re.sub(r"blk\.\d+\.", "blk.N.", rest.split(" ")[0])
+        parts.append(f"{site} of {name}")
+    return "; ".join(sorted(set(parts)))
+
+
+def report(results) -> str:
+    """Markdown: outcomes by command and by mutation kind, the slowest run, the most memory a
+    command added, and what the mutants that ran had changed."""
+    s = summary(results)
+    lines = [f"{s['mutants']:,} mutants, {s['failed']} failed.", "",
+             "| command | refused in one line | ran | FAILED |", "|---|---|---|---|"]
+    for cmd, c in s["by_command"].items():
+        lines.append(f"| {cmd} | {c.get('refused', 0):,} | {c.get('ran', 0):,} | "
+                     f"{c.get('FAILED', 0):,} |")
+    lines += ["", "| mutation | mutants | all refused | some ran | failed |", "|---|---|---|---|---|"]
+    for kind, c in sorted(s["by_kind"].items()):
+        lines.append(f"| {kind} | {c['mutants']:,} | {c['all refused']:,} | {c['some ran']:,} | "
+                     f"{c['failed']:,} |")
+    runs = [(x, r) for r in results for x in r["runs"]]
+    slow, slow_r = max(runs, key=lambda p: p[0]["s"])
+    big, big_r = max(runs, key=lambda p: p[0]["rss"])
+    lines += ["", f"Slowest command: {slow['s']:.2f} s (`{slow['command']}`, mutant {slow_r['i']}: "
+              f"{slow_r['what'][:80]}). Most memory a command added: {big['rss'] / 2**20:.0f} MiB "
+              f"(`{big['command']}`, mutant {big_r['i']}, a {big_r['size'] / 2**20:.0f} MiB file)."]
+    from selfattn.model import default_model_path
+
+    from .gguf_mutants import scan
+
+    sites = scan(default_model_path().read_bytes()).sites
+    ran = {}
+    for r in results:
+        if any(x["outcome"] == "ran" for x in r["runs"]):
+            key = (_target(r, sites), tuple(x["outcome"] for x in r["runs"]))
+            ran[key] = ran.get(key, 0) + 1
+    lines += ["", "Mutants that ran, by what they changed (outcome of plan, generate):", "",
+              "| changed | plan, generate | mutants |", "|---|---|---|"]
+    for (what, outcome), n in sorted(ran.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {what[:90]} | {', '.join(outcome)} | {n} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=1000)
@@ -188,11 +247,16 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="fuzz-gguf.jsonl")
+    ap.add_argument("--report", action="store_true", help="markdown tables of --out, no runs")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.seed, args.tmp)
+    if args.report:
+        with open(args.out) as f:
+            print(report([json.loads(line) for line in f if line.strip()]))
+        return
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
