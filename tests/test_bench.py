@@ -148,6 +148,9 @@ def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):
     r = run("bench", "--model", path, "--kernels", "-p", "16", "--depths", "0,32", "--reps", "2",
             env=cli_env)
     assert r.returncode == 0 and "attn tg1 @ d32" in r.stdout, r.stderr
+    r = run("bench", "--model", path, "--kernels", "-p", "16", "--depths", "0", "--reps", "1",
+            env=cli_env)  # one sample has no spread: none is printed
+    assert r.returncode == 0 and "(1 sample)" in r.stdout and "± 0.0 " not in r.stdout, r.stdout
 
 
 def test_cli_bench_errors(cli_env, tmp_path):

@@ -115,7 +115,8 @@ def cmd_bench(args):
                 "of roofline"):
         table.add_column(col, justify="right")
     for r in records:
-        table.add_row(r.test, f"{r.median_ts:,.1f} ± {r.stddev_ts:,.1f}",
+        spread = f" ± {r.stddev_ts:,.1f}" if len(r.samples_ns) > 1 else " (1 sample)"
+        table.add_row(r.test, f"{r.median_ts:,.1f}{spread}",
                       f"{r.ttft_s:.3f}" if r.ttft_s else "",
                       f"{100 * r.attention_share:.0f}%", f"{r.attention_pairs:,}",
                       f"{r.weight_bytes_per_token / 1e6:,.0f} MB" if r.weight_bytes_per_token else "",

@@ -4,7 +4,8 @@ For each depth d (tokens already in the KV cache):
 - TTFT for a prompt of d tokens (prefill from an empty cache, then the first token chosen);
 - pp{p} @ d{d}: p prompt tokens processed after d cached ones, tokens/s (`pp{p}` at d = 0);
 - tg{n} @ d{d}: n tokens generated one at a time after d cached ones, tokens/s (`tg{n}` at 0).
-Prompts are fixed pseudo-random token ids, as llama-bench's are. Each test runs `reps` times
+Prompts are fixed pseudo-random token ids, as llama-bench's are. After an untimed warm-up (a
+prompt of p tokens and a few decode steps), each test runs `reps` times
 (TTFT: `ttft_reps`); mean (llama-bench's avg_ts), median and standard deviation are reported,
 and every sample is kept.
 
@@ -87,6 +88,13 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
     def step(label):
         if on_step:
             on_step(label)
+
+    # warm-up, untimed: the first prefill and decode steps of a process pay one-time costs (the
+    # first touches of the weights and buffers, thread start-up) that no timed rep should carry
+    cache.length = 0
+    prefill(model, tokens[:p], cache)
+    for _ in range(min(n, 4, cache.max_len - cache.length)):
+        model.forward(tokens[:1], cache, cache.length)
 
     for d in sorted(set(depths)):
         ttft = None
