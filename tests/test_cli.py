@@ -60,3 +60,10 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly():
     p.wait(timeout=600)
     assert "Traceback" not in err and "broken pipe" not in err.lower(), err
     assert "Exception" not in err and p.returncode == 1, (p.returncode, err)
+
+
+def test_version():
+    import selfattn
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"selfattn {selfattn.__version__}"

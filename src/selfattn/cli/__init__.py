@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from .. import formats
+from .. import __version__, formats
 from .common import (CLIError, Parser, cache_options, context_size, int_list, nonneg_float,
                      positive_int)
 from .instruments import cmd_bench, cmd_demo, cmd_plan, cmd_roofline
@@ -20,6 +20,7 @@ from .text import cmd_generate, cmd_perplexity
 def build_parser():
     parser = Parser(prog="selfattn", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
+    parser.add_argument("--version", action="version", version=f"selfattn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the quadratic wall: attention time and memory as n doubles")
