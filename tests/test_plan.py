@@ -124,6 +124,20 @@ def test_max_ctx_is_the_boundary_and_advice_names_smaller_kv_types():
     assert p.max_ctx == 0 and "weights alone do not fit" in p.advice[0]
 
 
+def test_the_largest_context_is_the_trained_one_and_min_tps_stays_within_it():
+    """1,351,445 positions fit an 8B model's q4_0 cache on a big GPU, but it was trained on
+    131,072: that is the answer, and why; a --min-tps depth past it is no answer."""
+    shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    dev = catalog_device(find_hardware("h100-sxm"))
+    p = plan(shape, dev, 8192, "q4_0", min_tps=1e-3)
+    assert p.max_ctx_memory > shape.context == 131072 == p.max_ctx
+    assert all(n <= shape.context for n in p.max_ctx_by_kv_dtype.values())
+    assert any("the model's trained one, 131,072" in a for a in p.advice)
+    assert p.min_tps_depth is None  # tokens/s stays above 0.001 to the end of the context
+    slow = plan(shape, dev, 8192, "q4_0", min_tps=p.decode_tps_empty * 0.9)
+    assert slow.min_tps_depth is not None and 0 < slow.min_tps_depth <= slow.max_ctx
+
+
 def test_speed_model_walls():
     shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
     dev = catalog_device(find_hardware("rtx-4090"))

@@ -207,7 +207,8 @@ def cmd_plan(args):
                       f"{gb(p.kv_cache_bytes)} {p.kv_dtype}",
                       f"{gb(p.total_bytes)} / {gb(p.usable_bytes)}", f"{p.max_ctx:,}",
                       f"{p.ttft_s:,.2f} s", f"{p.decode_tps:,.1f}", f"{p.decode_tps_empty:,.1f}",
-                      *((("never" if p.min_tps_depth is None else f"{p.min_tps_depth:,}"),)
+                      *(((f"not by {p.max_ctx:,}" if p.min_tps_depth is None
+                           else f"{p.min_tps_depth:,}"),)
                         if args.min_tps else ()))
     out.print(table)
     if shape.cannot_run:

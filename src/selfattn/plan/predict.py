@@ -52,8 +52,9 @@ class Prediction:
     memory_bytes: int
     usable_bytes: int
     fits: bool
-    max_ctx: int
+    max_ctx: int  # what memory holds, capped at the model's trained context
     max_ctx_by_kv_dtype: dict
+    max_ctx_memory: int  # what memory alone would hold (kv_dtype)
     ttft_s: float
     decode_tps: float  # at depth ctx
     decode_tps_empty: float
@@ -202,20 +203,27 @@ def plan(shape: ModelShape, device: Device, ctx: int, kv_dtype: str = "f32",
     buf = buffer_bytes(shape, device)
     total = w + kv + buf
     usable = int(device.memory_bytes * device.usable)
-    by_type = {t: max_ctx(shape, device, t) for t in KV_BITS}
+    memory_ctx = {t: max_ctx(shape, device, t) for t in KV_BITS}
+    trained = shape.context if shape.context and shape.context > 0 else MAX_PLANNED_CTX
+    by_type = {t: min(n, trained) for t, n in memory_ctx.items()}
     p = Prediction(
         model=shape.name, hardware=device.name, ctx=ctx, kv_dtype=kv_dtype, weights_bytes=w,
         kv_cache_bytes=kv, buffer_bytes=buf, total_bytes=total,
         memory_bytes=device.memory_bytes, usable_bytes=usable, fits=total <= usable,
         max_ctx=by_type[kv_dtype], max_ctx_by_kv_dtype=by_type,
+        max_ctx_memory=memory_ctx[kv_dtype],
         ttft_s=ttft_s(shape, device, ctx),
         decode_tps=1.0 / token_seconds(shape, device, ctx, kv_dtype),
         decode_tps_empty=1.0 / token_seconds(shape, device, 0, kv_dtype),
         weight_bytes_per_token=weight_bytes_per_token(shape, device),
         kv_bytes_per_token=shape.kv_bytes(ctx, kv_dtype), min_tps=min_tps,
         calibrated=device.calibrated)
-    if min_tps is not None:
-        p.min_tps_depth = min_tps_depth(shape, device, kv_dtype, min_tps)
+    if min_tps is not None:  # a depth past the largest usable context is no answer
+        depth = min_tps_depth(shape, device, kv_dtype, min_tps)
+        p.min_tps_depth = depth if depth is not None and depth <= p.max_ctx else None
+    if memory_ctx[kv_dtype] > trained:
+        p.advice.append(f"memory holds {memory_ctx[kv_dtype]:,} positions; the largest context "
+                        f"is the model's trained one, {trained:,}")
     if not p.fits:
         if p.max_ctx > 0:
             p.advice.append(f"a context of at most {p.max_ctx:,} fits with {kv_dtype} KV")
