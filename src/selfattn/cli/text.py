@@ -2,8 +2,8 @@
 
 import sys
 
-from .common import (CLIError, check_system, guard_memory, load_model, open_model_file,
-                     prompt_ids, terminal)
+from .common import (CLIError, chat_mode, check_system, guard_memory, load_model,
+                     open_model_file, prompt_ids, terminal)
 
 
 def cmd_generate(args):
@@ -36,7 +36,8 @@ def cmd_generate(args):
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
     if args.json:
-        print(json.dumps(dict(model=str(path), text=text_out, load_s=load_s, ctx=ctx,
+        print(json.dumps(dict(model=str(path), chat=chat_mode(tok, args), text=text_out,
+                              load_s=load_s, ctx=ctx,
                               kv_dtype=args.kv_dtype, context_policy=str(policy),
                               **stats.as_dict())))
     else:
