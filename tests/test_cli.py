@@ -67,3 +67,17 @@ def test_version():
 
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"selfattn {selfattn.__version__}"
+
+
+def test_help_shows_defaults_and_plan_lists_the_catalogs():
+    from selfattn.plan import hardware_entries, model_entries
+
+    r = run("generate", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for words in ("tokens to generate at most (default: 128)", "(0: all) (default: 0)",
+                  "sum to p (default: 1.0)", "--chat | --raw"):
+        assert words in text, words
+    r = run("plan", "--help")
+    text = " ".join(r.stdout.split())
+    assert all(e["name"] in text for e in model_entries() + hardware_entries())

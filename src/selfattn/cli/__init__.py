@@ -42,13 +42,14 @@ def build_parser():
                            "file has one)")
     mode.add_argument("--raw", action="store_true", help="plain completion of the prompt")
     gen.add_argument("--system", help="system message (not with --raw)")
-    gen.add_argument("--max-tokens", type=positive_int, default=128)
+    gen.add_argument("--max-tokens", type=positive_int, default=128, help="tokens to generate at most")
     gen.add_argument("--ctx", type=context_size, help="context size (default: the model's)")
     gen.add_argument("--temperature", type=nonneg_float, default=0.0,
                      help="0 (default) is greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=nonneg_float, default=1.0)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    gen.add_argument("--top-p", type=nonneg_float, default=1.0,
+                     help="sample from the likeliest whose probabilities sum to p")
+    gen.add_argument("--seed", type=int, help="sampling seed (default: a fresh one)")
     gen.add_argument("--json", action="store_true", help="one JSON object on stdout")
     cache_options(gen)
     gen.set_defaults(func=cmd_generate)
@@ -97,7 +98,7 @@ def build_parser():
     b.add_argument("-n", type=positive_int, default=128, help="tokens per tg test")
     b.add_argument("--depths", type=int_list, default=[0, 512, 2048, 8192],
                    help="tokens already in the cache (default 0,512,2048,8192)")
-    b.add_argument("--reps", type=positive_int, default=5)
+    b.add_argument("--reps", type=positive_int, default=5, help="repetitions of each test")
     b.add_argument("--ttft-reps", type=positive_int, help="repetitions of each TTFT prefill "
                                                            "(default: --reps)")
     b.add_argument("--json", metavar="FILE", help="the records, llama-bench's fields and ours")
@@ -107,7 +108,12 @@ def build_parser():
                    help="KV cache type of the runner (default f32)")
     b.set_defaults(func=cmd_bench)
 
-    pl = sub.add_parser("plan", help="will a model fit at a context, and how fast will it run")
+    from ..plan import hardware_entries, model_entries
+
+    pl = sub.add_parser("plan", help="will a model fit at a context, and how fast will it run",
+                        epilog="catalog models: " + ", ".join(e["name"] for e in model_entries())
+                        + ". catalog hardware: " + ", ".join(e["name"] for e in hardware_entries())
+                        + ".")
     pl.add_argument("--model", help="a GGUF file or a catalog name (default: SmolLM2-135M)")
     pl.add_argument("--ctx", type=context_size, required=True)
     pl.add_argument("--quant", help="for catalog models: Q4_0, Q4_K_M (default), Q5_K_M, Q6_K, "
@@ -118,7 +124,7 @@ def build_parser():
                                                        "separated by commas")
     pl.add_argument("--rank", action="store_true", help="every catalog entry, by tokens/s")
     pl.add_argument("--min-tps", type=float, help="report the depth where tokens/s falls below")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
     return parser
 
