@@ -118,6 +118,7 @@ def test_cli_roofline_measures_then_caches(cli_env):
     assert doc["matmul_gflops_1t"] > 0.5 and doc["read_gbs_1t"] > 0.2
     assert doc["fma_gflops"] > 1 and doc["fma_gflops_1t"] > 0.5  # the compiled kernels are built
     assert "blas" in doc and doc["blas"] != "unknown BLAS"
+    assert isinstance(doc["warnings"], list)
     again = json.loads(run("roofline", "--json", env=cli_env).stdout)
     assert again["measured_now"] is False and again["date"] == doc["date"]
     r = run("roofline", env=cli_env)
@@ -158,3 +159,37 @@ def test_cli_bench_errors(cli_env, tmp_path):
     assert r.returncode == 2 and "numbers" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "--json", str(tmp_path / "missing" / "x.json"), env=cli_env)
     assert r.returncode == 2 and "folder does not exist" in r.stderr
+
+
+def test_a_roofline_that_contradicts_itself_is_named_and_repeated(cli_env):
+    """A stored roofline with all-thread bandwidth below one thread's, or a matmul above the FMA
+    peak, is named as such; every command that measures against it says so."""
+    from selfattn.measure.roofline import Roofline, contradictions
+
+    r = Roofline(fma_gflops=71.0, fma_gflops_1t=36.0, matmul_gflops=93.0, matmul_gflops_1t=50.0,
+                 read_gbs=1.8, read_gbs_1t=4.3, threads=2, blas="x", warnings=[])
+    found = contradictions(r)
+    assert len(found) == 2 and "below one thread's" in found[0] and "above the FMA" in found[1]
+    assert contradictions(Roofline(70.0, 36.0, 60.0, 31.0, 20.0, 12.0, 2, "x", [])) == []
+    first = json.loads(run("roofline", "--json", env=cli_env).stdout)
+    path = os.path.join(cli_env["XDG_CACHE_HOME"], "selfattn", "roofline.json")
+    stored = json.loads(open(path).read())
+    stored.update(warnings=found)
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    for args in (("roofline",), ("plan", "--ctx", "256")):
+        r = run(*args, env=cli_env)
+        assert r.returncode == 0 and "roofline" in r.stderr and "suspect" in r.stderr, r.stderr
+    stored.update(warnings=first["warnings"])
+    with open(path, "w") as f:
+        json.dump(stored, f)
+
+
+def test_the_compiled_reader_reads_an_array_once():
+    from selfattn import native
+
+    if not native.available():
+        pytest.skip("no compiled kernels")
+    assert native.read_gbs(1, 8 << 20, reps=2) > 0.1
+    with pytest.raises(ValueError):
+        native.read_gbs(0)

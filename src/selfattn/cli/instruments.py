@@ -45,6 +45,13 @@ def cmd_demo(args):
                   "output and per-task buffers), never n².")
 
 
+def warn_roofline(roofline: dict, console):
+    """Repeat, on stderr, what is wrong with the roofline every figure here is measured against."""
+    for w in roofline.get("warnings") or []:
+        console.print(f"[yellow]warning: this machine's roofline ({roofline['date']}) is "
+                      f"suspect: {w}; `selfattn roofline --refresh` on a quiet machine[/]")
+
+
 def cmd_roofline(args):
     import json
 
@@ -55,6 +62,7 @@ def cmd_roofline(args):
     console = terminal(stderr=True)
     with console.status("measuring this machine's FLOP/s and read bandwidth..."):
         r, fresh = load_or_measure(refresh=args.refresh)
+    warn_roofline(r, console)
     if args.json:
         print(json.dumps(dict(r, measured_now=fresh)))
         return
@@ -88,6 +96,7 @@ def cmd_bench(args):
     console = terminal(stderr=True)
     with console.status("roofline..."):
         roofline, _ = load_or_measure()
+    warn_roofline(roofline, console)
     opened = open_model_file(args.model)
     path, reader, _ = opened
     shape = ModelShape.from_gguf(reader, path)
@@ -170,6 +179,7 @@ def cmd_plan(args):
             from ..measure.roofline import load_or_measure
 
             roofline, _ = load_or_measure()
+            warn_roofline(roofline, terminal(stderr=True))
             kv = args.kv_dtype or "f32"  # efficiencies fitted with this KV type, else f32's
             calibration = store.load(f"calibration-{kv}") or store.load("calibration")
             dev = device_for_this_machine(roofline, calibration, available_memory() or 0)

@@ -6,8 +6,11 @@ FMA peak: registers-only chains of fused multiply-adds on the compiled kernels' 
 Matmul: NumPy's BLAS on square float32 matrices, best of a few runs (the sustained peak, not an
 average with warm-up): what a well-tuned kernel with real loads and stores reaches.
 Bandwidth: a compiled, vectorized sum over an array much larger than the last-level cache, split
-across threads: the access pattern of decode, which streams K, V and the weights once per token.
-Each is measured with one thread and with all threads.
+across threads: the access pattern of decode, which streams K, V and the weights once per token;
+the better of two readers (numba's, and native/peak.c's on the kernels' own pool).
+Each is measured with one thread and with all threads, best of several runs. A roofline that
+contradicts itself (all threads below one, a matmul above the FMA peak) is measured again once;
+if it still does, it is kept with `warnings`, which every command that uses it repeats.
 """
 
 import logging
@@ -46,6 +49,7 @@ class Roofline:
     read_gbs_1t: float
     threads: int
     blas: str  # which BLAS and kernel ran the matmul
+    warnings: list  # contradictions that survived a second measurement
 
 
 def blas_description() -> str:
@@ -77,6 +81,9 @@ def matmul_gflops(n=2048, reps=5, threads=None) -> float:
 
 
 def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
+    """The better of numba's reader and the compiled one (when built)."""
+    from .. import native
+
     x = np.ones(nbytes // 4, np.float32)
     threads = threads or nb.config.NUMBA_NUM_THREADS
     with jit.parallel_lock:
@@ -87,7 +94,26 @@ def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
             t = _best(lambda: _parallel_sum(x), reps)
         finally:
             nb.set_num_threads(old)
-    return x.nbytes / t / 1e9
+    del x
+    gbs = nbytes / t / 1e9
+    if native.available():
+        gbs = max(gbs, native.read_gbs(threads, nbytes, reps))
+    return gbs
+
+
+def contradictions(r: "Roofline") -> list[str]:
+    """What cannot be right in a roofline (a busy moment during the measurement, usually)."""
+    found = []
+    if r.threads > 1 and r.read_gbs < r.read_gbs_1t:
+        found.append(f"read bandwidth on {r.threads} threads ({r.read_gbs:.1f} GB/s) is below "
+                     f"one thread's ({r.read_gbs_1t:.1f})")
+    if r.threads > 1 and r.matmul_gflops < r.matmul_gflops_1t:
+        found.append(f"matmul on {r.threads} threads ({r.matmul_gflops:.0f} GFLOP/s) is below "
+                     f"one thread's ({r.matmul_gflops_1t:.0f})")
+    if r.fma_gflops is not None and r.matmul_gflops > r.fma_gflops:
+        found.append(f"matmul ({r.matmul_gflops:.0f} GFLOP/s) is above the FMA peak "
+                     f"({r.fma_gflops:.0f})")
+    return found
 
 
 def load_or_measure(refresh: bool = False) -> tuple[dict, bool]:
@@ -110,10 +136,16 @@ def measure(threads=None) -> Roofline:
 
     threads = threads or num_threads()
     fma = native.fma_gflops if native.available() else (lambda n: None)
-    r = Roofline(fma_gflops=fma(threads), fma_gflops_1t=fma(1),
-                 matmul_gflops=matmul_gflops(threads=threads),
-                 matmul_gflops_1t=matmul_gflops(threads=1),
-                 read_gbs=read_gbs(threads=threads), read_gbs_1t=read_gbs(threads=1),
-                 threads=threads, blas=blas_description())
+    for attempt in range(2):
+        r = Roofline(fma_gflops=fma(threads), fma_gflops_1t=fma(1),
+                     matmul_gflops=matmul_gflops(threads=threads),
+                     matmul_gflops_1t=matmul_gflops(threads=1),
+                     read_gbs=read_gbs(threads=threads), read_gbs_1t=read_gbs(threads=1),
+                     threads=threads, blas=blas_description(), warnings=[])
+        r.warnings = contradictions(r)
+        if not r.warnings:
+            break
+        log.warning("roofline contradicts itself (%s): %s", "measuring again" if attempt == 0
+                    else "kept with a warning", "; ".join(r.warnings))
     log.info("roofline: %s", asdict(r))
     return r

@@ -319,6 +319,34 @@ def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
     return tasks * iters * 12 * 16 / best / 1e9
 
 
+def read_gbs(n_threads: int, nbytes: int = 512 << 20, reps: int = 5) -> float:
+    """This machine's read bandwidth (GB/s) on n_threads of the kernels' pool: one array of
+    nbytes, much larger than the last-level cache, summed in 1 MiB tasks with eight
+    accumulators a thread and prefetching (peak.c), best of `reps` passes after a first."""
+    import time
+
+    global _threads
+    if not isinstance(n_threads, int) or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
+    x = np.ones(nbytes // 4, np.float32)
+    sums = np.empty(-(-x.nbytes // (1 << 20)), np.float32)
+    with _lock:
+        mod = _load()
+        if mod is None:
+            raise RuntimeError("selfattn's compiled kernels are not available")
+        mod.set_threads(n_threads)
+        _threads = n_threads  # the next kernel call sizes the pool back
+        mod.read_sum(x, sums)  # pages touched, threads awake
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            mod.read_sum(x, sums)
+            best = min(best, time.perf_counter() - t)
+    if float(sums.sum()) != x.size:
+        raise RuntimeError("read_sum: the array's sum is wrong")
+    return x.nbytes / best / 1e9
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x (T, n) float32 -> x / sqrt(mean(x²) + eps) · w."""
     x = np.ascontiguousarray(x, np.float32)

@@ -65,6 +65,8 @@ int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int f
 int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt, uint8_t *dst,
                      int64_t head_stride, int64_t row_stride);
 void sa_fma_loop(int64_t iters, int64_t tasks, float *sums);
+/* x (n floats) summed once per 1 MiB task on the pool; sums gets one value a task (peak.c) */
+void sa_read_sum(const float *x, int64_t n, float *sums);
 /* read one byte of every 4 KiB page of p (n bytes) from `readers` threads (pages.c) */
 int sa_touch_pages(const uint8_t *p, int64_t n, int readers);
 void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out);

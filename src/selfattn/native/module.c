@@ -301,6 +301,21 @@ static PyObject *py_fma_loop(PyObject *self, PyObject *args) {
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+static PyObject *py_read_sum(PyObject *self, PyObject *args) {
+    Py_buffer x, sums;
+    if (!PyArg_ParseTuple(args, "y*w*", &x, &sums)) return NULL;
+    const int64_t n = x.len / 4, tasks = (x.len + (1 << 20) - 1) / (1 << 20);
+    int ok = big_enough(&sums, tasks * 4, "sums");
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        sa_read_sum(x.buf, n, sums.buf);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&sums);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 static PyObject *py_touch_pages(PyObject *self, PyObject *args) {
     Py_buffer buf;
     int readers, rc;
@@ -335,6 +350,7 @@ static PyMethodDef methods[] = {
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
     {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
     {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of 8 lanes per task, on the pool"},
+    {"read_sum", py_read_sum, METH_VARARGS, "read an array once on the pool: the bandwidth roof"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "fault a mapping's pages in from several threads"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads the kernels use"},
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "AVX2, FMA and F16C present"},
