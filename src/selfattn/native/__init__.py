@@ -24,6 +24,7 @@ runs, on its own small thread pool (pool.c).
 lacks AVX2/FMA/F16C, or SELFATTN_NATIVE=0; callers then use the NumPy and numba paths.
 """
 
+import contextlib
 import os
 import threading
 
@@ -289,11 +290,10 @@ def touch_pages(buf, readers: int = 4) -> bool:
     return True
 
 
-def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
-    """This machine's float32 FMA throughput (GFLOP/s, an FMA counted as 2 FLOPs) on n_threads
-    of the kernels' pool: registers-only FMA chains (peak.c), best of `reps` runs of ~`seconds`."""
-    import time
-
+@contextlib.contextmanager
+def _pool_of(n_threads: int):
+    """The module, its pool set to n_threads for a measurement (the next kernel call sizes it
+    back to selfattn's count), under the kernels' lock."""
     global _threads
     if not isinstance(n_threads, int) or n_threads < 1:
         raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
@@ -302,7 +302,16 @@ def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
         if mod is None:
             raise RuntimeError("selfattn's compiled kernels are not available")
         mod.set_threads(n_threads)
-        _threads = n_threads  # the next kernel call sizes the pool back
+        _threads = n_threads
+        yield mod
+
+
+def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
+    """This machine's float32 FMA throughput (GFLOP/s, an FMA counted as 2 FLOPs) on n_threads
+    of the kernels' pool: registers-only FMA chains (peak.c), best of `reps` runs of ~`seconds`."""
+    import time
+
+    with _pool_of(n_threads) as mod:
         tasks = 4 * n_threads  # taken dynamically: a late-waking worker still gets its share
         sums = np.empty(tasks, np.float32)
 
@@ -322,20 +331,12 @@ def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
 def read_gbs(n_threads: int, nbytes: int = 512 << 20, reps: int = 5) -> float:
     """This machine's read bandwidth (GB/s) on n_threads of the kernels' pool: one array of
     nbytes, much larger than the last-level cache, summed in 1 MiB tasks with eight
-    accumulators a thread and prefetching (peak.c), best of `reps` passes after a first."""
+    accumulators a thread (peak.c), best of `reps` passes after a first."""
     import time
 
-    global _threads
-    if not isinstance(n_threads, int) or n_threads < 1:
-        raise ValueError(f"n_threads must be a positive int, got {n_threads!r}")
     x = np.ones(nbytes // 4, np.float32)
     sums = np.empty(-(-x.nbytes // (1 << 20)), np.float32)
-    with _lock:
-        mod = _load()
-        if mod is None:
-            raise RuntimeError("selfattn's compiled kernels are not available")
-        mod.set_threads(n_threads)
-        _threads = n_threads  # the next kernel call sizes the pool back
+    with _pool_of(n_threads) as mod:
         mod.read_sum(x, sums)  # pages touched, threads awake
         best = float("inf")
         for _ in range(reps):
