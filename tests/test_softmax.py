@@ -5,6 +5,8 @@ import numpy as np
 
 from selfattn.attention.softmax import exp_inplace
 
+from .conftest import TOLERANCE
+
 
 @nb.njit
 def _run(x, shift):
@@ -25,8 +27,12 @@ def test_exp_f32_accuracy_and_masked_zeros():
     assert abs(total - ref.sum()) <= 1e-6 * ref.sum()
 
 
-def test_exp_f64_is_libm():
+def test_exp_f64_within_an_ulp_or_two():
+    # float64 goes to the C library's exp; NumPy's own (AVX-512 where the CPU has it) may differ
+    # from it by an ulp, so the two are compared within float64's bound, never bit for bit
     x = -np.linspace(0, 700, 1001)
     y = x.copy()
     _run(y, 0.0)
-    np.testing.assert_array_equal(y, np.exp(x))
+    ref = np.exp(x)
+    assert y[0] == 1.0
+    assert (np.abs(y - ref) <= 2 * TOLERANCE[np.dtype(np.float64)]["u"] * ref).all()
