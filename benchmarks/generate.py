@@ -274,7 +274,10 @@ def main():
         sys.exit("no engine ran")
     ours = "selfattn" in results
     load_after = os.getloadavg()
-    print(f"model: {model} · threads {args.threads} · greedy, {args.gen} tokens generated · "
+    from selfattn.native import describe_isa
+
+    print(f"model: {model} · threads {args.threads} · selfattn kernels {describe_isa()} · "
+          f"greedy, {args.gen} tokens generated · "
           f"median of {args.reps} · load average before {load_before[0]:.2f}, after "
           f"{load_after[0]:.2f} (other processes on the machine skew every number)")
     head = "| prompt tokens |" + "".join(f" {p} TTFT ms | {p} tg t/s |" for p in peers)

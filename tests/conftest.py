@@ -43,3 +43,22 @@ def assert_close_to_reference(out, lse, ref_out, ref_lse, q, k, v, scale, dtype)
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def _levels():
+    from selfattn import native
+
+    return [level for level in native.isas() if level != "generic"]
+
+
+@pytest.fixture(params=_levels() or [None])
+def isa_level(request):
+    """Each compiled level this CPU runs, in turn (widest first): a test module that uses this
+    fixture for every test (pytestmark) holds every level's kernels to the same checks."""
+    from selfattn import native
+
+    if request.param is None:
+        yield None
+        return
+    with native.using_isa(request.param):
+        yield request.param

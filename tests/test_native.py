@@ -3,6 +3,8 @@ float64 product with gguf's dequantized matrix, the C decode kernel against the 
 reference, the small ops against NumPy, and a model whose matrices are Q4_1 / Q8_0 against a
 float64 forward over the same dequantized weights."""
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -12,11 +14,14 @@ from selfattn import native
 from selfattn.attention import kvformat, threads
 from selfattn.attention.decode import decode_attention
 from selfattn.attention.decode_numba import decode_chunks
+from selfattn.attention.flash import flash_attention
 
 from .spec import assert_matches_twin_and_spec, reference_on_stored, stored_inputs
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
+# every test at each instruction-set level this CPU runs
+pytestmark = [pytest.mark.skipif(not native.available(),
+                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C"),
+              pytest.mark.usefixtures("isa_level")]
 
 TYPES = {Q.F32: native.F32, Q.F16: native.F16, Q.Q4_0: native.Q4_0, Q.Q4_1: native.Q4_1,
          Q.Q8_0: native.Q8_0}
@@ -326,13 +331,15 @@ def test_kernels_work_in_a_forked_child():
 
 @pytest.mark.parametrize("iters", [0, 1, 1000, 1001])
 def test_fma_peak_loop_runs_every_step_of_every_chain(iters):
-    """The roofline's FMA peak counts tasks x iters x 12 FMAs of 8 lanes: each task's chain sum
-    is the closed form of that many steps (one step fewer or more moves it by ~1.5e-4)."""
+    """The roofline's FMA peak counts tasks x iters x 12 FMAs of lanes() lanes: each task's chain
+    sum is the closed form of that many steps (one step fewer or more moves it by ~1.5e-4), over
+    that many lanes."""
     sums = np.full(3, np.nan, np.float32)
-    native._module().fma_loop(iters, 3, sums)
+    mod = native._module()
+    mod.fma_loop(iters, 3, sums)
     m, c = np.float64(np.float32(0.999999)), np.float64(np.float32(1e-3))
     a0 = np.arange(1, 13, dtype=np.float64)
-    want = 8 * (a0 * m**iters + c * (1 - m**iters) / (1 - m)).sum()
+    want = mod.lanes() * (a0 * m**iters + c * (1 - m**iters) / (1 - m)).sum()
     np.testing.assert_allclose(sums, want, rtol=2e-6)
 
 
@@ -361,3 +368,50 @@ def test_touch_pages_reads_a_mapping_and_changes_nothing(tmp_path):
     with pytest.raises(ValueError):
         native.touch_pages(m, 0)
     m.close()
+
+
+@pytest.mark.skipif(len(native.isas()) < 3, reason="one compiled level runs on this CPU: nothing "
+                    "to compare it with")
+@pytest.mark.parametrize("fmt", ["f32", "q8_0"])
+def test_every_level_gives_the_same_bits(fmt):
+    """The levels' copies of the kernels (vec.h's vectors of 8 and 16 lanes, the AVX2 sources
+    compiled with AVX-512 as well) do the same IEEE operations in the same order: prefill, decode
+    and matmul results are bit for bit the same at every level this CPU runs."""
+    rng = np.random.default_rng(21)
+    q, k, v = stored_inputs(3, 1, 8, 2, 200, 300, 64, 64, fmt)
+    pm, _ = packed(rng.standard_normal((96, 576), np.float32), Q.Q4_0)
+    x = rng.standard_normal((3, 576), np.float32)
+    results = {}
+    for level in native.isas()[:-1]:
+        with native.using_isa(level):
+            results[level] = (*flash_attention(q, k, v, 300, (300, 0), None, 30.0, 0.125, fmt=fmt),
+                              *decode_attention(q[:, :, -2:], k, v, 300, (300, 0), None, None,
+                                                0.125, fmt),
+                              native.matmul(x, pm))
+    first, *rest = results.values()
+    for other in rest:
+        for a, b in zip(first, other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_level_can_be_forced_and_a_wrong_one_is_named(tmp_path):
+    """SELFATTN_ISA picks the level in a new process; a level this CPU lacks, or a misspelt one,
+    is an error that names it."""
+    import subprocess
+    import sys
+
+    def run(level):
+        code = "from selfattn import native; print(native.isa(), native.available())"
+        env = {**os.environ, "SELFATTN_ISA": level}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    for level in native.isas():
+        r = run(level)
+        assert r.returncode == 0 and r.stdout.split() == [level, str(level != "generic")], r.stderr
+    r = run("avx3")
+    assert r.returncode != 0 and "SELFATTN_ISA='avx3'" in r.stderr
+    missing = [level for level in native.LEVELS if level not in native.isas()]
+    if missing:
+        r = run(missing[0])
+        assert r.returncode != 0 and f"SELFATTN_ISA={missing[0]}" in r.stderr

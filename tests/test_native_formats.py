@@ -13,8 +13,10 @@ from gguf.quants import dequantize
 from selfattn import formats, native
 from selfattn.attention import threads
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
+# every test at each instruction-set level this CPU runs
+pytestmark = [pytest.mark.skipif(not native.available(),
+                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C"),
+              pytest.mark.usefixtures("isa_level")]
 
 KERNEL_FORMATS = [f for f in formats.FORMATS if f.kernels]
 NAMES = [f.name for f in KERNEL_FORMATS]

@@ -13,8 +13,10 @@ from selfattn.attention.reference import attention_reference
 
 from .spec import assert_matches_twin_and_spec, stored_inputs
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason="compiled kernels not built or CPU without AVX2/FMA/F16C")
+# every test at each instruction-set level this CPU runs
+pytestmark = [pytest.mark.skipif(not native.available(),
+                                 reason="compiled kernels not built or CPU without AVX2/FMA/F16C"),
+              pytest.mark.usefixtures("isa_level")]
 
 CASES = [  # B, H, H_kv, D, Dv, S, T, band, softcap
     (1, 9, 3, 64, 64, 300, 300, (300, 0), None),  # SmolLM2's heads, causal prefill

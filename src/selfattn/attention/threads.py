@@ -1,4 +1,5 @@
-"""How many cores the kernels use, and the thread pool the prefill path runs on."""
+"""The thread pool the prefill path runs on, numba's and BLAS's threads, and (from selfattn.runtime)
+how many cores the kernels use."""
 
 import contextlib
 import os
@@ -6,32 +7,23 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import runtime
+from ..runtime import num_threads, set_num_threads  # noqa: F401  (re-exported)
+
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
-_threads: int | None = None
 _controller = None
 _numba_threads: int | None = None  # what numba's pool was last sized to by us
 
 
-def num_threads() -> int:
-    """Cores the kernels may use: `set_num_threads`, else the cores this process may run on
-    (read once: a decode step asks ~150 times)."""
-    global _threads
-    if _threads is None:
-        _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-    return _threads
-
-
-def set_num_threads(n: int) -> None:
-    """Limit selfattn's kernels to n threads (the numba layer included: now if numba is loaded,
-    else when its first kernel runs, so that setting a count does not import it)."""
-    global _threads
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads must be a positive int, got {n!r}")
-    _threads = n
+def _numba_follows(n: int) -> None:
+    """set_num_threads reaches the numba layer now if numba is loaded, else when its first
+    kernel runs, so that setting a count does not import it."""
     if "numba" in sys.modules:
         prepare_numba_threads()
+
+
+runtime.on_set_num_threads(_numba_follows)
 
 
 def prepare_numba_threads():
@@ -45,11 +37,12 @@ def prepare_numba_threads():
     """
     global _numba_threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if _threads is not None and _numba_threads != _threads:
+    n = runtime._threads
+    if n is not None and _numba_threads != n:
         from .jit import nb
 
-        nb.set_num_threads(min(_threads, nb.config.NUMBA_NUM_THREADS))
-        _numba_threads = _threads
+        nb.set_num_threads(min(n, nb.config.NUMBA_NUM_THREADS))
+        _numba_threads = n
 
 
 def _in_child():

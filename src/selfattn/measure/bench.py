@@ -210,10 +210,11 @@ def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> di
 def weights_layout(device) -> str:
     """How decode steps read the weights when a calibration is fitted: a calibration is only valid
     for the layout it was measured with ('packed' blocks, or 'float32' copies) and for the
-    compiled kernels' revision (native.KERNELS_REVISION)."""
+    compiled kernels' revision (native.KERNELS_REVISION) and instruction-set level (native.isa())."""
     from .. import native
 
-    return f"{'packed' if device.packed else 'float32'}-r{native.KERNELS_REVISION}"
+    return (f"{'packed' if device.packed else 'float32'}-r{native.KERNELS_REVISION}"
+            f"-{native.isa()}")
 
 
 def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048), reps: int = 5,

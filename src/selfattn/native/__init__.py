@@ -1,6 +1,9 @@
-"""selfattn's compiled kernels: C with AVX2/FMA/F16C intrinsics (src/selfattn/native/*.c), built
-at install time by setup.py as the extension module `_kernels`. Each releases the GIL while it
-runs, on its own small thread pool (pool.c).
+"""selfattn's compiled kernels: C with x86 SIMD intrinsics (src/selfattn/native/*.c), built at
+install time by setup.py as the extension module `_kernels`, once per instruction-set level
+(`avx2`: AVX2 + FMA + F16C; `avx512`: AVX-512 F/BW/VL/DQ as well). The widest level this CPU and
+its OS run is chosen at import (cpuid and XCR0); SELFATTN_ISA=avx2|avx512 forces one, and
+SELFATTN_ISA=generic (or SELFATTN_NATIVE=0) runs without compiled kernels. `isa()` names the
+level in use. Each kernel releases the GIL while it runs, on its own small thread pool (pool.c).
 
 - `matmul(x, w)`: x @ Wᵀ for a few rows of x, with W kept in its GGUF type (`PackedMatrix`:
   every type selfattn.formats marks `kernels`, f32 / f16 / bf16, the 32-value block types and
@@ -21,7 +24,8 @@ runs, on its own small thread pool (pool.c).
   model/transformer.py, used without them) cost more in call overhead than in arithmetic.
 
 `available()` is False when the extension was not built (no C compiler at install time), the CPU
-lacks AVX2/FMA/F16C, or SELFATTN_NATIVE=0; callers then use the NumPy and numba paths.
+lacks AVX2/FMA/F16C, SELFATTN_ISA=generic or SELFATTN_NATIVE=0; callers then use the NumPy and
+numba paths.
 """
 
 import contextlib
@@ -31,7 +35,7 @@ import threading
 import numpy as np
 
 from .. import formats
-from ..attention import threads
+from .. import runtime
 
 # ggml's type ids of the KV formats
 F32, F16, Q4_0, Q4_1, Q8_0 = (formats.by_name(n).type_id for n in ("f32", "f16", "q4_0", "q4_1",
@@ -41,11 +45,16 @@ KV_CODES = {f.name: f.type_id for f in formats.FORMATS if f.kv}
 # calibrations fitted before it (measure.bench.calibrate) are no longer taken for this machine's
 # 2: one C call a layer per decode step, fused compact-KV kernel; 3: the C prefill kernel
 # (prefill.c), decode tiles of up to 1,024 keys and groups of four rows; 4: built with -fno-wrapv
-# (every kernel), prefill in column blocks, decode without a spilled accumulator; 5: every weight
-# type read in place, prompts through gemm.c instead of BLAS over float32 copies
-KERNELS_REVISION = 5
-MAX_T = 16  # rows of x per matmul call
-MAX_DIM, MAX_ROWS = 256, 256  # decode_attention's head dims and G*T rows at most
+# (every kernel), prefill in column blocks, decode without a spilled accumulator;
+# 5: every weight type read in place, prompts through gemm.c instead of BLAS over float32 copies;
+# 6: one copy of the kernels per instruction-set level (a calibration also names its level)
+KERNELS_REVISION = 6
+# the extension's limits (kernels.h), restated only where it was not built: rows of x per matmul
+# call, head dims of the attention kernels, G*T rows of a decode call
+MAX_T, MAX_DIM, MAX_ROWS = 16, 256, 256
+# setup.py's levels, widest first, and the float32 lanes of each one's widest vectors; "generic"
+# is the name of running without compiled kernels
+LEVELS = {"avx512": 16, "avx2": 8}
 
 _lock = threading.Lock()  # the pool runs one kernel at a time
 _mod = None
@@ -53,16 +62,25 @@ _threads = 0
 
 
 def _load():
-    global _mod
+    global _mod, MAX_T, MAX_DIM, MAX_ROWS
     if _mod is None:
         _mod = False
-        if os.environ.get("SELFATTN_NATIVE", "1") != "0":
+        want = os.environ.get("SELFATTN_ISA", "").strip().lower()
+        if want not in ("", "generic", *LEVELS):
+            raise ValueError(f"SELFATTN_ISA={want!r}: use one of generic, {', '.join(LEVELS)}")
+        if os.environ.get("SELFATTN_NATIVE", "1") != "0" and want != "generic":
             try:
                 from . import _kernels
             except ImportError:
                 _kernels = None
             if _kernels is not None and _kernels.cpu_ok():
+                if want and want not in _kernels.isas():
+                    raise ValueError(f"SELFATTN_ISA={want}: this CPU runs "
+                                     f"{', '.join(_kernels.isas())} kernels")
+                if want:
+                    _kernels.set_isa(want)
                 _mod = _kernels
+                MAX_T, MAX_DIM, MAX_ROWS = _kernels.MAX_T, _kernels.MAX_DIM, _kernels.MAX_ROWS
     return _mod or None
 
 
@@ -82,13 +100,51 @@ def available() -> bool:
     return _load() is not None
 
 
+def isa() -> str:
+    """The instruction-set level the kernels run at: "avx512", "avx2", or "generic" (no compiled
+    kernels: the NumPy and numba paths)."""
+    mod = _load()
+    return mod.isa() if mod is not None else "generic"
+
+
+def describe_isa(level: str | None = None) -> str:
+    """A level (isa() by default) in words, for the tables that name the kernels they timed."""
+    level = level or isa()
+    if level in LEVELS:
+        return f"{level} ({LEVELS[level]} float32 lanes)"
+    return f"{level} (no compiled kernels: NumPy and numba)"
+
+
+def isas() -> list[str]:
+    """The levels this CPU and OS run, widest first, then "generic"."""
+    mod = _load()
+    return (mod.isas() if mod is not None else []) + ["generic"]
+
+
+@contextlib.contextmanager
+def using_isa(level: str):
+    """Run the compiled kernels at `level` (one of isas() but "generic") inside the block, so
+    tests and benchmarks compare levels in one process."""
+    mod = _load()
+    if mod is None or level not in mod.isas():
+        raise ValueError(f"this machine runs {', '.join(isas())} kernels, not {level!r}")
+    with _lock:
+        before = mod.isa()
+        mod.set_isa(level)
+    try:
+        yield
+    finally:
+        with _lock:
+            mod.set_isa(before)
+
+
 def _module():
     """The module, with its pool sized to selfattn's thread count."""
     global _threads
     mod = _load()
     if mod is None:
         raise RuntimeError("selfattn's compiled kernels are not available")
-    n = threads.num_threads()
+    n = runtime.num_threads()
     if n != _threads:
         mod.set_threads(n)
         _threads = n
@@ -308,10 +364,12 @@ def _pool_of(n_threads: int):
 
 def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
     """This machine's float32 FMA throughput (GFLOP/s, an FMA counted as 2 FLOPs) on n_threads
-    of the kernels' pool: registers-only FMA chains (peak.c), best of `reps` runs of ~`seconds`."""
+    of the kernels' pool: registers-only FMA chains (peak.c) at the widest vectors of the level
+    in use (isa()), best of `reps` runs of ~`seconds`."""
     import time
 
     with _pool_of(n_threads) as mod:
+        lanes = mod.lanes()
         tasks = 4 * n_threads  # taken dynamically: a late-waking worker still gets its share
         sums = np.empty(tasks, np.float32)
 
@@ -325,7 +383,7 @@ def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
         best = min(run(iters) for _ in range(reps))
     if not np.isfinite(sums).all():
         raise RuntimeError("fma_loop: the chains' sums are not finite")
-    return tasks * iters * 12 * 16 / best / 1e9
+    return tasks * iters * 12 * 2 * lanes / best / 1e9
 
 
 def read_gbs(n_threads: int, nbytes: int = 512 << 20, reps: int = 5) -> float:

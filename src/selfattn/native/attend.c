@@ -25,9 +25,7 @@
 
 #define TILE 1024 /* keys per online-softmax step, at most: long runs of K rows, then of V rows */
 #define VSUB 32  /* keys per pass of the value loops: rows read from memory once, reused from L1 */
-#define MAX_DIM 256
-#define MAX_ROWS 256
-#define MAX_BLOCKS (MAX_DIM / 32)
+#define MAX_BLOCKS (SA_MAX_DIM / 32)
 /* rows fetched ahead of use, spread over the loops that use them (one tile ahead at once
  * stalls on the misses it starts; none leaves the stream to the hardware prefetcher, which
  * keeps up with neither the f32 nor the compact rows here; 32 rows measured 3-5% faster than
@@ -45,7 +43,7 @@ typedef struct {
 } dec_args;
 
 /* what a key past the end of a tile is scored against (its scores are masked out) */
-static const uint8_t zero_row[MAX_DIM * 4] __attribute__((aligned(64)));
+static const uint8_t zero_row[SA_MAX_DIM * 4] __attribute__((aligned(64)));
 
 #define COMPACT(FMT) ((FMT) == SA_Q8_0 || (FMT) == SA_Q4_0)
 
@@ -255,11 +253,11 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     }
     float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
     float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
-    float alpha[MAX_ROWS], ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    float alpha[SA_MAX_ROWS], ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     const int64_t gr = row_group(R, FMT);
-    unsigned char seen[MAX_ROWS];
+    unsigned char seen[SA_MAX_ROWS];
     const uint8_t *kp[TILE + 4];
-    int64_t lo[MAX_ROWS], hi[MAX_ROWS];
+    int64_t lo[SA_MAX_ROWS], hi[SA_MAX_ROWS];
 
     for (int64_t r = 0; r < R; r++) {
         mm[r] = -INFINITY;
@@ -363,7 +361,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
 }
 
 #define DEFINE_DEC_TASK(NAME, FMT) \
-    SA_TARGET static void NAME(const void *ctx, int64_t task) { dec_task(ctx, task, FMT); }
+    static void NAME(const void *ctx, int64_t task) { dec_task(ctx, task, FMT); }
 DEFINE_DEC_TASK(dec_f32, SA_F32)
 DEFINE_DEC_TASK(dec_f16, SA_F16)
 DEFINE_DEC_TASK(dec_q8_0, SA_Q8_0)
@@ -377,7 +375,7 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
                         int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
                         int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
                         float *out, float *lse) {
-    if (D % 8 || Dv % 8 || D > MAX_DIM || Dv > MAX_DIM || R > MAX_ROWS || R % T || T < 1 ||
+    if (D % 8 || Dv % 8 || D > SA_MAX_DIM || Dv > SA_MAX_DIM || R > SA_MAX_ROWS || R % T || T < 1 ||
         S < 1 || S > S_max || chunk < 1 || C < 1)
         return -1;
     if (fmt != SA_F32 && (D % 32 || Dv != D)) return -1;

@@ -13,11 +13,11 @@
 #define MIN_TASK_VALUES 16384
 #define TASKS_PER_THREAD 4
 
-SA_TARGET static void row_f32(const uint8_t *src, int64_t n, float *dst) {
+static void row_f32(const uint8_t *src, int64_t n, float *dst) {
     memcpy(dst, src, (size_t)n * 4);
 }
 
-SA_TARGET static void row_f16(const uint8_t *src, int64_t n, float *dst) {
+static void row_f16(const uint8_t *src, int64_t n, float *dst) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
@@ -25,7 +25,7 @@ SA_TARGET static void row_f16(const uint8_t *src, int64_t n, float *dst) {
 }
 
 /* bf16: the 16 bits are the top half of the float32 */
-SA_TARGET static void row_bf16(const uint8_t *src, int64_t n, float *dst) {
+static void row_bf16(const uint8_t *src, int64_t n, float *dst) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 2 * i)));
@@ -40,7 +40,7 @@ SA_TARGET static void row_bf16(const uint8_t *src, int64_t n, float *dst) {
 }
 
 #define DEFINE_ROW(NAME, FMT)                                                                    \
-    SA_TARGET static void NAME(const uint8_t *src, int64_t n, float *dst) {                      \
+    static void NAME(const uint8_t *src, int64_t n, float *dst) {                                \
         const int64_t unit = sa_block_values(FMT), bytes = sa_block_bytes(FMT);                  \
         sa_unpacked u;                                                                           \
         for (int64_t b = 0; b < n / unit; b++) {                                                 \

@@ -82,7 +82,7 @@ static void pack_task(const void *ctx, int64_t kb) {
     }
 }
 
-SA_TARGET static void gemm_task(const void *ctx, int64_t task) {
+static void gemm_task(const void *ctx, int64_t task) {
     gemm_args *A = (gemm_args *)ctx;
     const int64_t r0 = task * MC, nr = A->rows - r0 < MC ? A->rows - r0 : MC;
     float *tile = aligned_alloc(64, (size_t)MC * LDW * 4), *c = aligned_alloc(64, (size_t)MC * TB * 4);

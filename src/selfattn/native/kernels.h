@@ -1,10 +1,40 @@
-/* The compiled kernels' entry points (module.c calls them from Python, step.c chains them), the
- * GGUF type ids they take, and the bytes a stored row of each type holds. Plain C: no intrinsics,
- * so module.c can include it without AVX2. */
+/* The compiled kernels' entry points (module.c calls them from Python through a table, step.c
+ * chains them), the GGUF type ids they take, and the bytes a stored row of each type holds. Plain
+ * C: no intrinsics, so module.c, pool.c and pages.c include it at the baseline instruction set.
+ *
+ * The kernel sources are compiled once per instruction-set level (setup.py: LEVELS), with SA_ISA
+ * set to the level's name; every entry point below then takes the level as a suffix
+ * (sa_matmul -> sa_matmul_avx512), so the copies link side by side, and isa.c gathers one
+ * level's entry points into its table, sa_table_<level>. */
 #ifndef SELFATTN_KERNELS_H
 #define SELFATTN_KERNELS_H
 
 #include <stdint.h>
+
+#define SA_CAT_(a, b) a##_##b
+#define SA_CAT(a, b) SA_CAT_(a, b)
+#ifdef SA_ISA
+#define sa_matmul SA_CAT(sa_matmul, SA_ISA)
+#define sa_gemm SA_CAT(sa_gemm, SA_ISA)
+#define sa_dequant_rows SA_CAT(sa_dequant_rows, SA_ISA)
+#define sa_dequant_range SA_CAT(sa_dequant_range, SA_ISA)
+#define sa_row_decoder SA_CAT(sa_row_decoder, SA_ISA)
+#define sa_decode_attention SA_CAT(sa_decode_attention, SA_ISA)
+#define sa_flash_attention SA_CAT(sa_flash_attention, SA_ISA)
+#define sa_quantize_rows SA_CAT(sa_quantize_rows, SA_ISA)
+#define sa_fma_loop SA_CAT(sa_fma_loop, SA_ISA)
+#define sa_read_sum SA_CAT(sa_read_sum, SA_ISA)
+#define sa_rmsnorm SA_CAT(sa_rmsnorm, SA_ISA)
+#define sa_rope SA_CAT(sa_rope, SA_ISA)
+#define sa_swiglu SA_CAT(sa_swiglu, SA_ISA)
+#define sa_layer_step SA_CAT(sa_layer_step, SA_ISA)
+#endif
+
+/* the kernels' limits, exported to Python by module.c: head dims the attention kernels take, rows
+ * (query heads of a group x tokens) one decode call takes, rows of x one matmul call takes */
+#define SA_MAX_DIM 256
+#define SA_MAX_ROWS 256
+#define SA_MAX_T 16
 
 /* ggml type ids (the GGUF tensor types) of the weight types the kernels read; the KV formats
  * reuse them: f32 0, f16 1, q4_0 2, q8_0 8 */
@@ -41,6 +71,11 @@ static inline int64_t sa_row_bytes(int fmt, int64_t n) {
     return b && n > 0 && n % b == 0 ? n / b * sa_block_bytes(fmt) : 0;
 }
 
+/* the thread pool (pool.c, one copy for every level): run fn(ctx, task) for task in 0 .. n-1 on
+ * the pool's threads */
+typedef void (*sa_task_fn)(const void *ctx, int64_t task);
+void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n);
+int sa_pool_threads(void);
 int sa_set_threads(int n);
 int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
               const float *x, int64_t T, float *y);
@@ -95,5 +130,24 @@ typedef struct {
 } sa_layer;
 
 int sa_layer_step(const sa_layer *L, float *x, double *attn_s);
+
+/* one level's entry points (isa.c); module.c calls the kernels only through the chosen table */
+typedef struct {
+    const char *name; /* the level, as setup.py's LEVELS and SELFATTN_ISA name it */
+    int lanes;        /* float32 lanes of the widest vectors its kernels use (fma_loop's width) */
+    __typeof__(sa_matmul) *matmul;
+    __typeof__(sa_gemm) *gemm;
+    __typeof__(sa_dequant_rows) *dequant_rows;
+    __typeof__(sa_dequant_range) *dequant_range;
+    __typeof__(sa_decode_attention) *decode_attention;
+    __typeof__(sa_flash_attention) *flash_attention;
+    __typeof__(sa_quantize_rows) *quantize_rows;
+    __typeof__(sa_fma_loop) *fma_loop;
+    __typeof__(sa_read_sum) *read_sum;
+    __typeof__(sa_rmsnorm) *rmsnorm;
+    __typeof__(sa_rope) *rope;
+    __typeof__(sa_swiglu) *swiglu;
+    __typeof__(sa_layer_step) *layer_step;
+} sa_kernels;
 
 #endif

@@ -21,7 +21,6 @@
 
 #define TASKS_PER_THREAD 4
 #define MIN_TASK_ROWS 16
-#define MAX_T 16
 /* bytes fetched ahead of the block being decoded (past a matrix's end a prefetch is harmless):
  * without it ~10% more time for one token's matmuls on this project's 2-core machine (a
  * standalone C timing) */
@@ -115,7 +114,7 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
 #define BYTES32(FMT) (32 * sa_block_bytes(FMT) / sa_block_values(FMT))
 
 #define DEFINE_MV_TASK(NAME, FMT)                                                                \
-    SA_TARGET static void NAME(const void *ctx, int64_t task) {                                  \
+    static void NAME(const void *ctx, int64_t task) {                                            \
         const mv_args *A = ctx;                                                                  \
         const int bb = BYTES32(FMT);                                                             \
         const int64_t nb = A->cols / 32, tail = nb * 32;                                         \
@@ -129,7 +128,7 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
                 A->y[r] = y;                                                                     \
                 continue;                                                                        \
             }                                                                                    \
-            __m256 acc[MAX_T], w[4];                                                             \
+            __m256 acc[SA_MAX_T], w[4];                                                          \
             for (int64_t t = 0; t < A->T; t++) acc[t] = _mm256_setzero_ps();                     \
             const uint8_t *p = row;                                                              \
             for (int64_t b = 0; b < nb; b++, p += bb) {                                          \
@@ -258,7 +257,7 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
     const int unit = (int)sa_block_values(FMT), bytes = (int)sa_block_bytes(FMT);
     sa_unpacked u;
     float w[SA_MAX_UNIT] __attribute__((aligned(32)));
-    __m256 acc[MAX_T];
+    __m256 acc[SA_MAX_T];
     for (int64_t t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nu; b++, p += bytes) {
         for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
@@ -281,7 +280,7 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
 }
 
 #define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
-    SA_TARGET static void NAME(const void *ctx, int64_t task) {                                  \
+    static void NAME(const void *ctx, int64_t task) {                                            \
         const mv_args *A = ctx;                                                                  \
         const int64_t nu = A->cols / sa_block_values(FMT);                                       \
         int64_t r0 = task * A->task_rows, r1 = r0 + A->task_rows;                                \
@@ -328,11 +327,11 @@ static sa_task_fn mv_task(int fmt) {
 /* w (rows, row_bytes) of type fmt, x (T, cols) float32 -> y (T, rows). Returns 0, -1 for
  * arguments the caller should have refused (checked again here: compiled code never trusts
  * them): an unknown type, cols not a whole number of blocks, row_bytes not the row's size, T
- * outside 1 .. MAX_T; -2 when out of memory. */
+ * outside 1 .. SA_MAX_T; -2 when out of memory. */
 int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
               const float *x, int64_t T, float *y) {
     sa_task_fn fn = mv_task(fmt);
-    if (!fn || rows < 1 || T < 1 || T > MAX_T || !sa_row_bytes(fmt, cols) ||
+    if (!fn || rows < 1 || T < 1 || T > SA_MAX_T || !sa_row_bytes(fmt, cols) ||
         row_bytes != sa_row_bytes(fmt, cols))
         return -1;
     /* x copied to a 64-byte aligned buffer (every 32-byte load of it within one cache line), in

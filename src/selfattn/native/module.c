@@ -6,13 +6,60 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include <cpuid.h>
+#include <string.h>
+
 #include "kernels.h"
 
-static int cpu_ok(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+/* Every level's table (isa.c, compiled once per level), widest first. */
+extern const sa_kernels sa_table_avx512, sa_table_avx2;
+static const sa_kernels *const LEVELS[] = {&sa_table_avx512, &sa_table_avx2};
+#define N_LEVELS (int)(sizeof LEVELS / sizeof *LEVELS)
+
+/* the OS's enabled register state (XCR0): the CPU may have instructions whose registers the OS
+ * does not save, and then they must not run */
+static uint64_t xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
 }
+
+/* whether this CPU and OS run a level's kernels: cpuid's feature bits, then XCR0 */
+static int level_runs(const sa_kernels *t) {
+    unsigned a, b, c, d, b7 = 0, c7, d7;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
+    if (!(fma && osxsave && avx && f16c)) return 0;
+    if (__get_cpuid_max(0, NULL) >= 7) __cpuid_count(7, 0, a, b7, c7, d7);
+    const uint64_t x = xcr0();
+    const int avx2 = (b7 >> 5 & 1) && (x & 0x6) == 0x6; /* XMM and YMM state */
+    if (!strcmp(t->name, "avx2")) return avx2;
+    if (!strcmp(t->name, "avx512")) /* F, DQ, BW, VL; opmask, ZMM_Hi256 and Hi16_ZMM state */
+        return avx2 && (b7 >> 16 & 1) && (b7 >> 17 & 1) && (b7 >> 30 & 1) && (b7 >> 31 & 1) &&
+               (x & 0xE6) == 0xE6;
+    return 0;
+}
+
+/* the level the kernels run at: the widest this CPU runs, until set_isa; NULL: none runs */
+static const sa_kernels *K;
+
+static const sa_kernels *widest(void) {
+    for (int i = 0; i < N_LEVELS; i++)
+        if (level_runs(LEVELS[i])) return LEVELS[i];
+    return NULL;
+}
+
+static int cpu_ok(void) { return widest() != NULL; }
+
+/* every entry point that runs a kernel starts with this: an error, never a call through NULL */
+#define NEED_K                                                                                   \
+    do {                                                                                         \
+        if (!K) {                                                                                \
+            PyErr_SetString(PyExc_RuntimeError, "no instruction-set level of the kernels runs " \
+                            "on this CPU");                                                      \
+            return NULL;                                                                         \
+        }                                                                                        \
+    } while (0)
 
 /* every buffer must hold at least `need` bytes */
 static int big_enough(Py_buffer *b, Py_ssize_t need, const char *name) {
@@ -53,11 +100,12 @@ static PyObject *product(PyObject *args, product_fn fn, const char *name) {
     return rc ? NULL : Py_NewRef(Py_None);
 }
 
-static PyObject *py_matmul(PyObject *self, PyObject *args) { return product(args, sa_matmul, "matmul"); }
+static PyObject *py_matmul(PyObject *self, PyObject *args) { NEED_K; return product(args, K->matmul, "matmul"); }
 
-static PyObject *py_gemm(PyObject *self, PyObject *args) { return product(args, sa_gemm, "gemm"); }
+static PyObject *py_gemm(PyObject *self, PyObject *args) { NEED_K; return product(args, K->gemm, "gemm"); }
 
 static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer w, idx, out;
     int fmt;
     long long cols, row_bytes;
@@ -71,7 +119,7 @@ static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
             if (rows[i] < 0 || rows[i] >= w.len / row_bytes) rc = -1;
         if (!rc) {
             Py_BEGIN_ALLOW_THREADS
-            rc = sa_dequant_rows(w.buf, fmt, cols, row_bytes, rows, n, out.buf);
+            rc = K->dequant_rows(w.buf, fmt, cols, row_bytes, rows, n, out.buf);
             Py_END_ALLOW_THREADS
         }
         if (rc) PyErr_Format(PyExc_ValueError, "dequant_rows: a row index, or type %d with rows of "
@@ -82,6 +130,7 @@ static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_dequant_range(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer w, out;
     int fmt;
     long long cols, row_bytes, r0, r1;
@@ -91,7 +140,7 @@ static PyObject *py_dequant_range(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "dequant_range: rows %lld .. %lld outside the matrix", r0, r1);
     else if (big_enough(&out, (r1 - r0) * cols * 4, "out")) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sa_dequant_range(w.buf, fmt, cols, row_bytes, r0, r1, out.buf);
+        rc = K->dequant_range(w.buf, fmt, cols, row_bytes, r0, r1, out.buf);
         Py_END_ALLOW_THREADS
         if (rc) PyErr_Format(PyExc_ValueError, "dequant_range: type %d with rows of %lld values in "
                              "%lld bytes", fmt, cols, row_bytes);
@@ -107,6 +156,7 @@ static PyObject *py_block_size(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer q, k, v, out, lse;
     int fmt;
     long long B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C, left, right;
@@ -121,7 +171,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
         big_enough(&v, heads * S_max * v_row, "v") && big_enough(&out, heads * R * Dv * 4, "out") &&
         big_enough(&lse, heads * R * 4, "lse") && j_base >= 0 && (j_base + (C - 1) * chunk) < S) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sa_decode_attention(q.buf, k.buf, v.buf, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row,
+        rc = K->decode_attention(q.buf, k.buf, v.buf, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row,
                                  S, T, j_base, chunk, C, left, right, softcap, out.buf, lse.buf);
         Py_END_ALLOW_THREADS
         if (rc == -2) PyErr_NoMemory();
@@ -134,6 +184,7 @@ static PyObject *py_decode_attention(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer q, k, v, out, lse;
     int fmt;
     long long B, H, H_kv, T, D, Dv, S_max, k_row, v_row, S, left, right;
@@ -147,7 +198,7 @@ static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
         big_enough(&v, B * H_kv * S_max * v_row, "v") && big_enough(&out, B * H * T * Dv * 4, "out") &&
         big_enough(&lse, B * H * T * 4, "lse")) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sa_flash_attention(q.buf, k.buf, v.buf, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row,
+        rc = K->flash_attention(q.buf, k.buf, v.buf, fmt, B, H, H_kv, T, D, Dv, S_max, k_row, v_row,
                                 S, left, right, scale, softcap, out.buf, lse.buf);
         Py_END_ALLOW_THREADS
         if (rc == -2) PyErr_NoMemory();
@@ -158,40 +209,44 @@ static PyObject *py_flash_attention(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer x, w, out;
     float eps;
     long long T, n;
     if (!PyArg_ParseTuple(args, "y*y*fLLw*", &x, &w, &eps, &T, &n, &out)) return NULL;
     int ok = big_enough(&x, T * n * 4, "x") && big_enough(&w, n * 4, "w") &&
              big_enough(&out, T * n * 4, "out");
-    if (ok) sa_rmsnorm(x.buf, w.buf, eps, T, n, out.buf);
+    if (ok) K->rmsnorm(x.buf, w.buf, eps, T, n, out.buf);
     RELEASE(&x, &w, &out);
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
 static PyObject *py_rope(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer x, c, s;
     long long T, heads, D, half, pos;
     if (!PyArg_ParseTuple(args, "w*LLLLy*y*L", &x, &T, &heads, &D, &half, &c, &s, &pos)) return NULL;
     int ok = big_enough(&x, T * heads * D * 4, "x") && big_enough(&c, (pos + T) * half * 4, "cos") &&
              big_enough(&s, (pos + T) * half * 4, "sin") && 2 * half <= D && pos >= 0;
-    if (ok) sa_rope(x.buf, T, heads, D, half, c.buf, s.buf, pos);
+    if (ok) K->rope(x.buf, T, heads, D, half, c.buf, s.buf, pos);
     else if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "rope: bad sizes");
     RELEASE(&x, &c, &s);
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
 static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer gu, out;
     long long T, ffn;
     if (!PyArg_ParseTuple(args, "y*LLw*", &gu, &T, &ffn, &out)) return NULL;
     int ok = big_enough(&gu, T * 2 * ffn * 4, "gu") && big_enough(&out, T * ffn * 4, "out");
-    if (ok) sa_swiglu(gu.buf, T, ffn, out.buf);
+    if (ok) K->swiglu(gu.buf, T, ffn, out.buf);
     RELEASE(&gu, &out);
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
 static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer x, dst;
     int fmt;
     long long T, H, D, offset, head_stride, row_stride, row_bytes;
@@ -205,7 +260,7 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *args) {
     else if (big_enough(&x, T * H * D * 4, "x") &&
              big_enough(&dst, offset + (H - 1) * head_stride + (T - 1) * row_stride + row_bytes, "dst")) {
         Py_BEGIN_ALLOW_THREADS
-        rc = sa_quantize_rows(x.buf, T, H, D, fmt, (uint8_t *)dst.buf + offset, head_stride, row_stride);
+        rc = K->quantize_rows(x.buf, T, H, D, fmt, (uint8_t *)dst.buf + offset, head_stride, row_stride);
         Py_END_ALLOW_THREADS
         if (rc) PyErr_Format(PyExc_ValueError, "quantize_rows: type %d with head dim %lld", fmt, D);
     }
@@ -227,6 +282,7 @@ static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const c
 }
 
 static PyObject *py_layer_step(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer x, an, fn, wq, wk, wv, wo, wg, wu, wd, cs, sn, k, v, bias = {0};
     PyObject *bias_obj;
     int f_q, f_k, f_v, f_o, f_g, f_u, f_d, kv_fmt;
@@ -277,7 +333,7 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
     L.chunk = chunk;
     L.n_chunks = C;
     Py_BEGIN_ALLOW_THREADS
-    rc = sa_layer_step(&L, x.buf, &attn_s);
+    rc = K->layer_step(&L, x.buf, &attn_s);
     Py_END_ALLOW_THREADS
     if (rc == -2) PyErr_NoMemory();
     else if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
@@ -288,13 +344,14 @@ done:
 }
 
 static PyObject *py_fma_loop(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer sums;
     long long iters, tasks;
     if (!PyArg_ParseTuple(args, "LLw*", &iters, &tasks, &sums)) return NULL;
     int ok = iters >= 0 && tasks >= 1 && big_enough(&sums, tasks * 4, "sums");
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        sa_fma_loop(iters, tasks, sums.buf);
+        K->fma_loop(iters, tasks, sums.buf);
         Py_END_ALLOW_THREADS
     } else if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "fma_loop: bad sizes");
     PyBuffer_Release(&sums);
@@ -302,13 +359,14 @@ static PyObject *py_fma_loop(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_read_sum(PyObject *self, PyObject *args) {
+    NEED_K;
     Py_buffer x, sums;
     if (!PyArg_ParseTuple(args, "y*w*", &x, &sums)) return NULL;
     const int64_t n = x.len / 4, tasks = (x.len + (1 << 20) - 1) / (1 << 20);
     int ok = big_enough(&sums, tasks * 4, "sums");
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        sa_read_sum(x.buf, n, sums.buf);
+        K->read_sum(x.buf, n, sums.buf);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&x);
@@ -336,6 +394,40 @@ static PyObject *py_set_threads(PyObject *self, PyObject *args) {
 
 static PyObject *py_cpu_ok(PyObject *self, PyObject *noargs) { return PyBool_FromLong(cpu_ok()); }
 
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    return K ? PyUnicode_FromString(K->name) : Py_NewRef(Py_None);
+}
+
+static PyObject *py_lanes(PyObject *self, PyObject *noargs) { return PyLong_FromLong(K ? K->lanes : 0); }
+
+static PyObject *py_isas(PyObject *self, PyObject *noargs) {
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out && i < N_LEVELS; i++)
+        if (level_runs(LEVELS[i])) {
+            PyObject *name = PyUnicode_FromString(LEVELS[i]->name);
+            if (!name || PyList_Append(out, name)) Py_CLEAR(out);
+            Py_XDECREF(name);
+        }
+    return out;
+}
+
+/* set_isa(name): run the named level's kernels from now on (the caller holds the kernels' lock) */
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    for (int i = 0; i < N_LEVELS; i++)
+        if (!strcmp(LEVELS[i]->name, name)) {
+            if (!level_runs(LEVELS[i])) {
+                PyErr_Format(PyExc_ValueError, "this CPU (or its OS) does not run %s kernels", name);
+                return NULL;
+            }
+            K = LEVELS[i];
+            return Py_NewRef(Py_None);
+        }
+    PyErr_Format(PyExc_ValueError, "unknown instruction-set level %R", PyTuple_GET_ITEM(args, 0));
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y (T, rows) = x (T, cols) @ W^T, W in GGUF blocks"},
     {"gemm", py_gemm, METH_VARARGS, "the same for many rows of x: tiles of W decoded, then multiplied"},
@@ -349,15 +441,27 @@ static PyMethodDef methods[] = {
     {"swiglu", py_swiglu, METH_VARARGS, "silu(gate) * up"},
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
     {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
-    {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of 8 lanes per task, on the pool"},
+    {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of lanes() lanes per task, on the pool"},
     {"read_sum", py_read_sum, METH_VARARGS, "read an array once on the pool: the bandwidth roof"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "fault a mapping's pages in from several threads"},
     {"set_threads", py_set_threads, METH_VARARGS, "threads the kernels use"},
-    {"cpu_ok", py_cpu_ok, METH_NOARGS, "AVX2, FMA and F16C present"},
+    {"cpu_ok", py_cpu_ok, METH_NOARGS, "whether this CPU and OS run any level's kernels"},
+    {"isa", py_isa, METH_NOARGS, "the level the kernels run at (None: none runs here)"},
+    {"lanes", py_lanes, METH_NOARGS, "float32 lanes of that level's widest vectors"},
+    {"isas", py_isas, METH_NOARGS, "the levels this CPU and OS run, widest first"},
+    {"set_isa", py_set_isa, METH_VARARGS, "run the named level's kernels from now on"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
                                     "selfattn's compiled kernels", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    K = widest();
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "MAX_DIM", SA_MAX_DIM) ||
+              PyModule_AddIntConstant(m, "MAX_ROWS", SA_MAX_ROWS) ||
+              PyModule_AddIntConstant(m, "MAX_T", SA_MAX_T)))
+        Py_CLEAR(m);
+    return m;
+}

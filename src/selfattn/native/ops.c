@@ -6,7 +6,7 @@
 #include "simd.h"
 
 /* out (T, n) = x * (1/sqrt(mean(x^2) + eps)) * w; the mean in double */
-SA_TARGET void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out) {
+void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n, float *out) {
     for (int64_t t = 0; t < T; t++, x += n, out += n) {
         double ss = 0.0;
         for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -17,7 +17,7 @@ SA_TARGET void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, 
 
 /* x (T, heads, D) in place: the first rope_dim/2 and the next rope_dim/2 values of each head
  * rotated by the angles of positions pos .. pos+T-1 (cos, sin: (positions, rope_dim/2)) */
-SA_TARGET void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half,
+void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half,
                        const float *cos_t, const float *sin_t, int64_t pos) {
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos_t + (pos + t) * half, *s = sin_t + (pos + t) * half;
@@ -33,7 +33,7 @@ SA_TARGET void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t ha
 }
 
 /* gu (T, 2*ffn): gate then up -> out (T, ffn) = silu(gate) * up */
-SA_TARGET void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out) {
+void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out) {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     for (int64_t t = 0; t < T; t++, gu += 2 * ffn, out += ffn) {
         int64_t i = 0;

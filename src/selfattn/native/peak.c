@@ -3,8 +3,10 @@
  *
  * NumPy's BLAS matmul, the roofline's other compute figure, is a kernel too (it loads, packs and
  * stores); this is the number of fused multiply-adds the cores retire when nothing else runs.
- * Each task runs `iters` steps of twelve independent FMA chains of 8 lanes (enough to keep two
- * FMA pipes busy through a 4-5 cycle latency), registers only. The chains start from different
+ * Each task runs `iters` steps of twelve independent FMA chains of SA_W lanes (enough to keep two
+ * FMA pipes busy through a 4-5 cycle latency), registers only, at the level's widest vectors (on
+ * an AVX-512 CPU 512-bit FMAs are the ceiling, twice the 256-bit one where it has two 512-bit
+ * pipes). The chains start from different
  * values, so a compiler cannot fold them into one (identical chains are folded, and such a loop
  * reads 1.5x too fast here). */
 #include "simd.h"
@@ -16,19 +18,19 @@ typedef struct {
     float *sums; /* one a task: the chains' sum, so the loop's result is used */
 } peak_args;
 
-SA_TARGET static void peak_task(const void *ctx, int64_t task) {
+static void peak_task(const void *ctx, int64_t task) {
     const peak_args *A = ctx;
-    const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-3f);
-    __m256 a[CHAINS];
-    for (int i = 0; i < CHAINS; i++) a[i] = _mm256_set1_ps((float)(i + 1));
+    const sa_vf m = vf_set1(0.999999f), c = vf_set1(1e-3f);
+    sa_vf a[CHAINS];
+    for (int i = 0; i < CHAINS; i++) a[i] = vf_set1((float)(i + 1));
     for (int64_t it = 0; it < A->iters; it++)
-        for (int i = 0; i < CHAINS; i++) a[i] = _mm256_fmadd_ps(a[i], m, c);
-    __m256 s = a[0];
-    for (int i = 1; i < CHAINS; i++) s = _mm256_add_ps(s, a[i]);
-    A->sums[task] = sa_hsum(s);
+        for (int i = 0; i < CHAINS; i++) a[i] = vf_fmadd(a[i], m, c);
+    sa_vf s = a[0];
+    for (int i = 1; i < CHAINS; i++) s = vf_add(s, a[i]);
+    A->sums[task] = vf_hsum(s);
 }
 
-/* tasks x iters x CHAINS FMAs of 8 lanes on the pool's threads; sums (tasks) gets each task's
+/* tasks x iters x CHAINS FMAs of SA_W lanes on the pool's threads; sums (tasks) gets each task's
  * chain sum (a_n = m^n a_0 + c (1 - m^n) / (1 - m) per lane, up to rounding) */
 void sa_fma_loop(int64_t iters, int64_t tasks, float *sums) {
     peak_args A = {iters, sums};
@@ -36,7 +38,7 @@ void sa_fma_loop(int64_t iters, int64_t tasks, float *sums) {
 }
 
 /* Read bandwidth: the sum of a large array, in tasks of READ_TASK bytes taken dynamically by the
- * pool's threads, eight independent 8-lane accumulators a thread, as the decode kernels stream
+ * pool's threads, eight independent accumulators of SA_W lanes a thread, as the decode kernels stream
  * (the numba reader this completes read 9.3 GB/s on a Zen 4 where the decode kernel reached
  * 18). Software prefetch made it slower here: 15-16 against 21-22 GB/s on one thread. */
 #define READ_TASK (1 << 20)
@@ -47,19 +49,19 @@ typedef struct {
     float *sums;
 } read_args;
 
-SA_TARGET static void read_task(const void *ctx, int64_t task) {
+static void read_task(const void *ctx, int64_t task) {
     const read_args *A = ctx;
     const int64_t per = READ_TASK / 4, i0 = task * per, i1 = i0 + per < A->n ? i0 + per : A->n;
-    __m256 a[8];
-    for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+    sa_vf a[8];
+    for (int k = 0; k < 8; k++) a[k] = vf_zero();
     int64_t i = i0;
-    for (; i + 64 <= i1; i += 64) {
-        for (int k = 0; k < 8; k++) a[k] = _mm256_add_ps(a[k], _mm256_loadu_ps(A->x + i + 8 * k));
+    for (; i + 8 * SA_W <= i1; i += 8 * SA_W) {
+        for (int k = 0; k < 8; k++) a[k] = vf_add(a[k], vf_loadu(A->x + i + SA_W * k));
     }
     float tail = 0.0f;
     for (; i < i1; i++) tail += A->x[i];
-    for (int k = 1; k < 8; k++) a[0] = _mm256_add_ps(a[0], a[k]);
-    A->sums[task] = sa_hsum(a[0]) + tail;
+    for (int k = 1; k < 8; k++) a[0] = vf_add(a[0], a[k]);
+    A->sums[task] = vf_hsum(a[0]) + tail;
 }
 
 /* x (n floats) read once on the pool's threads; sums (one a READ_TASK-byte task) gets each

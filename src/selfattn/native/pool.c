@@ -17,7 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "simd.h"
+#include "kernels.h"
 
 #define MAX_THREADS 256
 #define SPIN_NS 300000 /* how long an idle worker stays awake: 0.3 ms */

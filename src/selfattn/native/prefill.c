@@ -1,4 +1,5 @@
-/* Prefill attention: blocked online softmax (FlashAttention-2), AVX2/FMA.
+/* Prefill attention: blocked online softmax (FlashAttention-2), written once in vec.h's vectors
+ * (8 lanes with AVX2, 16 with AVX-512; the same bits at both widths).
  *
  * The same contract as selfattn.attention.flash.flash_task (the numba + BLAS kernel beside it,
  * and the reference in reference.py, are what the tests hold it to), without masks: q (B, H, T, D)
@@ -9,19 +10,20 @@
  *
  * Everything is computed keys x queries, transposed from the usual layout: the task keeps its
  * queries as columns (qt: D x bm, pre-scaled), a tile's scores as st (keys x bm), its output as
- * ot (Dv x bm), each stored as blocks of QB = 16 columns (a block's rows contiguous: qt's block is
- * D x 16, 4 KB at D = 64, and stays in L1 while it is used; row-major D x 128 rows were 512 bytes
- * apart and measured 3-7% slower at n >= 4096). Then
- * - scores: six keys x sixteen queries in twelve registers, each step one d: two loads of qt's row
- *   d, a broadcast of k_j[d] per key, twelve FMAs; K is read in place, never packed or copied;
+ * ot (Dv x bm), each stored as blocks of QB = two vectors of columns (a block's rows contiguous:
+ * qt's block is D x 16 with AVX2, 4 KB at D = 64, and stays in L1 while it is used; row-major
+ * D x 128 rows were 512 bytes apart and measured 3-7% slower at n >= 4096). Then
+ * - scores: NR keys x QB queries in 2 NR registers, each step one d: two loads of qt's row d, a
+ *   broadcast of k_j[d] per key, 2 NR FMAs; K is read in place, never packed or copied;
  * - softmax: a query is a column, so its running maximum, sum and rescale factor are lanes of a
  *   vector and every step (tile maximum, exp, sums) runs down the columns: no horizontal reduction;
- * - values: six values of d x sixteen queries in registers over the tile's keys, each step a key:
- *   two loads of st's row j, a broadcast of v_j[d] per d, twelve FMAs.
+ * - values: NR values of d x QB queries in registers over the tile's keys, each step a key:
+ *   two loads of st's row j, a broadcast of v_j[d] per d, 2 NR FMAs.
  * While a tile's keys are scored, the next tile's K and V rows are prefetched to L2 (at 8,192
  * tokens they come from L3 or memory: 5-12% faster measured).
  * The score matrix is never built: the extra memory is each running task's buffers (46 KB at
- * D = Dv = 64 with 64 queries a task, float32 rows; 92 KB with 128).
+ * D = Dv = 64 with 64 queries a task, float32 rows; 92 KB with 128). NR is 6 with AVX2's 16
+ * registers (12 accumulators) and NR_MAX with AVX-512's 32.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -29,14 +31,17 @@
 
 #include "simd.h"
 
-/* queries per task (bm: 64, or BM_MAX for long prompts; a multiple of 16) and keys per tile:
+/* queries per task (bm: 64, or BM_MAX for long prompts; a multiple of QB) and keys per tile:
  * speed was flat from 32 to 96 queries and 16 to 96 keys at n = 2048 on the 2-core AVX2 machine
  * the benchmarks ran on */
 #define BM_MAX 128
 #define BN 48
-#define MAX_DIM 256
-#define NR_MAX 6 /* keys (scores) or values of d (output) per register block */
-#define QB 16     /* queries per column block: two vectors, the register block's width */
+#if SA_W == 16
+#define NR_MAX 12 /* keys (scores) or values of d (output) per register block */
+#else
+#define NR_MAX 6
+#endif
+#define QB (2 * SA_W) /* queries per column block: two vectors, the register block's width */
 
 typedef struct {
     const float *q;
@@ -50,45 +55,45 @@ typedef struct {
 
 /* the shared register block: a[r][0..1] += b_r[i] * x_i[0..15] for i < n, NR rows r; x_i is row
  * i of a column block (ld apart), b_r[i] sits at b + r * rs + i * is */
-SA_INLINE void panel(__m256 a[][2], const float *x, int64_t ld, const float *b, int64_t rs,
+SA_INLINE void panel(sa_vf a[][2], const float *x, int64_t ld, const float *b, int64_t rs,
                      int64_t is, int64_t n, const int NR) {
     for (int64_t i = 0; i < n; i++) {
-        __m256 x0 = _mm256_load_ps(x + i * ld), x1 = _mm256_load_ps(x + i * ld + 8);
+        sa_vf x0 = vf_load(x + i * ld), x1 = vf_load(x + i * ld + SA_W);
         for (int r = 0; r < NR; r++) {
-            __m256 bb = _mm256_broadcast_ss(b + r * rs + i * is);
-            a[r][0] = _mm256_fmadd_ps(bb, x0, a[r][0]);
-            a[r][1] = _mm256_fmadd_ps(bb, x1, a[r][1]);
+            sa_vf bb = vf_set1(b[r * rs + i * is]);
+            a[r][0] = vf_fmadd(bb, x0, a[r][0]);
+            a[r][1] = vf_fmadd(bb, x1, a[r][1]);
         }
     }
 }
 
-SA_INLINE void store_panel(float *y, int64_t ld, __m256 a[][2], const int NR) {
+SA_INLINE void store_panel(float *y, int64_t ld, sa_vf a[][2], const int NR) {
     for (int r = 0; r < NR; r++) {
-        _mm256_store_ps(y + r * ld, a[r][0]);
-        _mm256_store_ps(y + r * ld + 8, a[r][1]);
+        vf_store(y + r * ld, a[r][0]);
+        vf_store(y + r * ld + SA_W, a[r][1]);
     }
 }
 
-/* st[r][0 .. 15] = q_c . k_r for NR keys (rows of K from krow, D apart) and a column block's
- * 16 queries: qt (D x 16) and st with rows ld (QB) apart; each step one d */
+/* st[r][0 .. QB-1] = q_c . k_r for NR keys (rows of K from krow, D apart) and a column block's
+ * QB queries: qt (D x QB) and st with rows ld (QB) apart; each step one d */
 SA_INLINE void scores(const float *qt, const float *krow, int64_t D, float *st, int64_t ld,
                       const int NR) {
-    __m256 a[NR_MAX][2];
-    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    sa_vf a[NR_MAX][2];
+    for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = vf_zero();
     panel(a, qt, ld, krow, D, 1, D, NR);
     store_panel(st, ld, a, NR);
 }
 
-/* ot[d0 + r][c0 .. c0+15] = alpha * ot + sum over keys j < nk of st[j][c] * v_j[d0 + r], for NR
+/* ot[d0 + r][c0 .. c0+QB-1] = alpha * ot + sum over keys j < nk of st[j][c] * v_j[d0 + r], for NR
  * values of d (st, ot and alpha already offset to the column block, vrow to v_0[d0]); each step
  * one key */
 SA_INLINE void values(float *ot, const float *alpha, const float *st, const float *vrow,
                       int64_t Dv, int64_t nk, int64_t ld, const int NR) {
-    __m256 a[NR_MAX][2];
-    const __m256 al0 = _mm256_load_ps(alpha), al1 = _mm256_load_ps(alpha + 8);
+    sa_vf a[NR_MAX][2];
+    const sa_vf al0 = vf_load(alpha), al1 = vf_load(alpha + SA_W);
     for (int r = 0; r < NR; r++) {
-        a[r][0] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld), al0);
-        a[r][1] = _mm256_mul_ps(_mm256_load_ps(ot + r * ld + 8), al1);
+        a[r][0] = vf_mul(vf_load(ot + r * ld), al0);
+        a[r][1] = vf_mul(vf_load(ot + r * ld + SA_W), al1);
     }
     panel(a, st, ld, vrow, 1, Dv, nk, NR);
     store_panel(ot, ld, a, NR);
@@ -101,10 +106,22 @@ SA_INLINE void values(float *ot, const float *alpha, const float *st, const floa
     case 3: CALL(3); break;         \
     case 4: CALL(4); break;         \
     case 5: CALL(5); break;         \
-    default: CALL(6); break;        \
+    BY_NR_WIDE(CALL)                \
+    default: CALL(NR_MAX); break;   \
     }
+#if NR_MAX == 12
+#define BY_NR_WIDE(CALL)            \
+    case 6: CALL(6); break;         \
+    case 7: CALL(7); break;         \
+    case 8: CALL(8); break;         \
+    case 9: CALL(9); break;         \
+    case 10: CALL(10); break;       \
+    case 11: CALL(11); break;
+#else
+#define BY_NR_WIDE(CALL)
+#endif
 
-/* one tile's online softmax, down the columns (nv vectors of 8 queries; st in blocks of QB
+/* one tile's online softmax, down the columns (nv vectors of SA_W queries; st in blocks of QB
  * columns, BN x QB each): scores outside the band (if `band`) become -inf, st becomes
  * p = exp(s - m_new), m and l are brought up to date and alpha = exp(m_old - m_new) is what the
  * output so far is scaled by */
@@ -113,64 +130,61 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
                             float *l, float *alpha) {
     if (softcap > 0.0f)
         for (int64_t j = 0; j < nk; j++)
-            for (int64_t c = 0; c < 8 * nv; c++) {
+            for (int64_t c = 0; c < SA_W * nv; c++) {
                 float *x = st + (c / QB) * BN * QB + j * QB + c % QB;
                 *x = softcap * tanhf(*x / softcap);
             }
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const sa_vf ninf = vf_set1(-INFINITY), inf = vf_set1(INFINITY);
     for (int64_t cv = 0; cv < nv; cv++) {
-        float *col = st + (cv / 2) * BN * QB + 8 * (cv % 2); /* rows QB apart */
+        float *col = st + (cv / 2) * BN * QB + SA_W * (cv % 2); /* rows QB apart */
         if (band) { /* key j0 + j is hidden from query p when p > j + left or p < j - right */
-            __m256i p = _mm256_add_epi32(_mm256_set1_epi32((int)(p0 + 8 * cv)), iota);
+            const sa_vi p = vi_add(vi_set1((int)(p0 + SA_W * cv)), vi_iota());
             for (int64_t j = 0; j < nk; j++) {
-                __m256i hide = _mm256_or_si256(_mm256_cmpgt_epi32(p, _mm256_set1_epi32((int)(j0 + j + left))),
-                                               _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(j0 + j - right)), p));
-                _mm256_store_ps(col + j * QB, _mm256_blendv_ps(_mm256_load_ps(col + j * QB), ninf,
-                                                               _mm256_castsi256_ps(hide)));
+                const sa_vm hide = vm_or(vi_gt(p, vi_set1((int)(j0 + j + left))),
+                                           vi_gt(vi_set1((int)(j0 + j - right)), p));
+                vf_store(col + j * QB, vf_select(hide, ninf, vf_load(col + j * QB)));
             }
         }
-        __m256 mx = ninf, bad = _mm256_setzero_ps(); /* a NaN or +inf logit seen: NaN column */
-        const __m256 inf = _mm256_set1_ps(INFINITY);
+        sa_vf mx = ninf;
+        sa_vm bad = vm_none(); /* a NaN or +inf logit seen: NaN column */
         for (int64_t j = 0; j < nk; j++) {
-            const __m256 x = _mm256_load_ps(col + j * QB);
-            mx = _mm256_max_ps(mx, x);
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, inf, _CMP_NLT_UQ));
+            const sa_vf x = vf_load(col + j * QB);
+            mx = vf_max(mx, x);
+            bad = vm_or(bad, vf_nlt(x, inf));
         }
-        const __m256 m_old = _mm256_load_ps(m + 8 * cv), m_new = _mm256_max_ps(m_old, mx);
+        const sa_vf m_old = vf_load(m + SA_W * cv), m_new = vf_max(m_old, mx);
         /* a column that has seen no key yet subtracts 0: exp(-inf - 0) = 0, never NaN */
-        const __m256 base = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
-        const __m256 al = sa_exp_neg(_mm256_sub_ps(m_old, base));
-        __m256 sum = _mm256_setzero_ps();
+        const sa_vf base = vf_select(vf_eq(m_new, ninf), vf_zero(), m_new);
+        const sa_vf al = vf_exp_neg(vf_sub(m_old, base));
+        sa_vf sum = vf_zero();
         for (int64_t j = 0; j < nk; j++) {
-            __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(col + j * QB), base));
-            _mm256_store_ps(col + j * QB, e);
-            sum = _mm256_add_ps(sum, e);
+            sa_vf e = vf_exp_neg(vf_sub(vf_load(col + j * QB), base));
+            vf_store(col + j * QB, e);
+            sum = vf_add(sum, e);
         }
-        _mm256_store_ps(m + 8 * cv, m_new);
-        _mm256_store_ps(l + 8 * cv, _mm256_blendv_ps(_mm256_fmadd_ps(_mm256_load_ps(l + 8 * cv), al, sum),
-                                                     _mm256_set1_ps(NAN), bad));
-        _mm256_store_ps(alpha + 8 * cv, al);
+        vf_store(m + SA_W * cv, m_new);
+        vf_store(l + SA_W * cv, vf_select(bad, vf_set1(NAN), vf_fmadd(vf_load(l + SA_W * cv), al, sum)));
+        vf_store(alpha + SA_W * cv, al);
     }
 }
 
-SA_TARGET static void pf_task(const void *ctx, int64_t task) {
+static void pf_task(const void *ctx, int64_t task) {
     const pf_args *A = ctx;
     const int64_t D = A->D, Dv = A->Dv, T = A->T, S = A->S;
     const int64_t bm = A->bm, bh = task % (A->B * A->H), blk = A->blocks - 1 - task / (A->B * A->H);
     const int64_t b = bh / A->H, h = bh % A->H, g = h / (A->H / A->H_kv);
     const int64_t i0 = blk * bm, tq = T - i0 < bm ? T - i0 : bm;
-    const int64_t np = (tq + QB - 1) / QB, nv = 2 * np; /* column blocks, vectors of 8 queries */
+    const int64_t np = (tq + QB - 1) / QB, nv = 2 * np; /* column blocks, vectors of queries */
     const int64_t p0 = S - T + i0, p1 = p0 + tq - 1;  /* positions of the first and last query */
     const float *q = A->q + (bh * T + i0) * D;
     const uint8_t *kh = A->k + (b * A->H_kv + g) * A->S_max * A->k_row;
     const uint8_t *vh = A->v + (b * A->H_kv + g) * A->S_max * A->v_row;
     /* the task's buffers, on the heap (a caller's thread may have a small stack): qt (D x bm),
      * st (BN x bm), ot (Dv x bm), each as bm / QB blocks of QB columns; m, l, alpha (bm each),
-     * and for compact rows a tile of K and one of V decoded (BN x D, BN x Dv); every part a
-     * multiple of 8 floats, so 32-byte aligned */
+     * and for compact rows a tile of K and one of V decoded (BN x D, BN x Dv, D and Dv multiples
+     * of 8); every part a multiple of 16 floats, so 64-byte aligned */
     const int64_t decoded = A->fmt == SA_F32 ? 0 : BN * (D + Dv);
-    float *qt = aligned_alloc(32, (size_t)((D + BN + Dv + 3) * bm + decoded) * 4);
+    float *qt = aligned_alloc(64, (size_t)((D + BN + Dv + 3) * bm + decoded) * 4);
     if (!qt) {
         atomic_store(A->failed, 1);
         return;
@@ -255,7 +269,7 @@ int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int f
                        float scale, float softcap, float *out, float *lse) {
     const int64_t lim = (int64_t)1 << 29;
     if (B < 1 || H_kv < 1 || H % H_kv || T < 1 || S < 1 || S > S_max || D < 1 || Dv < 1 ||
-        D > MAX_DIM || Dv > MAX_DIM || S + T > lim || left > lim || right > lim || left < -lim ||
+        D > SA_MAX_DIM || Dv > SA_MAX_DIM || S + T > lim || left > lim || right > lim || left < -lim ||
         right < -lim)
         return -1;
     if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;

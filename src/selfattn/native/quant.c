@@ -6,13 +6,13 @@
 
 #include "simd.h"
 
-SA_TARGET static void put_half(uint8_t *p, float f) {
+static void put_half(uint8_t *p, float f) {
     uint16_t h = _cvtss_sh(f, 0); /* round to nearest even, as NumPy's astype(float16) */
     memcpy(p, &h, 2);
 }
 
 /* quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x / d) (half away from zero) */
-SA_TARGET static void block_q8_0(const float *x, uint8_t *out) {
+static void block_q8_0(const float *x, uint8_t *out) {
     float amax = 0.0f;
     for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
     const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
@@ -21,7 +21,7 @@ SA_TARGET static void block_q8_0(const float *x, uint8_t *out) {
 }
 
 /* quantize_row_q4_0_ref: d = (the first value of largest magnitude) / -8, n = min(15, (int)(x/d + 8.5)) */
-SA_TARGET static void block_q4_0(const float *x, uint8_t *out) {
+static void block_q4_0(const float *x, uint8_t *out) {
     float amax = -1.0f, mx = 0.0f;
     for (int i = 0; i < 32; i++)
         if (fabsf(x[i]) > amax) {
@@ -39,7 +39,7 @@ SA_TARGET static void block_q4_0(const float *x, uint8_t *out) {
 
 /* x (T, H, D) float32; row (t, h) -> dst + h*head_stride + t*row_stride in fmt. Returns 0, or -1
  * for a format or head dim this does not take. */
-SA_TARGET int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt,
+int sa_quantize_rows(const float *x, int64_t T, int64_t H, int64_t D, int fmt,
                                uint8_t *dst, int64_t head_stride, int64_t row_stride) {
     if (fmt != SA_F16 && ((fmt != SA_Q8_0 && fmt != SA_Q4_0) || D % 32)) return -1;
     if (fmt == SA_F16 && D % 8) return -1;

@@ -1,8 +1,13 @@
 /* AVX2 + FMA + F16C helpers shared by the kernels: block decoders (ggml's layouts), horizontal
- * sums, exp. Every kernel function carries SA_TARGET, so the library itself loads on any x86-64
- * CPU and Python checks sa_cpu_ok() before calling one. */
+ * sums, exp, and (vec.h) the vector-width layer. Only the kernel sources include it: setup.py
+ * compiles them once per instruction-set level with that level's -m flags (AVX2 at least), and
+ * module.c calls a level's copy only on a CPU and OS that run it. */
 #ifndef SELFATTN_SIMD_H
 #define SELFATTN_SIMD_H
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the kernel sources are compiled with AVX2, FMA and F16C at least (setup.py: LEVELS)"
+#endif
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -10,8 +15,7 @@
 
 #include "kernels.h"
 
-#define SA_TARGET __attribute__((target("avx2,fma,f16c")))
-#define SA_INLINE static inline __attribute__((always_inline)) SA_TARGET
+#define SA_INLINE static inline __attribute__((always_inline))
 
 SA_INLINE float sa_half(const uint8_t *p) {
     uint16_t h;
@@ -101,9 +105,6 @@ SA_INLINE __m256 sa_exp_neg(__m256 x) {
     return _mm256_andnot_ps(under, y);
 }
 
-/* the thread pool (pool.c): run fn(ctx, task) for task in 0 .. n-1 on the pool's threads */
-typedef void (*sa_task_fn)(const void *ctx, int64_t task);
-void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n);
-int sa_pool_threads(void);
+#include "vec.h"
 
 #endif
