@@ -9,7 +9,10 @@ torch.nn.functional.scaled_dot_product_attention (CPU, enable_gqa=True), all on 
 the machine's limits (the FMA units' peak, NumPy BLAS matmul GFLOP/s, read bandwidth) measured in
 the same run, before and after the tables (the higher of the two is used: on a shared machine a
 busy moment lowers a peak, nothing raises it); prefill rows also say what share of the FMA peak
-selfattn and SDPA reach.
+selfattn and SDPA reach, and decode rows the read bandwidth of a plain read of as many bytes as
+K and V hold, measured in selfattn's process after its row (on a CPU with a last-level cache of
+hundreds of MB a small cache is read from it, faster than the 512 MiB roofline figure allows).
+The header names the instruction-set level of selfattn's kernels (SELFATTN_ISA forces one).
 Times are medians over --reps after one warm-up call (which also compiles); raw samples go to
 --json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike. Inputs are
 allocated 64-byte aligned, as selfattn's KV cache is, and every implementation gets the same ones.
@@ -110,13 +113,18 @@ def worker(name, phase, H, H_kv, D, sizes, reps, threads):
 
     fn = make_impl(name, causal=phase == "prefill")
     rng = np.random.default_rng(0)
-    out = {}
+    out, ceiling = {}, {}
     with threadpool_limits(threads, user_api="blas"):
         for size in sizes:
             T = size if phase == "prefill" else 1
             q, k, v = normal((1, H, T, D)), normal((1, H_kv, size, D)), normal((1, H_kv, size, D))
             out[size] = time_it(lambda: fn(q, k, v), reps)
-    return out
+            if phase == "decode" and name == "selfattn" and native.available():
+                # the bandwidth ceiling of this row: a plain read of as many bytes as K and V,
+                # in this process (a last-level cache of hundreds of MB holds small caches)
+                del q, k, v
+                ceiling[size] = native.read_gbs(threads, nbytes=2 * H_kv * size * D * 4)
+    return out, ceiling
 
 
 def describe_torch():
@@ -149,11 +157,13 @@ def steal_share(before, after):
 
 
 def measure_limits(threads):
-    """(FMA peak GFLOP/s or None, NumPy matmul GFLOP/s, read GB/s) on `threads` threads."""
+    """(FMA peak GFLOP/s or None, NumPy matmul GFLOP/s, read GB/s) on `threads` threads; BLAS
+    last, since its threads spin for a while after a matmul and slow what runs next."""
+    fma = native.fma_gflops(threads) if native.available() else None
+    bandwidth = read_gbs(threads=threads)
     with threadpool_limits(threads, user_api="blas"):
         matmul = matmul_gflops(threads=threads)
-    fma = native.fma_gflops(threads) if native.available() else None
-    return fma, matmul, read_gbs(threads=threads)
+    return fma, matmul, bandwidth
 
 
 def main():
@@ -176,7 +186,8 @@ def main():
             torch_info = p.apply(describe_torch)
     with threadpool_limits(args.threads, user_api="blas"):
         blas = blas_description()
-    console.print(f"threads {args.threads} · BLAS: {blas} · {torch_info}")
+    console.print(f"threads {args.threads} · selfattn kernels: {native.describe_isa()} · "
+                  f"BLAS: {blas} · {torch_info}")
 
     def describe(fma, matmul, bw):
         return ((f"float32 FMA peak {fma:.0f} GFLOP/s, " if fma else "")
@@ -191,7 +202,7 @@ def main():
     if "sdpa" not in names:
         console.print("torch not installed: `pip install torch==2.13.0` to add SDPA")
     ctx = multiprocessing.get_context("spawn")
-    samples_by, steal_by = {}, {}
+    samples_by, steal_by, ceiling_by = {}, {}, {}
     for shape, (H, H_kv, D) in SHAPES.items():
         for phase, sizes in (("prefill", prefill_n), ("decode", decode_s)):
             if phase not in args.phases.split(","):
@@ -203,8 +214,10 @@ def main():
                         if not (name == "numpy" and phase == "prefill" and n > args.numpy_max_n)]
                 j0 = cpu_jiffies()
                 with ctx.Pool(1) as p, console.status(f"{phase} {shape}: {name}"):
-                    samples[name] = p.apply(worker, (name, phase, H, H_kv, D, todo, args.reps,
-                                                     args.threads))
+                    samples[name], ceiling = p.apply(worker, (name, phase, H, H_kv, D, todo,
+                                                              args.reps, args.threads))
+                if ceiling:
+                    ceiling_by[shape, phase] = ceiling
                 steal[name] = steal_share(j0, cpu_jiffies())
     after = measure_limits(args.threads)
     console.print("roofline, after: " + describe(*after))
@@ -231,6 +244,10 @@ def main():
                 if phase == "prefill" and fma_peak else []
             for name in fma_cols:
                 table.add_column(f"{name} % of FMA peak", justify="right")
+            ceiling = ceiling_by.get((shape, phase), {})
+            if ceiling:
+                table.add_column("read GB/s, K+V's bytes", justify="right")
+                table.add_column("selfattn % of it", justify="right")
             for size in sizes:
                 T = size if phase == "prefill" else 1
                 flops = 4.0 * T * size * D * H / (2 if phase == "prefill" else 1)
@@ -247,10 +264,14 @@ def main():
                                         steal=steal_by[shape, phase][name],
                                         samples_s=samples[name][size], median_s=med,
                                         rate=rate[name], unit=unit))
+                    if name == "selfattn" and size in ceiling:
+                        records[-1]["read_gbs_same_bytes"] = ceiling[size]
                 roof = peak_gflops if phase == "prefill" else bandwidth
                 row.append(f"{rate['selfattn'] / rate['sdpa']:.2f}x" if "sdpa" in rate else "-")
                 row.append(f"{100 * rate['selfattn'] / roof:.0f}%")
                 row += [f"{100 * rate[nm] / fma_peak:.0f}%" if nm in rate else "-" for nm in fma_cols]
+                if ceiling:
+                    row += [f"{ceiling[size]:.1f}", f"{100 * rate['selfattn'] / ceiling[size]:.0f}%"]
                 table.add_row(*row)
             console.print(table)
             stolen = [f"{nm} {100 * x:.1f}%" for nm, x in steal_by[shape, phase].items()

@@ -167,10 +167,10 @@ def test_a_roofline_that_contradicts_itself_is_named_and_repeated(cli_env):
     from selfattn.measure.roofline import Roofline, contradictions
 
     r = Roofline(fma_gflops=71.0, fma_gflops_1t=36.0, matmul_gflops=93.0, matmul_gflops_1t=50.0,
-                 read_gbs=1.8, read_gbs_1t=4.3, threads=2, blas="x", warnings=[])
+                 read_gbs=1.8, read_gbs_1t=4.3, threads=2, blas="x", isa="avx2", warnings=[])
     found = contradictions(r)
     assert len(found) == 2 and "below one thread's" in found[0] and "above the FMA" in found[1]
-    assert contradictions(Roofline(70.0, 36.0, 60.0, 31.0, 20.0, 12.0, 2, "x", [])) == []
+    assert contradictions(Roofline(70.0, 36.0, 60.0, 31.0, 20.0, 12.0, 2, "x", "avx2", [])) == []
     first = json.loads(run("roofline", "--json", env=cli_env).stdout)
     path = os.path.join(cli_env["XDG_CACHE_HOME"], "selfattn", "roofline.json")
     stored = json.loads(open(path).read())

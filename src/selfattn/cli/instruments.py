@@ -57,6 +57,7 @@ def cmd_roofline(args):
 
     from rich.table import Table
 
+    from ..native import describe_isa
     from ..measure.roofline import load_or_measure
 
     console = terminal(stderr=True)
@@ -78,8 +79,8 @@ def cmd_roofline(args):
     table.add_row("read bandwidth GB/s", f"{r['read_gbs_1t']:.1f}", f"{r['read_gbs']:.1f}")
     table.add_row("ridge point FLOP/byte", "", f"{r['matmul_gflops'] / r['read_gbs']:.1f}")
     terminal().print(table)
-    terminal().print(f"BLAS: {r['blas']}. Cached in {store_path('roofline')}; --refresh "
-                    "measures again.")
+    terminal().print(f"kernels: {describe_isa(r['isa'])}. BLAS: {r['blas']}. Cached in "
+                     f"{store_path('roofline')}; --refresh measures again.")
 
 
 def cmd_bench(args):
@@ -117,8 +118,7 @@ def cmd_bench(args):
                                       kv_dtype=args.kv_dtype)
     name = os.path.basename(path)
     table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, on {roofline['cpu']} "
-                        f"({roofline['threads']} "
-                        f"threads; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
+                        f"({roofline['threads']} threads, {roofline['isa']} kernels; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
                         f"{roofline['read_gbs']:.1f} GB/s)")
     for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
                 "of roofline"):
@@ -156,7 +156,7 @@ def cmd_bench(args):
     if args.json:
         doc = [dict(r.as_dict(), model=name, model_params=shape.params,
                     model_bytes=shape.file_bytes, threads=roofline["threads"],
-                    backend="selfattn (CPU)") for r in records]
+                    isa=roofline["isa"], backend="selfattn (CPU)") for r in records]
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         out.print(f"wrote {args.json}")
