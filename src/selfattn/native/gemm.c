@@ -6,9 +6,11 @@
  * to decode it and 6 ms to multiply, timed apart).
  *
  * GotoBLAS's blocking: x is packed once per call, per KC-column block and group of NR tokens, to
- * [k][NR] (16 KB, in L1 while a tile's rows pass over it); W's tile is read as decoded, row
- * major, the kernel broadcasting one weight of each of MR rows per k (6 streams). The kernel
- * keeps MR x NR = 6 x 16 sums in 12 registers: 12 FMAs per 2 loads and 6 broadcasts. On an
+ * [k][NR] (16 KB, 32 KB with AVX-512, in L1 while a tile's rows pass over it); W's tile is read
+ * as decoded, row major, the kernel broadcasting one weight of each of MR rows per k. The kernel
+ * is written in vec.h's vectors and keeps MR x NR sums in 2 MR registers: 6 x 16 in 12 with
+ * AVX2 (12 FMAs per 2 loads and 6 broadcasts), 12 x 32 in 24 with AVX-512's 32 registers. Each
+ * (row, token) sum takes the same steps at either width: the same bits at every level. On an
  * 8B-shaped 14336 x 4096 Q4_K matrix and 512 tokens this matches OpenBLAS's sgemm over a float32
  * copy (144-151 against 145-152 GFLOP/s, 2 cores); on SmolLM2's small matrices (576 wide) it is
  * still 1.3-1.7x slower than that sgemm, matrix by matrix.
@@ -20,13 +22,17 @@
 
 #include "simd.h"
 
-#define MR 6        /* rows of W per kernel call */
-#define NR 16       /* tokens per kernel call: two 8-lane registers */
+#if SA_W == 16
+#define MR 12       /* rows of W per kernel call */
+#else
+#define MR 6
+#endif
+#define NR (2 * SA_W) /* tokens per kernel call: two registers */
 #define KC 256      /* columns per tile: one K-quant super-block, eight 32-value blocks */
 #define LDW (KC + 8) /* a tile row's stride: with rows 1 KB apart the kernel's 6 broadcasts of one
                       * column hit the same L1 bank (SmolLM2's 576 x 576 matrix, 2048 tokens, one
                       * thread: 43 GFLOP/s at a stride of KC, 61 at this one) */
-#define MC 96       /* rows of W per task (16 kernel calls) */
+#define MC 96       /* rows of W per task (16 or 8 kernel calls) */
 #define TB 256      /* tokens whose sums a task keeps at a time (96 KB) */
 #define XP_MAX (1 << 24) /* floats of x's packed copy at most (64 MiB): longer prompts take
                           * several passes, each decoding the matrix again */
@@ -50,19 +56,19 @@ typedef struct {
 /* c (MR rows, ldc) += w (MR rows, ldw) . xp ([k][NR]) over kc columns */
 SA_INLINE void kernel(int64_t kc, const float *w, int64_t ldw, const float *xp, float *c,
                       int64_t ldc) {
-    __m256 acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    sa_vf acc[MR][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vf_zero();
     for (int64_t k = 0; k < kc; k++, xp += NR) {
-        __m256 b0 = _mm256_load_ps(xp), b1 = _mm256_load_ps(xp + 8);
+        const sa_vf b0 = vf_load(xp), b1 = vf_load(xp + SA_W);
         for (int i = 0; i < MR; i++) {
-            __m256 a = _mm256_broadcast_ss(w + i * ldw + k);
-            acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
+            const sa_vf a = vf_set1(w[i * ldw + k]);
+            acc[i][0] = vf_fmadd(a, b0, acc[i][0]);
+            acc[i][1] = vf_fmadd(a, b1, acc[i][1]);
         }
     }
     for (int i = 0; i < MR; i++) {
-        _mm256_storeu_ps(c + i * ldc, _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), acc[i][0]));
-        _mm256_storeu_ps(c + i * ldc + 8, _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), acc[i][1]));
+        vf_store(c + i * ldc, vf_add(vf_load(c + i * ldc), acc[i][0]));
+        vf_store(c + i * ldc + SA_W, vf_add(vf_load(c + i * ldc + SA_W), acc[i][1]));
     }
 }
 
