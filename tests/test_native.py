@@ -413,6 +413,11 @@ def test_the_level_can_be_forced_and_a_wrong_one_is_named(tmp_path):
         assert r.returncode == 0 and r.stdout.split() == [level, str(level != "generic")], r.stderr
     r = run("avx3")
     assert r.returncode != 0 and "SELFATTN_ISA='avx3'" in r.stderr
+    cli = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "Hi", "--max-tokens",
+                          "1"], env={**os.environ, "SELFATTN_ISA": "avx3"}, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 2 and "SELFATTN_ISA='avx3'" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1 and "Traceback" not in cli.stderr
     missing = [level for level in native.LEVELS if level not in native.isas()]
     if missing:
         r = run(missing[0])

@@ -64,10 +64,12 @@ _threads = 0
 def _load():
     global _mod, MAX_T, MAX_DIM, MAX_ROWS
     if _mod is None:
-        _mod = False
+        # a level the CPU lacks, or a misspelt one, is an error every time it is asked for,
+        # never a silent run without the kernels
         want = os.environ.get("SELFATTN_ISA", "").strip().lower()
         if want not in ("", "generic", *LEVELS):
             raise ValueError(f"SELFATTN_ISA={want!r}: use one of generic, {', '.join(LEVELS)}")
+        mod = False
         if os.environ.get("SELFATTN_NATIVE", "1") != "0" and want != "generic":
             try:
                 from . import _kernels
@@ -79,8 +81,9 @@ def _load():
                                      f"{', '.join(_kernels.isas())} kernels")
                 if want:
                     _kernels.set_isa(want)
-                _mod = _kernels
+                mod = _kernels
                 MAX_T, MAX_DIM, MAX_ROWS = _kernels.MAX_T, _kernels.MAX_DIM, _kernels.MAX_ROWS
+        _mod = mod
     return _mod or None
 
 
