@@ -22,8 +22,8 @@
  * While a tile's keys are scored, the next tile's K and V rows are prefetched to L2 (at 8,192
  * tokens they come from L3 or memory: 5-12% faster measured).
  * The score matrix is never built: the extra memory is each running task's buffers (46 KB at
- * D = Dv = 64 with 64 queries a task, float32 rows; 92 KB with 128). NR is 6 with AVX2's 16
- * registers (12 accumulators) and NR_MAX with AVX-512's 32.
+ * D = Dv = 64 with 64 queries a task, float32 rows; 92 KB with 128). NR is at most 6 with
+ * AVX2's 16 registers (12 accumulators) and 12 with AVX-512's 32 (24).
  */
 #include <math.h>
 #include <stdatomic.h>
