@@ -396,11 +396,12 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
     float *xp = aligned_alloc(64, (size_t)((n_x + n_xs) * 4 + 63) / 64 * 64);
     if (!xp) return -2;
     const int *order = fmt == SA_Q4_0 || fmt == SA_Q4_1 ? NIBBLE_ORDER : !first && T == 1 ? LANE_ORDER : NULL;
-    for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
 #if SA_W == 16
     if (fmt == SA_Q4_K && T == 1)
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[q4k_wide(i)];
+    else
 #endif
+        for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
     float *xs = xp + n_x;
     for (int64_t g = 0; g < n_xs; g++) {
         float s = 0.0f;

@@ -104,4 +104,14 @@ SA_INLINE sa_vf vf_exp_neg(sa_vf x) {
     return vf_select(under, vf_zero(), y);
 }
 
+/* the same e^x on 8 lanes, for the 256-bit kernels (decode, ops) at either level: at AVX-512 the
+ * 16-lane one on a zero-extended vector, the same bits lane for lane */
+SA_INLINE __m256 sa_exp_neg(__m256 x) {
+#if SA_W == 16
+    return _mm512_castps512_ps256(vf_exp_neg(_mm512_zextps256_ps512(x)));
+#else
+    return vf_exp_neg(x);
+#endif
+}
+
 #endif
