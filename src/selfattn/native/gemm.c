@@ -12,8 +12,7 @@
  * AVX2 (12 FMAs per 2 loads and 6 broadcasts), 12 x 32 in 24 with AVX-512's 32 registers. Each
  * (row, token) sum takes the same steps at either width: the same bits at every level. On an
  * 8B-shaped 14336 x 4096 Q4_K matrix and 512 tokens this matches OpenBLAS's sgemm over a float32
- * copy (144-151 against 145-152 GFLOP/s, 2 cores of the AVX2 EPYC; at the avx512 level on
- * the AVX-512 Xeon 216 GFLOP/s, 1.75x its avx2 level); on SmolLM2's small matrices (576 wide) it is
+ * copy (144-151 against 145-152 GFLOP/s, 2 cores of the AVX2 EPYC); on SmolLM2's small matrices (576 wide) it is
  * still 1.3-1.7x slower than that sgemm, matrix by matrix.
  * Sums over the columns are taken in another order than a BLAS would; nothing else differs
  * from a float32 matmul over the exactly decoded matrix.
