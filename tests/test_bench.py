@@ -119,11 +119,25 @@ def test_cli_roofline_measures_then_caches(cli_env):
     assert doc["fma_gflops"] > 1 and doc["fma_gflops_1t"] > 0.5  # the compiled kernels are built
     assert "blas" in doc and doc["blas"] != "unknown BLAS"
     assert isinstance(doc["warnings"], list)
+    assert set(doc["spread"]) == {"fma_gflops", "fma_gflops_1t", "matmul_gflops",
+                                  "matmul_gflops_1t", "read_gbs", "read_gbs_1t"}
+    assert all(0 <= v < 1 for v in doc["spread"].values()) and doc["reps"] >= 3
     again = json.loads(run("roofline", "--json", env=cli_env).stdout)
     assert again["measured_now"] is False and again["date"] == doc["date"]
     r = run("roofline", env=cli_env)
     assert r.returncode == 0 and "GFLOP/s" in r.stdout and "GB/s" in r.stdout
-    assert "FMA peak" in r.stdout
+    assert "FMA peak" in r.stdout and "%)" in r.stdout  # each figure's spread
+
+
+def test_the_age_of_a_measurement():
+    import datetime
+
+    from selfattn.measure.roofline import age
+
+    now = datetime.datetime(2026, 12, 1, 12, tzinfo=datetime.timezone.utc)
+    assert age("2026-12-01T09:00:00+00:00", now) == "3 h ago"
+    assert age("2026-11-20T09:00:00+00:00", now) == "11 days ago"
+    assert age("2026-12-01T11:59:30+00:00", now) == "just now"
 
 
 def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):
@@ -171,6 +185,10 @@ def test_a_roofline_that_contradicts_itself_is_named_and_repeated(cli_env):
     found = contradictions(r)
     assert len(found) == 2 and "below one thread's" in found[0] and "above the FMA" in found[1]
     assert contradictions(Roofline(70.0, 36.0, 60.0, 31.0, 20.0, 12.0, 2, "x", "avx2", [])) == []
+    busy = Roofline(70.0, 36.0, 60.0, 31.0, 20.0, 12.0, 2, "x", "avx2", [],
+                    spread={"read_gbs": 0.31, "fma_gflops": 0.02})
+    assert contradictions(busy) == ["read gbs: the median of 5 runs is 31% below the best (over "
+                                    "20%: the machine was busy)"]
     first = json.loads(run("roofline", "--json", env=cli_env).stdout)
     path = os.path.join(cli_env["XDG_CACHE_HOME"], "selfattn", "roofline.json")
     stored = json.loads(open(path).read())

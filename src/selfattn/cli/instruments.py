@@ -58,7 +58,7 @@ def cmd_roofline(args):
     from rich.table import Table
 
     from ..native import describe_isa
-    from ..measure.roofline import load_or_measure
+    from ..measure.roofline import age, load_or_measure
 
     console = terminal(stderr=True)
     with console.status("measuring this machine's FLOP/s and read bandwidth..."):
@@ -69,17 +69,21 @@ def cmd_roofline(args):
         return
     table = Table(title=f"roofline of this machine ({r['cpu']}), "
                         f"{'measured now' if fresh else 'measured ' + r['date']}")
+    spread = r.get("spread") or {}
+
+    def cell(key):
+        return f"{r[key]:.1f}" + (f" (-{100 * spread[key]:.0f}%)" if key in spread else "")
     for col in ("", "1 thread", f"{r['threads']} threads"):
         table.add_column(col, justify="right")
     if r["fma_gflops"] is not None:
-        table.add_row("float32 FMA peak GFLOP/s", f"{r['fma_gflops_1t']:.1f}",
-                      f"{r['fma_gflops']:.1f}")
-    table.add_row("float32 matmul GFLOP/s", f"{r['matmul_gflops_1t']:.1f}",
-                  f"{r['matmul_gflops']:.1f}")
-    table.add_row("read bandwidth GB/s", f"{r['read_gbs_1t']:.1f}", f"{r['read_gbs']:.1f}")
+        table.add_row("float32 FMA peak GFLOP/s", cell("fma_gflops_1t"), cell("fma_gflops"))
+    table.add_row("float32 matmul GFLOP/s", cell("matmul_gflops_1t"), cell("matmul_gflops"))
+    table.add_row("read bandwidth GB/s", cell("read_gbs_1t"), cell("read_gbs"))
     table.add_row("ridge point FLOP/byte", "", f"{r['matmul_gflops'] / r['read_gbs']:.1f}")
     terminal().print(table)
-    terminal().print(f"kernels: {describe_isa(r['isa'])}. BLAS: {r['blas']}. Cached in "
+    terminal().print(f"Each figure: the best of {r.get('reps', 5)} runs; (-x%): how far the "
+                     f"median run fell below it. Measured {age(r['date'])}, {r['threads']} "
+                     f"threads. Kernels: {describe_isa(r['isa'])}. BLAS: {r['blas']}. Cached in "
                      f"{store_path('roofline')}; --refresh measures again.")
 
 

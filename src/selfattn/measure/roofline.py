@@ -8,14 +8,17 @@ average with warm-up): what a well-tuned kernel with real loads and stores reach
 Bandwidth: a compiled, vectorized sum over an array much larger than the last-level cache, split
 across threads: the access pattern of decode, which streams K, V and the weights once per token;
 the better of two readers (numba's, and native/peak.c's on the kernels' own pool).
-Each is measured with one thread and with all threads, best of several runs. A roofline that
-contradicts itself (all threads below one, a matmul above the FMA peak) is measured again once;
-if it still does, it is kept with `warnings`, which every command that uses it repeats.
+Each is measured with one thread and with all threads, best of REPS runs, with its spread (how
+far the median run fell below the best). A roofline that contradicts itself (all threads below
+one, a matmul above the FMA peak, a spread over MAX_SPREAD: a busy machine) is measured again
+once; if it still does, it is kept with `warnings`, which every command that uses it repeats.
 """
 
+import datetime
 import logging
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -23,6 +26,9 @@ from ..attention import jit
 from ..attention.jit import CACHE, nb
 
 log = logging.getLogger(__name__)
+
+REPS = 5
+MAX_SPREAD = 0.20
 
 
 @nb.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
@@ -51,6 +57,20 @@ class Roofline:
     blas: str  # which BLAS and kernel ran the matmul
     isa: str  # the compiled kernels' instruction-set level (native.isa()): the FMA peak's width
     warnings: list  # contradictions that survived a second measurement
+    spread: dict = field(default_factory=dict)  # figure -> (best - median) / best of its runs
+    reps: int = REPS
+
+
+def peak_gflops(roofline: dict) -> float:
+    """The FLOP/s ceiling every efficiency and 'of roofline' figure is a share of: the FMA peak
+    (no float32 kernel passes it), or the BLAS matmul's where the compiled kernels are not built."""
+    return roofline.get("fma_gflops") or roofline["matmul_gflops"]
+
+
+def best_and_spread(rates: list) -> tuple[float, float]:
+    """The best of several runs' rates (higher is better) and how far their median fell below it."""
+    best = max(rates)
+    return best, (best - statistics.median(rates)) / best
 
 
 def blas_description() -> str:
@@ -62,27 +82,29 @@ def blas_description() -> str:
     return "; ".join(libs) or "unknown BLAS"
 
 
-def _best(fn, reps):
+def _times(fn, reps) -> list:
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return times
 
 
-def matmul_gflops(n=2048, reps=5, threads=None) -> float:
+def matmul_gflops(n=2048, reps=REPS, threads=None, samples=False):
+    """NumPy's BLAS on (n, n) float32 matrices: the best run's GFLOP/s (samples: every run's)."""
     from threadpoolctl import threadpool_limits
 
     a = np.random.default_rng(0).standard_normal((n, n), np.float32)
     with threadpool_limits(limits=threads, user_api="blas"):
         a @ a
-        t = _best(lambda: a @ a, reps)
-    return 2.0 * n**3 / t / 1e9
+        rates = [2.0 * n**3 / t / 1e9 for t in _times(lambda: a @ a, reps)]
+    return rates if samples else max(rates)
 
 
-def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
-    """The better of numba's reader and the compiled one (when built)."""
+def read_gbs(nbytes=512 << 20, reps=REPS, threads=None, samples=False):
+    """The better of numba's reader and the compiled one (when built): the best pass's GB/s
+    (samples: every pass of the better reader)."""
     from .. import native
 
     x = np.ones(nbytes // 4, np.float32)
@@ -92,14 +114,15 @@ def read_gbs(nbytes=512 << 20, reps=5, threads=None) -> float:
         nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
         try:
             _parallel_sum(x)
-            t = _best(lambda: _parallel_sum(x), reps)
+            rates = [nbytes / t / 1e9 for t in _times(lambda: _parallel_sum(x), reps)]
         finally:
             nb.set_num_threads(old)
     del x
-    gbs = nbytes / t / 1e9
     if native.available():
-        gbs = max(gbs, native.read_gbs(threads, nbytes, reps))
-    return gbs
+        compiled = native.read_gbs(threads, nbytes, reps, samples=True)
+        if max(compiled) > max(rates):
+            rates = compiled
+    return rates if samples else max(rates)
 
 
 def contradictions(r: "Roofline") -> list[str]:
@@ -114,7 +137,23 @@ def contradictions(r: "Roofline") -> list[str]:
     if r.fma_gflops is not None and r.matmul_gflops > r.fma_gflops:
         found.append(f"matmul ({r.matmul_gflops:.0f} GFLOP/s) is above the FMA peak "
                      f"({r.fma_gflops:.0f})")
+    for name, spread in (r.spread or {}).items():
+        if spread > MAX_SPREAD:
+            found.append(f"{name.replace('_', ' ')}: the median of {r.reps} runs is "
+                         f"{100 * spread:.0f}% below the best (over {100 * MAX_SPREAD:.0f}%: "
+                         "the machine was busy)")
     return found
+
+
+def age(date: str, now: datetime.datetime | None = None) -> str:
+    """How long ago an ISO date was: '3 h ago', '12 days ago'."""
+    then = datetime.datetime.fromisoformat(date)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    s = max(0.0, (now - then).total_seconds())
+    for unit, length in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= length:
+            return f"{s / length:.0f} {unit} ago"
+    return "just now"
 
 
 def load_or_measure(refresh: bool = False) -> tuple[dict, bool]:
@@ -144,17 +183,25 @@ def measure(threads=None) -> Roofline:
     from ..runtime import num_threads
 
     threads = threads or num_threads()
-    fma = native.fma_gflops if native.available() else (lambda n: None)
     for attempt in range(2):
         # BLAS last: OpenBLAS's threads spin for a while after a matmul, and an FMA loop or a
         # reader run then on the same cores read 40% low (a 336 GFLOP/s peak measured at 194)
-        fma_all, fma_1 = fma(threads), fma(1)
-        read_all, read_1 = read_gbs(threads=threads), read_gbs(threads=1)
-        r = Roofline(fma_gflops=fma_all, fma_gflops_1t=fma_1,
-                     matmul_gflops=matmul_gflops(threads=threads),
-                     matmul_gflops_1t=matmul_gflops(threads=1), read_gbs=read_all,
-                     read_gbs_1t=read_1, threads=threads, blas=blas_description(),
-                     isa=native.isa(), warnings=[])
+        runs = {}
+        if native.available():
+            runs["fma_gflops"] = native.fma_gflops(threads, reps=REPS, samples=True)
+            runs["fma_gflops_1t"] = native.fma_gflops(1, reps=REPS, samples=True)
+        runs["read_gbs"] = read_gbs(threads=threads, samples=True)
+        runs["read_gbs_1t"] = read_gbs(threads=1, samples=True)
+        runs["matmul_gflops"] = matmul_gflops(threads=threads, samples=True)
+        runs["matmul_gflops_1t"] = matmul_gflops(threads=1, samples=True)
+        best = {k: best_and_spread(v) for k, v in runs.items()}
+        r = Roofline(fma_gflops=best["fma_gflops"][0] if "fma_gflops" in best else None,
+                     fma_gflops_1t=best["fma_gflops_1t"][0] if "fma_gflops_1t" in best else None,
+                     matmul_gflops=best["matmul_gflops"][0],
+                     matmul_gflops_1t=best["matmul_gflops_1t"][0], read_gbs=best["read_gbs"][0],
+                     read_gbs_1t=best["read_gbs_1t"][0], threads=threads, blas=blas_description(),
+                     isa=native.isa(), warnings=[],
+                     spread={k: round(v[1], 4) for k, v in best.items()})
         r.warnings = contradictions(r)
         if not r.warnings:
             break

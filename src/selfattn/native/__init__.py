@@ -365,10 +365,10 @@ def _pool_of(n_threads: int):
         yield mod
 
 
-def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
+def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5, samples: bool = False):
     """This machine's float32 FMA throughput (GFLOP/s, an FMA counted as 2 FLOPs) on n_threads
     of the kernels' pool: registers-only FMA chains (peak.c) at the widest vectors of the level
-    in use (isa()), best of `reps` runs of ~`seconds`."""
+    in use (isa()), best of `reps` runs of ~`seconds` (samples: every run's, as a list)."""
     import time
 
     with _pool_of(n_threads) as mod:
@@ -383,30 +383,33 @@ def fma_gflops(n_threads: int, seconds: float = 0.05, reps: int = 5) -> float:
 
         iters = 100_000
         iters = max(iters, int(iters * seconds / max(run(iters), 1e-6)))
-        best = min(run(iters) for _ in range(reps))
+        times = [run(iters) for _ in range(reps)]
     if not np.isfinite(sums).all():
         raise RuntimeError("fma_loop: the chains' sums are not finite")
-    return tasks * iters * 12 * 2 * lanes / best / 1e9
+    rates = [tasks * iters * 12 * 2 * lanes / t / 1e9 for t in times]
+    return rates if samples else max(rates)
 
 
-def read_gbs(n_threads: int, nbytes: int = 512 << 20, reps: int = 5) -> float:
+def read_gbs(n_threads: int, nbytes: int = 512 << 20, reps: int = 5, samples: bool = False):
     """This machine's read bandwidth (GB/s) on n_threads of the kernels' pool: one array of
     nbytes, much larger than the last-level cache, summed in 1 MiB tasks with eight
-    accumulators a thread (peak.c), best of `reps` passes after a first."""
+    accumulators a thread (peak.c), best of `reps` passes after a first (samples: every pass's,
+    as a list)."""
     import time
 
     x = np.ones(nbytes // 4, np.float32)
     sums = np.empty(-(-x.nbytes // (1 << 20)), np.float32)
     with _pool_of(n_threads) as mod:
         mod.read_sum(x, sums)  # pages touched, threads awake
-        best = float("inf")
+        times = []
         for _ in range(reps):
             t = time.perf_counter()
             mod.read_sum(x, sums)
-            best = min(best, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
     if float(sums.sum()) != x.size:
         raise RuntimeError("read_sum: the array's sum is wrong")
-    return x.nbytes / best / 1e9
+    rates = [x.nbytes / t / 1e9 for t in times]
+    return rates if samples else max(rates)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
