@@ -55,21 +55,9 @@ def test_bench_records(tiny):
 def test_calibration_recovers_known_efficiencies(tiny):
     """Records made from the speed model itself with chosen efficiencies: the fit returns them."""
     _, _, shape = tiny
-    truth = dict(e_weights=0.7, e_kv=0.3, e_linear=0.45, e_attention=0.2)
+    truth = TRUTH
     dev = device_for_this_machine(ROOFLINE, truth, 0)
-    recs = []
-    for d in (0, 512, 2048, 8192):
-        for test, n_prompt, n_gen, depth in (("pp", 512, 0, d), ("tg", 0, 128, d),
-                                              ("ttft", d, 0, 0)):
-            if n_prompt == 0 and n_gen == 0:
-                continue
-            if n_gen:
-                t = n_gen * token_seconds(shape, dev, depth + n_gen // 2, "f32")
-            else:
-                t = (shape.linear_flops_per_token() * n_prompt / (1e11 * 0.45)
-                     + shape.attention_flops(n_prompt, depth) / (1e11 * 0.2))
-            recs.append(bench.Record(test=test, n_prompt=n_prompt, n_gen=n_gen, n_depth=depth,
-                                     avg_ts=0, stddev_ts=0, samples_ns=[t * 1e9] * 2))
+    recs = synthetic_records(shape, truth, reps=2)
     fit = bench.calibrate(recs, shape, ROOFLINE)
     for k, v in truth.items():
         assert fit[k] == pytest.approx(v, rel=1e-3)
@@ -140,13 +128,73 @@ def test_the_age_of_a_measurement():
     assert age("2026-12-01T11:59:30+00:00", now) == "just now"
 
 
-def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):
+def synthetic_records(shape, truth, reps=3, depths=(0, 512, 2048, 8192)):
+    """Records whose samples are what the speed model says for efficiencies `truth`."""
+    dev = device_for_this_machine(ROOFLINE, truth, 0)
+    recs = []
+    for d in depths:
+        for test, n_prompt, n_gen, depth in (("pp", 512, 0, d), ("tg", 0, 128, d),
+                                              ("ttft", d, 0, 0)):
+            if n_prompt == 0 and n_gen == 0:
+                continue
+            if n_gen:
+                t = n_gen * token_seconds(shape, dev, depth + n_gen // 2, "f32")
+            else:
+                t = (shape.linear_flops_per_token() * n_prompt / (1e11 * truth["e_linear"])
+                     + shape.attention_flops(n_prompt, depth) / (1e11 * truth["e_attention"]))
+            recs.append(bench.Record(test=f"{test} {n_prompt} {n_gen} @ {depth}",
+                                     n_prompt=n_prompt, n_gen=n_gen, n_depth=depth, avg_ts=0,
+                                     stddev_ts=0, samples_ns=[t * 1e9] * reps))
+    return recs
+
+
+TRUTH = dict(e_weights=0.7, e_kv=0.3, e_linear=0.45, e_attention=0.2)
+
+
+def test_a_fit_is_refused_when_it_cannot_be_trusted(tiny):
+    """Too few reps, an efficiency outside (0, 1], a fit that misses its runs, a busy machine:
+    each is named, and a sound fit has no refusal."""
+    _, _, shape = tiny
+    recs = synthetic_records(shape, TRUTH)
+    fit = bench.calibrate(recs, shape, ROOFLINE)
+    assert bench.refusals(recs, fit, shape, ROOFLINE) == []
+    few = synthetic_records(shape, TRUTH, reps=1)
+    assert any("fewer than 3 samples" in p for p in bench.refusals(few, fit, shape, ROOFLINE))
+    impossible = dict(fit, e_attention=1.7)
+    assert any("e_attention = 1.7 is not a share" in p
+               for p in bench.refusals(recs, impossible, shape, ROOFLINE))
+    # one test twice as slow as the others say: the fit cannot explain every run
+    bad = synthetic_records(shape, TRUTH)
+    bad[4].samples_ns = [2 * s for s in bad[4].samples_ns]
+    refit = bench.calibrate(bad, shape, ROOFLINE)
+    assert any(p.startswith("the fit misses") for p in bench.refusals(bad, refit, shape, ROOFLINE))
+    # a busy moment: samples far apart, or the FMA peak around the run below the roofline's
+    busy = synthetic_records(shape, TRUTH)
+    busy[0].samples_ns = [busy[0].samples_ns[0] * f for f in (1.0, 1.4, 1.5)]
+    assert any("busy" in p for p in bench.refusals(busy, fit, shape, ROOFLINE))
+    roof = dict(ROOFLINE, fma_gflops=100.0)
+    assert bench.refusals(recs, fit, shape, roof, peak_during=95.0) == []
+    assert any("busy" in p for p in bench.refusals(recs, fit, shape, roof, peak_during=60.0))
+
+
+def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path, monkeypatch):
+    """bench's records and plot; a run that cannot be trusted (here: too few reps, and a tiny
+    model whose times the speed model does not describe) leaves `plan`'s answers alone."""
     run("roofline", env=cli_env)  # measured once per test session (cached)
     path = str(tiny[0])
+    monkeypatch.setenv("XDG_CACHE_HOME", cli_env["XDG_CACHE_HOME"])
+    roofline = store.load("roofline")
+    fit = bench.calibrate(synthetic_records(tiny[2], TRUTH), tiny[2], roofline)
+    store.save("calibration", fit)
+    before = run("plan", "--model", path, "--ctx", "200", "--json", env=cli_env)
+    assert before.returncode == 0, before.stderr
+    doc = json.loads(before.stdout)
+    assert doc["calibrated"] is True and doc["hardware"] == "this" and doc["fits"]
     r = run("bench", "--model", path, "-p", "8", "-n", "4", "--depths", "0,24,48", "--reps", "2",
             "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"), env=cli_env)
     assert r.returncode == 0, r.stderr
-    assert "pp8 @ d24" in r.stdout and "tg4 @ d48" in r.stdout and "calibrated" in r.stdout
+    assert "pp8 @ d24" in r.stdout and "tg4 @ d48" in r.stdout
+    assert "not calibrated" in r.stdout and "fewer than 3 samples" in r.stdout, r.stdout
     recs = json.loads((tmp_path / "b.json").read_text())
     for rec in recs:
         for key in ("test", "n_prompt", "n_gen", "n_depth", "avg_ts", "stddev_ts", "samples_ns",
@@ -156,10 +204,14 @@ def test_cli_bench_json_plot_and_plan_this(tiny, cli_env, tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "b.png") as im:
         assert im.size == (1200, 480)
-    r = run("plan", "--model", path, "--ctx", "200", "--json", env=cli_env)
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    assert doc["calibrated"] is True and doc["hardware"] == "this" and doc["fits"]
+    r = run("bench", "--model", path, "-p", "8", "-n", "4", "--depths", "0,24", "--reps", "1",
+            env=cli_env)
+    assert r.returncode == 0 and "not calibrated" in r.stdout, r.stdout
+    kept = store.load("calibration")
+    assert {k: kept[k] for k in fit} == fit
+    after = json.loads(run("plan", "--model", path, "--ctx", "200", "--json", env=cli_env).stdout)
+    for key in ("calibrated", "ttft_s", "decode_tps", "decode_tps_empty"):  # memory is "now"
+        assert after[key] == doc[key]
     r = run("bench", "--model", path, "--kernels", "-p", "16", "--depths", "0,32", "--reps", "2",
             env=cli_env)
     assert r.returncode == 0 and "attn tg1 @ d32" in r.stdout, r.stderr

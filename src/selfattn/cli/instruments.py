@@ -93,8 +93,8 @@ def cmd_bench(args):
     from rich.progress import Progress
     from rich.table import Table
 
-    from ..measure import bench, store
-    from ..measure.roofline import load_or_measure
+    from ..measure import bench
+    from ..measure.roofline import load_or_measure, peak_gflops
     from ..plan import ModelShape
 
     check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
@@ -116,13 +116,16 @@ def cmd_bench(args):
             task = progress.add_task("loading the model", total=bench.count_steps(depths))
             model, _, _, _ = load_model(path, args.kv_dtype, opened)
             progress.update(task, description="benchmarking")
+            peak_during = [fma_now(roofline)]
             records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
                                       args.ttft_reps, on_step=lambda s: progress.update(
                                           task, advance=1, description=s),
                                       kv_dtype=args.kv_dtype)
+            peak_during.append(fma_now(roofline))
+            peak_during = min(peak_during) if None not in peak_during else None
     name = os.path.basename(path)
     table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, on {roofline['cpu']} "
-                        f"({roofline['threads']} threads, {roofline['isa']} kernels; roofline {roofline['matmul_gflops']:.0f} GFLOP/s, "
+                        f"({roofline['threads']} threads, {roofline['isa']} kernels; roofline {peak_gflops(roofline):.0f} GFLOP/s, "
                         f"{roofline['read_gbs']:.1f} GB/s)")
     for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
                 "of roofline"):
@@ -137,25 +140,22 @@ def cmd_bench(args):
                       f"{100 * r.roofline_fraction:.0f}% {'BW' if r.n_gen else 'FLOP/s'}")
     out = terminal()
     out.print(table)
-    calibration = None
+    for r in records:  # no kernel passes the roofline: if one seems to, say what that means
+        if r.roofline_fraction > 1:
+            out.print(f"[yellow]{r.test}: {100 * r.roofline_fraction:.0f}% of the roofline: "
+                      + ("its bytes came partly from the CPU's caches, not memory, or "
+                         if r.n_gen else "") + "the roofline was measured in a slow moment "
+                      "(`selfattn roofline --refresh`)[/]")
+    fit, kept = None, False
     if not args.kernels:
-        try:
-            calibration = bench.calibrate(records, shape, roofline, args.kv_dtype)
-        except ValueError as e:
-            out.print(f"not calibrated: {e}")
-        else:
-            kind = "calibration" if args.kv_dtype == "f32" else f"calibration-{args.kv_dtype}"
-            store.save(kind, calibration)
-            out.print(f"calibrated `selfattn plan --hardware this` ({store_path(kind)}): "
-                      f"matmul efficiency {calibration['e_linear']:.2f}, attention "
-                      f"{calibration['e_attention']:.2f} (of peak FLOP/s); weight reads "
-                      f"{calibration['e_weights']:.2f}, KV reads {calibration['e_kv']:.2f} (of "
-                      "bandwidth)")
+        fit, kept = keep_calibration(records, shape, roofline, args.kv_dtype, peak_during, out)
     if args.plot:
-        if calibration is None:
-            raise CLIError("--plot needs a calibrated run (without --kernels, two or more depths)")
+        if fit is None:
+            raise CLIError("--plot needs a run the speed model can be fitted to (without "
+                           "--kernels, two or more depths)")
         from ..measure.plot import plot_bench
-        plot_bench(records, shape, roofline, calibration, args.plot, f"selfattn bench: {name}")
+        plot_bench(records, shape, roofline, fit, args.plot, f"selfattn bench: {name}",
+                   "fit" if kept else "fit, not kept")
         out.print(f"wrote {args.plot}")
     if args.json:
         doc = [dict(r.as_dict(), model=name, model_params=shape.params,
@@ -164,6 +164,48 @@ def cmd_bench(args):
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         out.print(f"wrote {args.json}")
+
+
+def fma_now(roofline: dict) -> float | None:
+    """A short FMA-peak measurement on the roofline's threads: is the machine as quiet now?"""
+    from .. import native
+
+    if not native.available() or not roofline.get("fma_gflops"):
+        return None
+    return native.fma_gflops(roofline["threads"], seconds=0.02, reps=3)
+
+
+def keep_calibration(records, shape, roofline, kv_dtype, peak_during, out):
+    """Fit the planner's efficiencies to bench's records and store them only when nothing is
+    wrong with the fit; print the old and new ones side by side. -> (the fit or None, kept)."""
+    from rich.table import Table
+
+    from ..measure import bench, store
+
+    kind = "calibration" if kv_dtype == "f32" else f"calibration-{kv_dtype}"
+    old = store.load(kind)
+    try:
+        fit = bench.calibrate(records, shape, roofline, kv_dtype)
+    except ValueError as e:
+        out.print(f"not calibrated: {e}")
+        return None, False
+    problems = bench.refusals(records, fit, shape, roofline, kv_dtype, peak_during)
+    table = Table(title="efficiencies (shares of the roofline)")
+    for col in ("", f"stored ({old['date']})" if old else "stored", "this run"):
+        table.add_column(col, justify="right")
+    for k in bench.EFFICIENCIES:
+        table.add_row(k, f"{old[k]:.3f}" if old else "none", f"{fit[k]:.3g}")
+    out.print(table)
+    if problems:
+        out.print("[yellow]not calibrated: this run's fit is not kept"
+                  + (f"; `plan` keeps the stored one ({old['date']})" if old else "") + "[/]")
+        for p in problems:
+            out.print(f"- {p}")
+        return fit, False
+    store.save(kind, fit)
+    out.print(f"calibrated `selfattn plan --hardware this` ({store_path(kind)}): "
+              + ("replaces the stored fit above" if old else "the first fit on this machine"))
+    return fit, True
 
 
 def cmd_plan(args):

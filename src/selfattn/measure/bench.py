@@ -12,7 +12,10 @@ and every sample is kept.
 `calibrate` fits the planner's efficiencies to these samples (see selfattn.plan.predict):
 prefill seconds = linear FLOPs / (F·e_linear) + attention FLOPs / (F·e_attention) by least
 squares on relative error over every TTFT and pp sample; seconds per generated token =
-weight bytes / (B·e_weights) + KV bytes(d) / (B·e_kv) over the tg samples.
+weight bytes / (B·e_weights) + KV bytes(d) / (B·e_kv) over the tg samples. F is the FMA peak,
+B the read bandwidth (the roofline's). `refusals` says why a fit must not be kept: too few reps,
+an efficiency outside (0, 1], a fit that misses its own runs by more than FIT_TOLERANCE, or runs
+taken while the machine was busy.
 """
 
 import statistics
@@ -24,6 +27,11 @@ import numpy as np
 from ..cache import KVCache
 from ..model.generate import prefill
 from ..model.transformer import Timings
+
+MIN_REPS = 3  # samples per test a calibration is fitted from, at least
+FIT_TOLERANCE = 0.15  # the fit must predict each test's median within this
+MAX_SPREAD = 0.20  # a test whose median sample is this far below its best ran on a busy machine
+EFFICIENCIES = ("e_linear", "e_attention", "e_weights", "e_kv")
 
 
 def bench_name(kind: str, n: int, depth: int) -> str:
@@ -67,6 +75,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
               kv_dtype: str = "f32"):
     """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
     from ..plan.predict import device_for_this_machine, weight_bytes_per_token
+    from .roofline import peak_gflops
 
     if p < 1 or n < 1 or reps < 1:
         raise ValueError("-p, -n and --reps must be >= 1")
@@ -80,7 +89,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
     cache = KVCache.for_model(a, max_depth + max(p, n), kv_dtype)
     device = device_for_this_machine(roofline, None, 0)
     w_tok = weight_bytes_per_token(shape, device)
-    peak_flops = roofline["matmul_gflops"] * 1e9
+    peak_flops = peak_gflops(roofline) * 1e9
     bandwidth = roofline["read_gbs"] * 1e9
     head_flops = 2.0 * a.vocab_size * a.dim  # the LM head, once per forward call
     records = []
@@ -171,8 +180,9 @@ def _relative_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> dict:
     """The planner's efficiencies for this machine from bench records (see module docstring)."""
     from ..plan.predict import device_for_this_machine, weight_bytes_per_token
+    from .roofline import peak_gflops
 
-    peak = roofline["matmul_gflops"] * 1e9
+    peak = peak_gflops(roofline) * 1e9
     bw = roofline["read_gbs"] * 1e9
     rows, y = [], []
     for r in records:
@@ -207,14 +217,64 @@ def calibrate(records: list, shape, roofline: dict, kv_dtype: str = "f32") -> di
             "weights": weights_layout(device)}
 
 
+def predicted_seconds(r: Record, fit: dict, shape, roofline: dict, kv_dtype: str = "f32") -> float:
+    """What the fitted speed model says one sample of r takes."""
+    from ..plan.predict import device_for_this_machine, weight_bytes_per_token
+    from .roofline import peak_gflops
+
+    peak, bw = peak_gflops(roofline) * 1e9, roofline["read_gbs"] * 1e9
+    if r.n_gen:
+        w_tok = weight_bytes_per_token(shape, device_for_this_machine(roofline, None, 0))
+        kv = shape.kv_bytes(r.n_depth + r.n_gen // 2, kv_dtype)
+        return r.n_gen * (w_tok / (bw * fit["e_weights"]) + kv / (bw * fit["e_kv"]))
+    return (shape.linear_flops_per_token() * r.n_prompt / (peak * fit["e_linear"])
+            + shape.attention_flops(r.n_prompt, r.n_depth) / (peak * fit["e_attention"]))
+
+
+def refusals(records: list, fit: dict, shape, roofline: dict, kv_dtype: str = "f32",
+             peak_during: float | None = None) -> list[str]:
+    """Why `fit` must not replace the stored calibration (empty: it may). peak_during: the FMA
+    peak measured around the run (GFLOP/s), checked against the roofline's."""
+    found = []
+    few = [r.test for r in records if len(r.samples_ns) < MIN_REPS]
+    if few:
+        found.append(f"{', '.join(few)}: fewer than {MIN_REPS} samples (--reps {MIN_REPS} or "
+                     "more to calibrate)")
+    for k in EFFICIENCIES:
+        if not 0 < fit[k] <= 1:
+            found.append(f"{k} = {fit[k]:.3g} is not a share of the roofline (must be in (0, 1]): "
+                         "the runs cannot tell this cost apart (more depths, deeper "
+                         "ones, or larger -p and -n help)")
+    for r in records:
+        if len(r.samples_ns) > 1:
+            best, med = min(r.samples_ns), statistics.median(r.samples_ns)
+            if med > best / (1 - MAX_SPREAD):
+                found.append(f"{r.test}: the median sample took {100 * (med / best - 1):.0f}% "
+                             "longer than the fastest (the machine was busy)")
+    if not found:  # the fit's own error, when the efficiencies are usable at all
+        for r in records:
+            med = statistics.median(r.samples_ns) / 1e9
+            err = predicted_seconds(r, fit, shape, roofline, kv_dtype) / med - 1
+            if abs(err) > FIT_TOLERANCE:
+                found.append(f"the fit misses {r.test} by {100 * err:+.0f}% (at most "
+                             f"{100 * FIT_TOLERANCE:.0f}%)")
+    fma = roofline.get("fma_gflops")
+    if peak_during is not None and fma and peak_during < (1 - MAX_SPREAD) * fma:
+        found.append(f"the FMA peak around the run was {peak_during:.0f} GFLOP/s, "
+                     f"{100 * (1 - peak_during / fma):.0f}% below the roofline's {fma:.0f} "
+                     "(the machine was busy)")
+    return found
+
+
 def weights_layout(device) -> str:
     """How decode steps read the weights when a calibration is fitted: a calibration is only valid
     for the layout it was measured with ('packed' blocks, or 'float32' copies) and for the
-    compiled kernels' revision (native.KERNELS_REVISION) and instruction-set level (native.isa())."""
+    compiled kernels' revision (native.KERNELS_REVISION) and instruction-set level (native.isa());
+    '-fma': efficiencies are shares of the FMA peak (older ones were of a BLAS matmul's)."""
     from .. import native
 
     return (f"{'packed' if device.packed else 'float32'}-r{native.KERNELS_REVISION}"
-            f"-{native.isa()}")
+            f"-{native.isa()}-fma")
 
 
 def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048), reps: int = 5,
@@ -224,10 +284,11 @@ def run_kernel_bench(shape, roofline: dict, p: int = 512, depths=(0, 512, 2048),
     (the decode path: one query against d keys; reads the layer's K and V once); at depth 0
     without ' @ d0', as llama-bench names its tests."""
     from ..attention import attention
+    from .roofline import peak_gflops
 
     rng = np.random.default_rng(seed)
     H, H_kv, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
-    peak = roofline["matmul_gflops"] * 1e9
+    peak = peak_gflops(roofline) * 1e9
     bw = roofline["read_gbs"] * 1e9
     records = []
     for d in sorted(set(depths)):

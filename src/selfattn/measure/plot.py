@@ -15,10 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: str = ""):
+def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: str = "",
+               fit_label: str = "fit"):
+    """calibration: the efficiencies the lines are drawn with; fit_label names them in the
+    legends ('fit', or 'fit, not kept' for one bench refused to store)."""
     from ..plan.predict import device_for_this_machine, token_seconds, weight_bytes_per_token
+    from .roofline import peak_gflops
 
-    peak = roofline["matmul_gflops"] * 1e9
+    peak = peak_gflops(roofline) * 1e9
     bw = roofline["read_gbs"] * 1e9
     device = device_for_this_machine(roofline, calibration, 0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100)
@@ -33,7 +37,7 @@ def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: s
         left.loglog(n_pts, t_pts, "o", color="black", label="measured (median)")
         left.loglog(n, lin, "--", label="linear part: weights' matmuls")
         left.loglog(n, quad, "--", label="quadratic part: attention, n²/2 pairs")
-        left.loglog(n, lin + quad, "-", label="fitted sum")
+        left.loglog(n, lin + quad, "-", label=f"sum ({fit_label})")
     left.set_xlabel("prompt tokens")
     left.set_ylabel("time to first token (s)")
     left.set_title("the quadratic wall: TTFT")
@@ -48,7 +52,7 @@ def plot_bench(records, shape, roofline: dict, calibration: dict, path, title: s
         roof = bw / (w_tok + np.array([shape.kv_bytes(int(x), "f32") for x in d]))
         pred = 1 / np.array([token_seconds(shape, device, int(x), "f32") for x in d])
         right.plot(d, roof, "-", label=f"bandwidth roofline ({roofline['read_gbs']:.1f} GB/s)")
-        right.plot(d, pred, "--", label="calibrated prediction")
+        right.plot(d, pred, "--", label=f"prediction ({fit_label})")
         right.errorbar(d_pts, ts_pts, yerr=sd_pts, fmt="o", color="black", capsize=3,
                        label="measured (median ± sd)")
     right.set_xlabel("depth: tokens in the KV cache")

@@ -86,12 +86,13 @@ def device_for_this_machine(roofline: dict, calibration: dict | None,
     blocks (selfattn.formats), the rest as float32; without them, everything as float32.
     memory_bytes is what the OS says is available now (all of it usable)."""
     from .. import native
+    from ..measure.roofline import peak_gflops
 
     defaults = dict(e_weights=0.6, e_kv=0.5, e_linear=0.5, e_attention=0.3)
     fitted = {k: calibration[k] for k in defaults} if calibration else defaults
     return Device(name="this", label=f"this machine ({roofline.get('cpu', 'CPU')})",
                   memory_bytes=memory_bytes, usable=1.0, bandwidth_gbs=roofline["read_gbs"],
-                  tflops=roofline["matmul_gflops"] / 1e3, weight_bits=32.0,
+                  tflops=peak_gflops(roofline) / 1e3, weight_bits=32.0,
                   packed=native.available(), calibrated=calibration is not None,
                   source="measured: selfattn roofline" + (", calibrated by selfattn bench"
                                                           if calibration else ""), **fitted)
