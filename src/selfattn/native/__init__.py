@@ -47,8 +47,9 @@ KV_CODES = {f.name: f.type_id for f in formats.FORMATS if f.kv}
 # (prefill.c), decode tiles of up to 1,024 keys and groups of four rows; 4: built with -fno-wrapv
 # (every kernel), prefill in column blocks, decode without a spilled accumulator;
 # 5: every weight type read in place, prompts through gemm.c instead of BLAS over float32 copies;
-# 6: one copy of the kernels per instruction-set level (a calibration also names its level)
-KERNELS_REVISION = 6
+# 6: one copy of the kernels per instruction-set level (a calibration also names its level);
+# 7: a 512-bit Q6_K row loop for one token
+KERNELS_REVISION = 7
 # the extension's limits (kernels.h), restated only where it was not built: rows of x per matmul
 # call, head dims of the attention kernels, G*T rows of a decode call
 MAX_T, MAX_DIM, MAX_ROWS = 16, 256, 256

@@ -226,6 +226,54 @@ SA_INLINE float q4_k_dot1(const uint8_t *p, int64_t nu, const float *x, const fl
     return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - sa_hsum(macc);
 }
 
+/* q6_k, one row of x, AVX-512: per half h of the block, its 64 bytes of low bits and 32 of high
+ * bits give the 6-bit integers u = q + 32 of values 128h + p: lane l of a 16-lane vector holds
+ * those of p = 4l .. 4l + 3 (p < 64: low nibbles) or 64 + 4l .. (high nibbles), one a byte, the
+ * high bits put in place by one shift per half (lanes 8-15 read the next 2 bits of the same
+ * bytes). Byte k of every lane is widened in place, so x comes in q6k_wide's order. Groups of 16
+ * are runs of 4 lanes: their scales are looked up; the -32 is taken out once a block, as
+ * 32 sum_g s_g xs_g. Sums in another order than the avx2 loop's (within the same bound). */
+SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
+    const __m512i low4 = _mm512_set1_epi32(0x0F0F0F0F), bits45 = _mm512_set1_epi32(0x30303030);
+    const __m512i ff = _mm512_set1_epi32(0xFF);
+    const __m512i up_lo = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i down_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, moff = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nu; b++, p += 210, x += 256) {
+        for (int o = 0; o < 210; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
+        const __m512 s16 = _mm512_mul_ps(_mm512_set1_ps(sa_half(p + 208)),
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)))));
+        for (int h = 0; h < 2; h++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * h));
+            const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h)));
+            const __m512i u[2] = {
+                _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_sllv_epi32(hb, up_lo), bits45)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v, 4), low4),
+                                _mm512_and_si512(_mm512_srlv_epi32(hb, down_hi), bits45))};
+            for (int half = 0; half < 2; half++) {
+                const float *xq = x + 128 * h + 64 * half;
+                __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(u[half], ff)), _mm512_load_ps(xq));
+                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[half], 8), ff)),
+                                    _mm512_load_ps(xq + 16), d);
+                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[half], 16), ff)),
+                                    _mm512_load_ps(xq + 32), d);
+                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u[half], 24)), _mm512_load_ps(xq + 48), d);
+                const __m512i g = _mm512_add_epi32(quarter, _mm512_set1_epi32(8 * h + 4 * half));
+                acc[half] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(g, s16), acc[half]);
+            }
+        }
+        moff = _mm512_fmadd_ps(s16, _mm512_loadu_ps(xs + 16 * b), moff);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - 32.0f * _mm512_reduce_add_ps(moff);
+}
+
+/* where value i of x goes for the loop above: within each run of 64, k * 16 + l holds 4l + k */
+static int64_t q6k_wide(int64_t i) {
+    const int64_t r = i % 64, k = r / 16, l = r % 16;
+    return i - r + 4 * l + k;
+}
+
 /* where value i of x goes for the loop above: within each 256, per pair of chunks (c, c + 1),
  * the low nibbles' sub-blocks then the high ones', each as 4 parts of [8 of chunk c, 8 of c + 1];
  * a part is 8 values of LANE_ORDER */
@@ -331,6 +379,15 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
     for (int64_t t = 0; t < T; t++) y[t * y_stride] = sa_hsum(acc[t]);
 }
 
+#if SA_W == 16
+#define Q6_K_WIDE 1 /* q6_k rows of one token take q6_k_dot1, with x in q6k_wide's order */
+#else
+#define Q6_K_WIDE 0
+SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
+    return unit_dot1(p, SA_Q6_K, nu, x, xs);
+}
+#endif
+
 #define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
     static void NAME(const void *ctx, int64_t task) {                                            \
         const mv_args *A = ctx;                                                                  \
@@ -340,6 +397,7 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
         for (int64_t r = r0; r < r1; r++) {                                                      \
             const uint8_t *row = A->w + r * A->row_bytes;                                        \
             if (A->T == 1 && FMT == SA_Q4_K) A->y[r] = q4_k_dot1(row, nu, A->x, A->xs);         \
+            else if (A->T == 1 && FMT == SA_Q6_K) A->y[r] = q6_k_dot1(row, nu, A->x, A->xs);    \
             else if (A->T == 1) A->y[r] = unit_dot1(row, FMT, nu, A->x, A->xs);                  \
             else unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                \
         }                                                                                        \
@@ -391,7 +449,7 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
      * then the sums of its groups */
     const int first = fmt == SA_F32 || fmt == SA_F16 || fmt == SA_BF16 || fmt == SA_Q4_0 ||
                       fmt == SA_Q4_1 || fmt == SA_Q8_0;
-    const int sub = sa_sub(fmt), sums = T == 1 && !first && sa_has_min(fmt);
+    const int sub = sa_sub(fmt), sums = T == 1 && !first && (sa_has_min(fmt) || (Q6_K_WIDE && fmt == SA_Q6_K));
     const int64_t n_x = T * cols, n_xs = sums ? cols / sub : 0;
     float *xp = aligned_alloc(64, (size_t)((n_x + n_xs) * 4 + 63) / 64 * 64);
     if (!xp) return -2;
@@ -399,6 +457,8 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
 #if SA_W == 16
     if (fmt == SA_Q4_K && T == 1)
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[q4k_wide(i)];
+    else if (fmt == SA_Q6_K && T == 1)
+        for (int64_t i = 0; i < n_x; i++) xp[i] = x[q6k_wide(i)];
     else
 #endif
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
