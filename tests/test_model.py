@@ -156,3 +156,44 @@ def test_a_cache_larger_than_memory_is_refused_before_allocating(tiny):
     m = Transformer.load(path)
     with pytest.raises(ContextError, match=r"needs .* GiB, .* GiB is available: at most \d+"):
         KVCache.for_model(m.args, 10**12)
+
+
+def test_where_the_time_went(tiny):
+    """generate's Timings: every part timed where it runs, none negative, together no more than
+    the phase's wall time; the work counted exactly (2 FLOPs a weight and token, each matrix read
+    once a forward call, each cached K and V row once a step)."""
+    from selfattn.measure.breakdown import PARTS, breakdown
+
+    path, _, _ = tiny
+    m = Transformer.load(path)
+    a, w = m.args, m.weights
+    prompt, n = list(range(5, 25)), 6
+    stats = generate(m, prompt, n, Sampler(), KVCache.for_model(a, 64, "f16"))
+    pre, dec = stats.prompt_timings, stats.decode_timings
+    mats = [mat for L in w.layers for mat in L.linears]
+    params, nbytes = sum(x.shape[0] * x.shape[1] for x in mats), sum(x.nbytes for x in mats)
+    head = w.output.shape[0] * w.output.shape[1]
+    assert pre.forward_calls == 1 and dec.forward_calls == n - 1
+    assert pre.matmul_flops == 2.0 * (len(prompt) * params + head)
+    assert dec.matmul_flops == (n - 1) * 2.0 * (params + head)
+    assert dec.weight_bytes == (n - 1) * (nbytes + w.output.nbytes)
+    assert pre.attention_flops == 4.0 * a.head_dim * pre.attention_pairs
+    row = 2 * a.head_dim  # an f16 row
+    keys = sum(len(prompt) + i + 1 for i in range(n - 1)) * a.n_layers
+    assert dec.kv_bytes == keys * a.n_kv_heads * 2 * row and pre.kv_bytes == 0
+    roofline = {"fma_gflops": 100.0, "matmul_gflops": 50.0, "read_gbs": 10.0}
+    for t, wall, decode in ((pre, stats.ttft_s, False), (dec, stats.decode_s, True)):
+        parts = (t.matmul_s, t.attention_s, t.ops_s, t.sampling_s)
+        assert all(p > 0 for p in parts) and sum(parts) <= t.forward_s + t.sampling_s <= wall
+        rows = breakdown(t, wall, decode, roofline)
+        assert [r["part"] for r in rows] == list(PARTS)
+        assert sum(r["seconds"] for r in rows) == pytest.approx(wall)
+        assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+        mm = rows[0]
+        want = (t.weight_bytes / t.matmul_s / 10e9 if decode
+                else t.matmul_flops / t.matmul_s / 100e9)
+        assert mm["roofline_fraction"] == pytest.approx(want)
+        assert rows[2]["roofline_fraction"] is None and rows[4]["roofline_fraction"] is None
+    assert breakdown(pre, stats.ttft_s, False)[0]["roofline_fraction"] is None
+    with pytest.raises(ValueError, match="wall time"):
+        breakdown(pre, 0.0, False)

@@ -304,8 +304,9 @@ def test_layer_step_takes_seven_matrices_of_mixed_types(bias):
     want = x + w["down"] @ (g / (1 + np.exp(-g)) * u)
 
     got = x0.copy()
-    attn_s = native.layer_step(got, layer, cos, sin, k, v, "f32", pos, pos + 2, 0, pos + 1, 1)
-    assert attn_s >= 0.0
+    attn_s, mat_s, step_s = native.layer_step(got, layer, cos, sin, k, v, "f32", pos, pos + 2,
+                                              0, pos + 1, 1)
+    assert 0.0 < attn_s and 0.0 < mat_s and attn_s + mat_s <= step_s
     np.testing.assert_allclose(k[0, :, pos], kh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(v[0, :, pos], vh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

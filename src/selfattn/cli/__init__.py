@@ -51,6 +51,9 @@ def build_parser():
                      help="sample from the likeliest whose probabilities sum to p")
     gen.add_argument("--seed", type=int, help="sampling seed (default: a fresh one)")
     gen.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    gen.add_argument("--breakdown", action="store_true",
+                     help="where the prompt's and the decode's time went (matmuls, attention, "
+                          "other operations, sampling, the rest), against this machine's roofline")
     cache_options(gen)
     gen.set_defaults(func=cmd_generate)
 

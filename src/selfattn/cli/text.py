@@ -35,11 +35,13 @@ def cmd_generate(args):
     stats = generate(model, ids, budget, sampler, cache, eos, None if args.json else show)
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
+    roofline = this_roofline(measure=args.breakdown)
+    parts = phases(stats, roofline)
     if args.json:
         print(json.dumps(dict(model=str(path), chat=chat_mode(tok, args), text=text_out,
                               load_s=load_s, ctx=ctx,
                               kv_dtype=args.kv_dtype, context_policy=str(policy),
-                              **stats.as_dict())))
+                              **stats.as_dict(), breakdown=parts)))
     else:
         print()
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
@@ -48,6 +50,55 @@ def cmd_generate(args):
               f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
               f"{stats.kv_cache_bytes / 2**20:.0f} MiB {args.kv_dtype}, "
               f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
+        if args.breakdown:
+            show_breakdown(parts, stats, roofline)
+
+
+def this_roofline(measure: bool) -> dict | None:
+    """This machine's roofline: the stored one, or (measure) one measured now."""
+    from ..measure import store
+    from ..measure.roofline import load_or_measure
+
+    if measure:
+        with terminal(stderr=True).status("measuring this machine's roofline (once)..."):
+            return load_or_measure()[0]
+    return store.load("roofline")
+
+
+def phases(stats, roofline) -> dict:
+    """The prompt's (TTFT) and the decode's breakdown (measure.breakdown), by phase."""
+    from ..measure.breakdown import breakdown
+
+    out = {"prompt": breakdown(stats.prompt_timings, stats.ttft_s, False, roofline)}
+    if stats.decode_s > 0 and stats.decode_timings.forward_calls:
+        out["decode"] = breakdown(stats.decode_timings, stats.decode_s, True, roofline)
+    return out
+
+
+def show_breakdown(parts: dict, stats, roofline):
+    from rich.table import Table
+
+    wall = {"prompt": stats.ttft_s, "decode": stats.decode_s}
+    for phase, rows in parts.items():
+        ceiling = "FMA peak" if phase == "prompt" else "read bandwidth"
+        table = Table(title=f"{phase}: {wall[phase] * 1e3:,.1f} ms "
+                            f"({stats.prompt_tokens if phase == 'prompt' else stats.generated_tokens - 1} tokens)")
+        for col in ("part", "ms", "share", "work", f"of {ceiling}"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            if phase == "decode" and r["bytes"]:
+                work = f"{r['bytes'] / 1e6:,.1f} MB read"
+            elif r["flops"]:
+                work = f"{r['flops'] / 1e9:,.2f} GFLOP"
+            else:
+                work = ""
+            frac = r["roofline_fraction"]
+            table.add_row(r["part"], f"{r['seconds'] * 1e3:,.1f}", f"{100 * r['share']:.0f}%",
+                          work, "" if frac is None else f"{100 * frac:.0f}%")
+        terminal(stderr=True).print(table)
+    if roofline:
+        terminal(stderr=True).print(f"roofline: {roofline['cpu']}, {roofline['threads']} threads, "
+                                    f"measured {roofline['date']}")
 
 
 def cmd_perplexity(args):

@@ -57,6 +57,7 @@ class Record:
     weight_bytes_per_token: int = 0  # weight bytes read per generated token
     flops: float = 0.0  # per sample (pp, ttft)
     roofline_fraction: float = 0.0  # FLOP/s over peak (pp, ttft); bytes/s over bandwidth (tg)
+    breakdown: list = field(default_factory=list)  # where the samples' time went (measure.breakdown)
 
     def as_dict(self):
         return asdict(self)
@@ -75,6 +76,7 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
               kv_dtype: str = "f32"):
     """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
     from ..plan.predict import device_for_this_machine, weight_bytes_per_token
+    from .breakdown import breakdown
     from .roofline import peak_gflops
 
     if p < 1 or n < 1 or reps < 1:
@@ -113,8 +115,10 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                 cache.length = 0
                 t0 = time.perf_counter()
                 logits = prefill(model, tokens[:d], cache, t_)
+                t_s = time.perf_counter()
                 int(np.argmax(logits))
                 samples.append(time.perf_counter() - t0)
+                t_.sampling_s += time.perf_counter() - t_s
             step(f"ttft @ {d}")
             flops = shape.linear_flops_per_token() * d + shape.attention_flops(d) + head_flops
             ttft = statistics.median(samples)
@@ -122,7 +126,8 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                                   **_summary(d, samples), ttft_s=ttft,
                                   attention_share=t_.attention_share,
                                   attention_pairs=t_.attention_pairs // ttft_reps, flops=flops,
-                                  roofline_fraction=flops / ttft / peak_flops))
+                                  roofline_fraction=flops / ttft / peak_flops,
+                                  breakdown=breakdown(t_, sum(samples), False, roofline)))
         else:
             cache.length = 0
         # pp p @ d
@@ -140,7 +145,8 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                               ttft_s=ttft if d else statistics.median(samples),
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps, flops=flops,
-                              roofline_fraction=flops * med / p / peak_flops))
+                              roofline_fraction=flops * med / p / peak_flops,
+                              breakdown=breakdown(t_, sum(samples), False, roofline)))
         # tg n @ d: the cache holds d tokens; n more, one at a time
         samples, t_ = [], Timings()
         for _ in range(reps):
@@ -149,7 +155,9 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
             t0 = time.perf_counter()
             for _ in range(n):
                 logits = model.forward(token, cache, cache.length, t_)
+                t_s = time.perf_counter()
                 token[0] = int(np.argmax(logits))
+                t_.sampling_s += time.perf_counter() - t_s
             samples.append(time.perf_counter() - t0)
         step(bench_name("tg", n, d))
         stats = _summary(n, samples)
@@ -160,7 +168,8 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
                               attention_share=t_.attention_share,
                               attention_pairs=t_.attention_pairs // reps,
                               kv_bytes_per_token=kv_tok, weight_bytes_per_token=w_tok,
-                              roofline_fraction=(w_tok + kv_tok) * med / bandwidth))
+                              roofline_fraction=(w_tok + kv_tok) * med / bandwidth,
+                              breakdown=breakdown(t_, sum(samples), True, roofline)))
     return records
 
 

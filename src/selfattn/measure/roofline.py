@@ -22,27 +22,33 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..attention import jit
-from ..attention.jit import CACHE, nb
-
 log = logging.getLogger(__name__)
 
 REPS = 5
 MAX_SPREAD = 0.20
+_parallel_sum = None
 
 
-@nb.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
-def _parallel_sum(x):
-    """Sum of x in blocks of 16 Ki floats spread over the threads (vectorized inner loops)."""
-    block = 16384
-    n_blocks = x.shape[0] // block
-    partial = np.zeros(n_blocks, np.float32)
-    for p in nb.prange(n_blocks):
-        total = np.float32(0.0)
-        for i in range(p * block, (p + 1) * block):
-            total += x[i]
-        partial[p] = total
-    return partial.sum()
+def _numba_sum():
+    """numba's reader, compiled on first use (importing numba costs ~0.5 s: only when measuring)."""
+    global _parallel_sum
+    if _parallel_sum is None:
+        from ..attention.jit import CACHE, nb
+
+        @nb.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
+        def parallel_sum(x):
+            """Sum of x in blocks of 16 Ki floats spread over the threads (vectorized loops)."""
+            block = 16384
+            n_blocks = x.shape[0] // block
+            partial = np.zeros(n_blocks, np.float32)
+            for p in nb.prange(n_blocks):
+                total = np.float32(0.0)
+                for i in range(p * block, (p + 1) * block):
+                    total += x[i]
+                partial[p] = total
+            return partial.sum()
+        _parallel_sum = parallel_sum
+    return _parallel_sum
 
 
 @dataclass
@@ -106,15 +112,18 @@ def read_gbs(nbytes=512 << 20, reps=REPS, threads=None, samples=False):
     """The better of numba's reader and the compiled one (when built): the best pass's GB/s
     (samples: every pass of the better reader)."""
     from .. import native
+    from ..attention import jit
+    from ..attention.jit import nb
 
+    parallel_sum = _numba_sum()
     x = np.ones(nbytes // 4, np.float32)
     threads = threads or nb.config.NUMBA_NUM_THREADS
     with jit.parallel_lock:
         old = nb.get_num_threads()
         nb.set_num_threads(min(threads, nb.config.NUMBA_NUM_THREADS))
         try:
-            _parallel_sum(x)
-            rates = [nbytes / t / 1e9 for t in _times(lambda: _parallel_sum(x), reps)]
+            parallel_sum(x)
+            rates = [nbytes / t / 1e9 for t in _times(lambda: parallel_sum(x), reps)]
         finally:
             nb.set_num_threads(old)
     del x

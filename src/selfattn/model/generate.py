@@ -63,6 +63,8 @@ class GenerationStats:
     kv_cache_bytes: int = 0
     attention_pairs: int = 0  # (query, key) pairs scored, over all heads and layers
     stop_reason: str = ""
+    prompt_timings: Timings = field(default_factory=Timings)  # where ttft_s went
+    decode_timings: Timings = field(default_factory=Timings)  # where decode_s went
 
     def as_dict(self):
         return asdict(self)
@@ -87,11 +89,13 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     stats = GenerationStats(prompt_tokens=len(prompt_ids), generated_tokens=0,
                             kv_cache_bytes=cache.nbytes)
-    pre_t, dec_t = Timings(), Timings()
+    pre_t, dec_t = stats.prompt_timings, stats.decode_timings
     t0 = time.perf_counter()
     logits = prefill(model, np.asarray(prompt_ids), cache, pre_t)
+    t_s = time.perf_counter()
     token = sampler(logits)
     stats.ttft_s = time.perf_counter() - t0
+    pre_t.sampling_s = stats.ttft_s - (t_s - t0)
     stats.prefill_s = pre_t.forward_s
     stats.token_ids.append(token)
     if on_token:
@@ -103,7 +107,9 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
             stats.stop_reason = "context_full"
             break
         logits = model.forward(np.array([token]), cache, cache.length, dec_t)
+        t_s = time.perf_counter()
         token = sampler(logits)
+        dec_t.sampling_s += time.perf_counter() - t_s
         stats.token_ids.append(token)
         if on_token:
             on_token(token)

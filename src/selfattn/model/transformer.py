@@ -81,10 +81,20 @@ class Layer:
 
 @dataclass
 class Timings:
-    """Wall time inside the forward pass, and the part of it spent in attention."""
+    """Where the forward passes' wall time went, with the work each part did. The parts are
+    timed where they run (the compiled step times its own); what forward_s holds beyond them is
+    Python and dispatch. sampling_s is the callers' (generate, bench)."""
     forward_s: float = 0.0
-    attention_s: float = 0.0
+    attention_s: float = 0.0  # attention and the cache write
+    matmul_s: float = 0.0  # the weight matmuls, the LM head's included
+    ops_s: float = 0.0  # norms, RoPE, activations, residual adds, the embedding rows
+    sampling_s: float = 0.0
     attention_pairs: int = 0  # (query, key) pairs scored, summed over heads and layers
+    attention_flops: float = 0.0  # 4 · head dim per pair (QK^T and PV)
+    kv_bytes: int = 0  # K and V bytes one-token steps read (each cached key once per kv head)
+    matmul_flops: float = 0.0  # 2 per weight and token
+    weight_bytes: int = 0  # bytes of the weight matrices read (each once per forward call)
+    forward_calls: int = 0
 
     @property
     def attention_share(self) -> float:
@@ -178,6 +188,9 @@ class Transformer:
         self.args, self.weights, self.path = args, weights, str(path)
         self._rope_cache = {}
         self._step_layers = None
+        mats = [m for L in weights.layers for m in L.linears]
+        self._layer_params = sum(m.shape[0] * m.shape[1] for m in mats)
+        self._layer_bytes = sum(m.nbytes for m in mats)
 
     @classmethod
     def load(cls, path, kv_dtype: str = "f32") -> "Transformer":
@@ -286,14 +299,18 @@ class Transformer:
     def layers(self, x, cache, pos: int, observe=None):
         """x (T, dim) at positions pos .. pos+T-1 through every layer, one kernel call at a time
         (prompts; and steps the compiled layer step does not take). Returns x and the seconds
-        spent in attention."""
+        spent in attention, in the weight matmuls and in the other operations."""
         a = self.args
         T, H, H_kv, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
         q_dim, kv_dim = H * D, H_kv * D
-        attn_s = 0.0
+        attn_s = mat_s = ops_s = 0.0
+        clock = time.perf_counter
         for i, L in enumerate(self.weights.layers):
+            t0 = clock()
             h = self.rmsnorm(x, L.attn_norm)
+            t1 = clock()
             q, k, v = L.wq(h), L.wk(h), L.wv(h)
+            t2 = clock()
             if L.b_qkv is not None:
                 q += L.b_qkv[:q_dim]
                 k += L.b_qkv[q_dim:q_dim + kv_dim]
@@ -304,23 +321,35 @@ class Transformer:
             q, k = self.rope(q, pos, i), self.rope(k, pos, i)
             q4 = q.transpose(1, 0, 2)[None]  # (1, H, T, D)
             window = a.window(i)
-            t = time.perf_counter()
+            t3 = clock()
             o = cache.attend(i, pos, q4, k, v, window,
                              lambda q_, d_, i=i: self.rotate(q_, d_, i),
                              softcap=a.attn_softcap, scale=a.attn_scale)  # (1, H, T, D)
-            attn_s += time.perf_counter() - t
+            t4 = clock()
             if observe is not None:
                 observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
+            t5 = clock()
             o = L.wo(o[0].transpose(1, 0, 2).reshape(T, q_dim))
+            t6 = clock()
             if L.post_attn_norm is not None:
                 o = self.rmsnorm(o, L.post_attn_norm)
             x = x + o
             h = self.rmsnorm(x, L.ffn_norm)
-            f = L.w_down(self.ffn_act(L.w_gate(h), L.w_up(h)))
+            t7 = clock()
+            gate, up = L.w_gate(h), L.w_up(h)
+            t8 = clock()
+            act = self.ffn_act(gate, up)
+            t9 = clock()
+            f = L.w_down(act)
+            t10 = clock()
             if L.post_ffn_norm is not None:
                 f = self.rmsnorm(f, L.post_ffn_norm)
             x = x + f
-        return x, attn_s
+            t11 = clock()
+            attn_s += t4 - t3
+            mat_s += (t2 - t1) + (t6 - t5) + (t8 - t7) + (t10 - t9)
+            ops_s += (t1 - t0) + (t3 - t2) + (t7 - t6) + (t9 - t8) + (t11 - t10)
+        return x, attn_s, mat_s, ops_s
 
     def step_layers(self, cache):
         """Per layer, the native.StepLayer the compiled one-token step takes; None where it does
@@ -354,7 +383,8 @@ class Transformer:
 
     def layers_compiled(self, x, cache, pos: int):
         """One token x (1, dim) at pos through every layer with native.layer_step: the same
-        kernels as `layers`, in the same order (the same bits), one call a layer."""
+        kernels as `layers`, in the same order (the same bits), one call a layer. Returns what
+        `layers` returns."""
         a = self.args
         x = np.array(x[0], np.float32)  # a copy, updated in place
         cos, sin = self.rope_tables(pos + 1)
@@ -363,11 +393,13 @@ class Transformer:
         left = pos + 2 if window is None else window - 1
         j_base = max(0, pos - left)
         chunk, n_chunks = split_keys(pos - j_base + 1, a.n_kv_heads)
-        attn_s = 0.0
+        attn_s = mat_s = ops_s = 0.0
         for i, layer in enumerate(self.step_layers(cache)):
-            attn_s += native.layer_step(x, layer, cos, sin, cache.k[i], cache.v[i], cache.kv_dtype,
-                                        pos, left, j_base, chunk, n_chunks)
-        return x[None], attn_s
+            t_attn, t_mat, t_step = native.layer_step(x, layer, cos, sin, cache.k[i], cache.v[i],
+                                                      cache.kv_dtype, pos, left, j_base, chunk,
+                                                      n_chunks)
+            attn_s, mat_s, ops_s = attn_s + t_attn, mat_s + t_mat, ops_s + t_step - t_attn - t_mat
+        return x[None], attn_s, mat_s, ops_s
 
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
                 all_logits: bool = False, observe=None) -> np.ndarray:
@@ -385,27 +417,45 @@ class Transformer:
         if tokens.min() < 0 or tokens.max() >= a.vocab_size:
             raise ValueError(f"token ids must be in 0 .. {a.vocab_size - 1}")
         cache.reserve(pos, T)
-        t_start = time.perf_counter()
+        clock = time.perf_counter
+        t_start = clock()
         positions = np.arange(pos, pos + T)
-        pairs = a.n_heads * sum(int(cache.keys_seen(positions, a.window(i)).sum())
-                                for i in range(a.n_layers))
+        keys = [int(cache.keys_seen(positions, a.window(i)).sum()) for i in range(a.n_layers)]
+        pairs = a.n_heads * sum(keys)
+        t0 = clock()
         x = w.token_embd.rows(tokens)  # (T, dim)
         if a.embed_scale != 1.0:
             x *= np.float32(a.embed_scale)
+        ops_s = clock() - t0
         if T == 1 and observe is None and self.step_layers(cache) is not None:
-            x, attn_s = self.layers_compiled(x, cache, pos)
+            x, attn_s, mat_s, layer_ops_s = self.layers_compiled(x, cache, pos)
         else:
-            x, attn_s = self.layers(x, cache, pos, observe)
+            x, attn_s, mat_s, layer_ops_s = self.layers(x, cache, pos, observe)
         cache.commit(pos, T)
+        t0 = clock()
         h = self.rmsnorm(x if all_logits else x[-1:], w.output_norm)
+        t1 = clock()
         logits = w.output(h)
+        t2 = clock()
         if a.final_softcap is not None:
             c = np.float32(a.final_softcap)
             logits = c * np.tanh(logits / c)
         if timings is not None:
-            timings.forward_s += time.perf_counter() - t_start
-            timings.attention_s += attn_s
-            timings.attention_pairs += pairs
+            t = timings
+            t.forward_s += clock() - t_start
+            t.attention_s += attn_s
+            t.matmul_s += mat_s + (t2 - t1)
+            t.ops_s += ops_s + layer_ops_s + (t1 - t0) + (clock() - t2)
+            t.attention_pairs += pairs
+            t.attention_flops += 4.0 * a.head_dim * pairs
+            if T == 1:  # each cached key and value read once per kv head
+                t.kv_bytes += sum(keys) * a.n_kv_heads * 2 * formats.BY_NAME[cache.kv_dtype].row_bytes(
+                    a.head_dim)
+            head_rows = T if all_logits else 1
+            t.matmul_flops += 2.0 * (T * self._layer_params + head_rows * w.output.shape[0]
+                                     * w.output.shape[1])
+            t.weight_bytes += self._layer_bytes + w.output.nbytes
+            t.forward_calls += 1
         return logits if all_logits else logits[0]
 
 

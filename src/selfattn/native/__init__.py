@@ -326,12 +326,12 @@ class StepLayer:
 
 def layer_step(x: np.ndarray, layer: StepLayer, cos: np.ndarray, sin: np.ndarray, k: np.ndarray,
                v: np.ndarray, kv_fmt: str, pos: int, left: int, j_base: int, chunk: int,
-               n_chunks: int) -> float:
+               n_chunks: int) -> tuple[float, float, float]:
     """One token through one llama layer (step.c), x (dim,) float32 updated in place; writes the
     token's K/V at pos of this layer's cache k, v (1, H_kv, S_max, row) and attends over 0..pos
     (keys from pos - left on; j_base, chunk, n_chunks: attention.decode.split_keys); cos, sin
-    (positions > pos, rope_half). Returns the seconds spent in attention (the cache write
-    included)."""
+    (positions > pos, rope_half). Returns seconds: (attention with the cache write, the weight
+    matmuls, the whole step)."""
     mod = _module()
     with _lock:
         return mod.layer_step(x, *layer._weights, cos, sin, k, v, KV_CODES[kv_fmt], *layer._sizes,

@@ -129,7 +129,7 @@ typedef struct {
     int64_t pos, left, j_base, chunk, n_chunks; /* the token's position; attention's band and split */
 } sa_layer;
 
-int sa_layer_step(const sa_layer *L, float *x, double *attn_s);
+int sa_layer_step(const sa_layer *L, float *x, double t[3]);
 
 /* one level's entry points (isa.c); module.c calls the kernels only through the chosen table */
 typedef struct {

@@ -297,7 +297,7 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
     const int kv_type = kv_fmt == SA_F32 || kv_fmt == SA_F16 || kv_fmt == SA_Q8_0 || kv_fmt == SA_Q4_0;
     long long q_dim = H * D, kv_dim = H_kv * D, kv_row = kv_type ? sa_row_bytes(kv_fmt, D) : 0;
     int ok = bias_obj == Py_None || !PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE);
-    double attn_s = 0.0;
+    double t[3] = {0.0, 0.0, 0.0};
     int rc = -1;
     if (!ok) goto done;
     if (dim < 1 || H < 1 || H_kv < 1 || H % H_kv || D < 8 || D % 8 || ffn < 1 || half < 0 ||
@@ -333,14 +333,14 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
     L.chunk = chunk;
     L.n_chunks = C;
     Py_BEGIN_ALLOW_THREADS
-    rc = K->layer_step(&L, x.buf, &attn_s);
+    rc = K->layer_step(&L, x.buf, t);
     Py_END_ALLOW_THREADS
     if (rc == -2) PyErr_NoMemory();
     else if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
 done:
     if (bias.buf) PyBuffer_Release(&bias);
     RELEASE(&x, &an, &fn, &wq, &wk, &wv, &wo, &wg, &wu, &wd, &cs, &sn, &k, &v);
-    return rc ? NULL : PyFloat_FromDouble(attn_s);
+    return rc ? NULL : Py_BuildValue("(ddd)", t[0], t[1], t[2]);
 }
 
 static PyObject *py_fma_loop(PyObject *self, PyObject *args) {

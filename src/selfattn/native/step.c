@@ -23,14 +23,21 @@ static double seconds(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* y (rows) = W x (cols), one row of x */
-static int mat(const sa_mat *m, int64_t rows, int64_t cols, const float *x, float *y) {
-    return sa_matmul(m->w, m->fmt, rows, cols, m->row_bytes, x, 1, y);
+/* y (rows) = W x (cols), one row of x; its time added to *s */
+static int mat(const sa_mat *m, int64_t rows, int64_t cols, const float *x, float *y, double *s) {
+    const double t = seconds();
+    const int rc = sa_matmul(m->w, m->fmt, rows, cols, m->row_bytes, x, 1, y);
+    *s += seconds() - t;
+    return rc;
 }
 
-/* Returns 0 (attn_s: the seconds spent in attention, the cache write included, as the Python
- * path times it), or a kernel's error code. x (dim) is updated in place. */
-int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
+/* Returns 0, or a kernel's error code; x (dim) is updated in place. Where the time went,
+ * seconds: t[0] attention (the cache write included, as the Python path times it), t[1] the
+ * weight matmuls, t[2] the whole step (the rest of it: norms, RoPE, SwiGLU, residual adds). */
+int sa_layer_step(const sa_layer *L, float *x, double t[3]) {
+    const double t_start = seconds();
+    double *mat_s = &t[1];
+    t[0] = t[1] = 0.0;
     const int64_t dim = L->dim, D = L->D, q_dim = L->H * D, kv_dim = L->H_kv * D, ffn = L->ffn;
     const int64_t n_qkv = q_dim + 2 * kv_dim;
     float *buf = malloc((size_t)(2 * dim + n_qkv + 2 * q_dim + 3 * ffn + L->H) * sizeof(float));
@@ -40,8 +47,9 @@ int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
     int rc = 0;
 
     sa_rmsnorm(x, L->attn_norm, L->eps, 1, dim, h);
-    if ((rc = mat(&L->q, q_dim, dim, h, qkv)) || (rc = mat(&L->k_proj, kv_dim, dim, h, qkv + q_dim)) ||
-        (rc = mat(&L->v_proj, kv_dim, dim, h, qkv + q_dim + kv_dim)))
+    if ((rc = mat(&L->q, q_dim, dim, h, qkv, mat_s)) ||
+        (rc = mat(&L->k_proj, kv_dim, dim, h, qkv + q_dim, mat_s)) ||
+        (rc = mat(&L->v_proj, kv_dim, dim, h, qkv + q_dim + kv_dim, mat_s)))
         goto out;
     if (L->b_qkv)
         for (int64_t i = 0; i < n_qkv; i++) qkv[i] += L->b_qkv[i];
@@ -64,17 +72,19 @@ int sa_layer_step(const sa_layer *L, float *x, double *attn_s) {
     rc = sa_decode_attention(qs, L->k, L->v, L->kv_fmt, 1, L->H_kv, L->H / L->H_kv, D, D, L->S_max,
                              L->row_bytes, L->row_bytes, L->pos + 1, 1, L->j_base, L->chunk, L->n_chunks,
                              L->left, 0, 0.0f, o, lse);
-    *attn_s = seconds() - t0;
+    t[0] = seconds() - t0;
     if (rc) goto out;
 
-    if ((rc = mat(&L->o, dim, q_dim, o, y))) goto out;
+    if ((rc = mat(&L->o, dim, q_dim, o, y, mat_s))) goto out;
     for (int64_t i = 0; i < dim; i++) x[i] += y[i];
     sa_rmsnorm(x, L->ffn_norm, L->eps, 1, dim, h);
-    if ((rc = mat(&L->gate, ffn, dim, h, gu)) || (rc = mat(&L->up, ffn, dim, h, gu + ffn))) goto out;
+    if ((rc = mat(&L->gate, ffn, dim, h, gu, mat_s)) || (rc = mat(&L->up, ffn, dim, h, gu + ffn, mat_s)))
+        goto out;
     sa_swiglu(gu, 1, ffn, act);
-    if ((rc = mat(&L->down, dim, ffn, act, y))) goto out;
+    if ((rc = mat(&L->down, dim, ffn, act, y, mat_s))) goto out;
     for (int64_t i = 0; i < dim; i++) x[i] += y[i];
 out:
     free(buf);
+    t[2] = seconds() - t_start;
     return rc;
 }
