@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfattn.measure import bench
-from selfattn.measure.roofline import load_or_measure
+from selfattn.measure.roofline import load_or_measure, peak_gflops
 from selfattn.model import default_model_path
 from selfattn.model.gguf_file import open_gguf
 from selfattn.plan import ModelShape, device_for_this_machine
@@ -38,9 +38,11 @@ def main():
     path = args.model or str(default_model_path())
     shape = ModelShape.from_gguf(open_gguf(path), path)
     roofline, _ = load_or_measure()
-    fit = bench.calibrate(records(args.calibration), shape, roofline)
+    cal = records(args.calibration)
+    fit = bench.calibrate(cal, shape, roofline)
+    refused = bench.refusals(cal, fit, shape, roofline)
     dev = device_for_this_machine(roofline, fit, 0)
-    peak = roofline["matmul_gflops"] * 1e9
+    peak = peak_gflops(roofline) * 1e9
     table = Table(title=f"plan --hardware this (calibrated on {args.calibration}) against "
                         f"{args.check}")
     for col in ("test", "measured", "predicted", "error", "in the issue's range"):
@@ -65,6 +67,8 @@ def main():
     console = Console(width=120)
     console.print(table)
     console.print(f"efficiencies fitted: { {k: round(float(v), 3) for k, v in fit.items() if k.startswith('e_')} }")
+    for reason in refused:  # what `selfattn bench` would have said of this calibration run
+        console.print(f"bench would not keep this fit: {reason}")
     if errors:
         console.print(f"TTFT at prompts >= 1024 and tok/s at depths >= 2048: worst error "
                       f"{max(map(abs, errors)):.1%} over {len(errors)} tests")

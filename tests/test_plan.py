@@ -187,6 +187,8 @@ def test_cli_plan_json_and_rank():
                 "max_ctx", "ttft_s", "decode_tps", "min_tps_depth"):
         assert key in doc
     assert doc["total_bytes"] == doc["weights_bytes"] + doc["kv_cache_bytes"] + doc["buffer_bytes"]
+    assert doc["basis"]["peak"].startswith("assumed: the vendor's specification")
+    assert doc["basis"]["efficiencies"].startswith("fitted: published llama-bench results")
     r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--rank", "--json")
     ranked = json.loads(r.stdout)
     assert len(ranked) == len(hardware_entries())
@@ -194,6 +196,24 @@ def test_cli_plan_json_and_rank():
     assert fitting == sorted(fitting, reverse=True)
     r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--hardware", "rtx-4090,apple-m4")
     assert r.returncode == 0 and "rtx-4090" in r.stdout and "apple-m4" in r.stdout
+    assert "are predictions" in r.stdout and "assumed: the vendor's" in r.stdout
+
+
+def test_plan_says_what_this_machine_s_figures_rest_on():
+    """This machine's peak is measured; its efficiencies measured by bench when it has
+    calibrated, else assumed: each with its date."""
+    from selfattn.plan import device_for_this_machine
+
+    roof = {"fma_gflops": 300.0, "matmul_gflops": 200.0, "read_gbs": 28.0, "cpu": "x",
+            "date": "2026-12-01T10:00:00+00:00"}
+    dev = device_for_this_machine(roof, None, 1 << 30)
+    assert dev.basis["peak"] == "measured: selfattn roofline, 2026-12-01T10:00:00+00:00"
+    assert dev.basis["efficiencies"].startswith("assumed") and not dev.calibrated
+    assert dev.tflops == 0.3  # the FMA peak: every efficiency is a share of it
+    cal = dict(e_weights=0.5, e_kv=0.4, e_linear=0.6, e_attention=0.3,
+               date="2026-12-01T11:00:00+00:00")
+    dev = device_for_this_machine(roof, cal, 1 << 30)
+    assert dev.basis["efficiencies"] == "measured: selfattn bench, 2026-12-01T11:00:00+00:00"
 
 
 def test_cli_plan_errors_are_one_line(tiny):

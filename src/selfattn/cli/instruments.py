@@ -272,6 +272,11 @@ def cmd_plan(args):
     if len(preds) == 1:
         for line in preds[0].advice:
             out.print(f"- {line}")
-    if any(not p.calibrated for p in preds):
-        out.print("this machine is not calibrated yet: run `selfattn bench` (its efficiencies "
-                  "replace the defaults)")
+    out.print("Memory figures are counted from the model's shape and types. The speed figures "
+              "are predictions; what they rest on:")
+    groups = {}
+    for p in preds:
+        groups.setdefault((p.basis["peak"], p.basis["efficiencies"]), []).append(p.hardware)
+    for (peak, eff), names in groups.items():
+        who = ", ".join(names) if len(names) <= 4 else f"{len(names)} devices"
+        out.print(f"- {who}: peak FLOP/s and bandwidth {peak}; efficiencies {eff}")

@@ -37,6 +37,14 @@ class Device:
     packed: bool = False  # selfattn with its compiled kernels: matrices held as the file's blocks
     calibrated: bool = True
     source: str = ""
+    basis: dict = field(default_factory=dict)  # what each figure rests on (see `basis_of`)
+
+
+def basis_of(peak: str, efficiencies: str) -> dict:
+    """How a device's speed figures were obtained: its peak FLOP/s and bandwidth ('measured' on
+    this machine, or 'assumed' from a specification) and its efficiencies ('measured' by bench
+    here, 'fitted' to published results, or 'assumed'), each with its date or source."""
+    return {"peak": peak, "efficiencies": efficiencies}
 
 
 @dataclass
@@ -64,6 +72,7 @@ class Prediction:
     min_tps_depth: int | None = None  # the first depth at which tokens/s < min_tps
     calibrated: bool = True
     advice: list = field(default_factory=list)
+    basis: dict = field(default_factory=dict)  # the device's: what the speed figures rest on
 
     def as_dict(self):
         return asdict(self)
@@ -75,7 +84,10 @@ def catalog_device(entry: dict) -> Device:
                   memory_bytes=int(entry["memory_gb"] * 1e9), usable=entry["usable"],
                   bandwidth_gbs=entry["bandwidth_gbs"], tflops=entry["tflops"],
                   e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
-                  e_attention=e["prefill"], source=entry["source"])
+                  e_attention=e["prefill"], source=entry["source"],
+                  basis=basis_of("assumed: the vendor's specification (its source in `source`)",
+                                 f"fitted: published llama-bench results, {entry['kind']} "
+                                 "(plan/data/efficiency.json)"))
 
 
 def device_for_this_machine(roofline: dict, calibration: dict | None,
@@ -95,7 +107,11 @@ def device_for_this_machine(roofline: dict, calibration: dict | None,
                   tflops=peak_gflops(roofline) / 1e3, weight_bits=32.0,
                   packed=native.available(), calibrated=calibration is not None,
                   source="measured: selfattn roofline" + (", calibrated by selfattn bench"
-                                                          if calibration else ""), **fitted)
+                                                          if calibration else ""),
+                  basis=basis_of(f"measured: selfattn roofline, {roofline.get('date', 'now')}",
+                                 f"measured: selfattn bench, {calibration.get('date', 'now')}"
+                                 if calibration else "assumed: defaults until `selfattn bench` "
+                                 "calibrates this machine"), **fitted)
 
 
 def weights_bytes(shape: ModelShape, device: Device) -> int:
@@ -218,7 +234,7 @@ def plan(shape: ModelShape, device: Device, ctx: int, kv_dtype: str = "f32",
         decode_tps_empty=1.0 / token_seconds(shape, device, 0, kv_dtype),
         weight_bytes_per_token=weight_bytes_per_token(shape, device),
         kv_bytes_per_token=shape.kv_bytes(ctx, kv_dtype), min_tps=min_tps,
-        calibrated=device.calibrated)
+        calibrated=device.calibrated, basis=dict(device.basis))
     if min_tps is not None:  # a depth past the largest usable context is no answer
         depth = min_tps_depth(shape, device, kv_dtype, min_tps)
         p.min_tps_depth = depth if depth is not None and depth <= p.max_ctx else None
