@@ -253,3 +253,61 @@ def test_planned_weight_bytes_equal_what_the_runner_holds_and_reads():
     assert plan(shape, dev, 64).weights_bytes == model.weight_bytes
     assert plan(shape, dev, 64).weight_bytes_per_token == \
         (shape.params - shape.packed_params) * 4 + packed
+
+
+def llama_bench_file(path, shape, device, e_prefill, e_decode, params=None):
+    """A `llama-bench -o json` file whose pp512 and tg128 speeds are what the speed model gives
+    `device` at these efficiencies."""
+    from selfattn.plan.predict import weight_bytes_per_token
+
+    pp_s = (shape.linear_flops_per_token() * 512 + shape.attention_flops(512, 0)) / (
+        device.tflops * 1e12 * e_prefill)
+    tg_s = (weight_bytes_per_token(shape, device) + shape.kv_bytes(64, "f16")) / (
+        device.bandwidth_gbs * 1e9 * e_decode)
+    base = dict(build_commit="x", model_type="llama 8B Q4_K - Medium", n_threads=8,
+                model_n_params=params or shape.params, model_size=shape.file_bytes,
+                type_k="f16", type_v="f16", n_gpu_layers=99, n_depth=0)
+    recs = [dict(base, n_prompt=512, n_gen=0, avg_ts=512 / pp_s, samples_ts=[512 / pp_s] * 3),
+            dict(base, n_prompt=0, n_gen=128, avg_ts=1 / tg_s, samples_ts=[1 / tg_s] * 3)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def test_a_users_llama_bench_run_calibrates_that_device(tmp_path):
+    import os
+
+    from selfattn.plan.predict import catalog_device, token_seconds
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    dev = catalog_device(find_hardware("rtx-4090"))
+    f = llama_bench_file(tmp_path / "lb.json", shape, dev, 0.5, 0.7)
+    args = ("plan", "--model", "llama-3.1-8b", "--hardware", "rtx-4090", "--ctx", "4096", "--json")
+    r = run(*args, "--calibrate-from", str(f), env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["basis"]["efficiencies"].startswith("measured: llama-bench, lb.json")
+    want = dict(dev.__dict__, e_weights=0.7, e_kv=0.7, e_linear=0.5, e_attention=0.5)
+    from selfattn.plan.predict import Device
+    assert doc["decode_tps_empty"] == pytest.approx(
+        1 / token_seconds(shape, Device(**want), 0, "f16"), rel=1e-6)
+    later = json.loads(run(*args, env=env).stdout)  # kept for later plans of the device
+    assert later["decode_tps_empty"] == doc["decode_tps_empty"]
+    assert later["basis"] == doc["basis"]
+    other = json.loads(run("plan", "--model", "llama-3.1-8b", "--hardware", "rtx-4080",
+                           "--ctx", "4096", "--json", env=env).stdout)
+    assert other["basis"]["efficiencies"].startswith("fitted")
+    for bad_args, expect in (
+            (("--calibrate-from", str(llama_bench_file(tmp_path / "b.json", shape, dev, 0.5, 0.7,
+                                                       params=1_235_814_432))),
+             "pass the model it ran"),
+            (("--calibrate-from", str(llama_bench_file(tmp_path / "c.json", shape, dev, 2.0, 0.7))),
+             "not that device or not that model"),
+            (("--calibrate-from", str(tmp_path / "missing.json")), "missing.json"),
+            (("--calibrate-from", str(f), "--hardware", "this"), "one catalog device")):
+        r = run("plan", "--model", "llama-3.1-8b", "--hardware", "rtx-4090", "--ctx", "4096",
+                *bad_args, env=env)
+        assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "d.json").write_text('{"not": "a list"}')
+    r = run(*args, "--calibrate-from", str(tmp_path / "d.json"), env=env)
+    assert r.returncode == 2 and "not `llama-bench -o json` output" in r.stderr

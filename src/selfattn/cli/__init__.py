@@ -127,6 +127,10 @@ def build_parser():
                                                        "separated by commas")
     pl.add_argument("--rank", action="store_true", help="every catalog entry, by tokens/s")
     pl.add_argument("--min-tps", type=float, help="report the depth where tokens/s falls below")
+    pl.add_argument("--calibrate-from", metavar="FILE.json",
+                    help="your own `llama-bench -o json` run of --model on the one catalog "
+                         "--hardware: its efficiencies replace the published ones for that "
+                         "device from now on (kept in ~/.cache/selfattn)")
     pl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
     return parser

@@ -208,6 +208,28 @@ def keep_calibration(records, shape, roofline, kv_dtype, peak_during, out):
     return fit, True
 
 
+def calibrate_device(args, shape):
+    """--calibrate-from: fit one catalog device's efficiencies to a user's llama-bench run and
+    keep them (per device, in this machine's cache) for every later plan of that device."""
+    from ..measure import store
+    from ..plan import find_hardware, llama_bench
+    from ..plan.predict import catalog_device
+
+    names = [n.strip() for n in args.hardware.split(",")]
+    if args.rank or len(names) != 1 or names[0] == "this":
+        raise CLIError("--calibrate-from calibrates one catalog device: name it with --hardware "
+                       "(this machine is calibrated by `selfattn bench`)")
+    entry = find_hardware(names[0])
+    before = catalog_device(entry)
+    fit = llama_bench.fit(llama_bench.read_records(args.calibrate_from), shape, before)
+    store.save(f"llama-bench-{entry['name']}", dict(fit, source=os.path.basename(
+        args.calibrate_from)))
+    out = terminal(stderr=True)
+    out.print(f"{entry['name']}: prefill efficiency {before.e_linear:.2f} -> {fit['e_linear']:.2f}, "
+              f"decode {before.e_weights:.2f} -> {fit['e_weights']:.2f} of its specification's "
+              f"peaks ({fit['tests']} llama-bench tests); kept for later plans of this device")
+
+
 def cmd_plan(args):
     import json
 
@@ -233,8 +255,12 @@ def cmd_plan(args):
                 # fitted with other kernels, or weights read another way: not this machine's
                 dev = device_for_this_machine(roofline, None, dev.memory_bytes)
             return dev
-        return catalog_device(find_hardware(name))
+        from ..measure import store
 
+        return catalog_device(find_hardware(name), store.load(f"llama-bench-{name}"))
+
+    if args.calibrate_from:
+        calibrate_device(args, shape)
     if args.rank:
         devices = [catalog_device(e) for e in hardware_entries()]
     else:

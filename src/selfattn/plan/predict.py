@@ -78,16 +78,22 @@ class Prediction:
         return asdict(self)
 
 
-def catalog_device(entry: dict) -> Device:
+def catalog_device(entry: dict, calibration: dict | None = None) -> Device:
+    """A catalog entry with its kind's fitted efficiencies, or with those a user's own llama-bench
+    run gave (`plan --calibrate-from`: calibration has e_* keys, 'source' and 'date')."""
     e = efficiency(entry["kind"])
+    eff = dict(e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
+               e_attention=e["prefill"])
+    basis = f"fitted: published llama-bench results, {entry['kind']} (plan/data/efficiency.json)"
+    if calibration:
+        eff = {k: calibration[k] for k in eff}
+        basis = f"measured: llama-bench, {calibration['source']}, {calibration['date']}"
     return Device(name=entry["name"], label=entry["label"],
                   memory_bytes=int(entry["memory_gb"] * 1e9), usable=entry["usable"],
                   bandwidth_gbs=entry["bandwidth_gbs"], tflops=entry["tflops"],
-                  e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
-                  e_attention=e["prefill"], source=entry["source"],
+                  source=entry["source"],
                   basis=basis_of("assumed: the vendor's specification (its source in `source`)",
-                                 f"fitted: published llama-bench results, {entry['kind']} "
-                                 "(plan/data/efficiency.json)"))
+                                 basis), **eff)
 
 
 def device_for_this_machine(roofline: dict, calibration: dict | None,
