@@ -122,3 +122,31 @@ def test_generate_chats_by_default_and_completes_with_raw():
     chat, raw = gen(), gen("--raw")
     assert chat["chat"] is True and chat["text"] == "The capital of France is Paris."
     assert raw["chat"] is False and raw["prompt_tokens"] < chat["prompt_tokens"]
+
+
+def test_generate_shows_progress_on_a_terminal_only():
+    """On a terminal, what generate is doing until the first token streams (rich, on stderr);
+    piped, stderr has the one line of figures and nothing else."""
+    import pty
+
+    master, slave = pty.openpty()
+    r = subprocess.Popen([sys.executable, "-m", "selfattn.cli", "generate", "Hi", "--max-tokens",
+                          "4"], stdout=subprocess.DEVNULL, stderr=slave, close_fds=True,
+                         env=dict(os.environ, TERM="xterm", COLUMNS="100"))
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert r.wait(timeout=600) == 0
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert "the model..." in text and "prompt tokens" in text, text
+    piped = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "Hi",
+                            "--max-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert piped.returncode == 0 and piped.stderr.count("\n") == 1, piped.stderr

@@ -9,30 +9,22 @@ from .common import (CLIError, chat_mode, check_system, guard_memory, load_model
 def cmd_generate(args):
     import json
 
-    from ..cache import make_cache
-    from ..model import Sampler, StreamDecoder, generate
+    from ..model import Sampler
 
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed)
     check_system(args)
-    opened = open_model_file(args.model)
-    policy, ctx = guard_memory(args, opened)
-    model, tok, path, load_s = load_model(args.model, args.kv_dtype, opened)
-    ids = prompt_ids(tok, args)
-    if policy.kind == "full" and len(ids) >= ctx:
-        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
-                       "shorten the prompt, or let old tokens go with --context-policy "
-                       "sink:4,window:W")
-    cache = make_cache(model.args, policy, ctx, args.kv_dtype)
-    budget = args.max_tokens if policy.kind != "full" else min(args.max_tokens, ctx - len(ids))
-    stream = StreamDecoder(tok)
-
-    def show(token_id):
-        if token_id != tok.eos_id:
-            sys.stdout.write(stream.push(token_id))
-            sys.stdout.flush()
-    eos = {tok.eos_id} if tok.eos_id is not None else set()
-    stats = generate(model, ids, budget, sampler, cache, eos, None if args.json else show)
+    # progress on a terminal only: nothing extra with --json or when piped
+    console = terminal(stderr=True)
+    status = console.status("opening the model...") if console.is_terminal and not args.json \
+        else None
+    if status:
+        status.start()
+    try:
+        stats, tok, path, load_s, policy, ctx, eos = run_generate(args, sampler, status)
+    finally:
+        if status:
+            status.stop()
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
     roofline = this_roofline(measure=args.breakdown)
@@ -52,6 +44,42 @@ def cmd_generate(args):
               f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
         if args.breakdown:
             show_breakdown(parts, stats, roofline)
+
+
+def run_generate(args, sampler, status):
+    """cmd_generate's work, with `status` (a rich Status, or None) saying what it is doing
+    until the first token streams. -> (stats, tokenizer, path, load_s, policy, ctx, eos ids)."""
+    from ..cache import make_cache
+    from ..model import StreamDecoder, generate
+
+    opened = open_model_file(args.model)
+    policy, ctx = guard_memory(args, opened)
+    if status:
+        status.update("loading the model...")
+    model, tok, path, load_s = load_model(args.model, args.kv_dtype, opened)
+    ids = prompt_ids(tok, args)
+    if policy.kind == "full" and len(ids) >= ctx:
+        raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
+                       "shorten the prompt, or let old tokens go with --context-policy "
+                       "sink:4,window:W")
+    cache = make_cache(model.args, policy, ctx, args.kv_dtype)
+    budget = args.max_tokens if policy.kind != "full" else min(args.max_tokens, ctx - len(ids))
+    stream = StreamDecoder(tok)
+
+    def prefilling(done, total):
+        if status:
+            status.update(f"prompt: {done:,} of {total:,} tokens through the model...")
+
+    def show(token_id):
+        if status:
+            status.stop()  # the first token: the text takes over
+        if token_id != tok.eos_id:
+            sys.stdout.write(stream.push(token_id))
+            sys.stdout.flush()
+    eos = {tok.eos_id} if tok.eos_id is not None else set()
+    stats = generate(model, ids, budget, sampler, cache, eos, None if args.json else show,
+                     prefilling)
+    return stats, tok, path, load_s, policy, ctx, eos
 
 
 def this_roofline(measure: bool) -> dict | None:

@@ -71,18 +71,24 @@ class GenerationStats:
 
 
 def prefill(model, tokens, cache: KVCache, timings: Timings | None = None,
-            chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits."""
+            chunk: int = PREFILL_CHUNK, on_chunk=None) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last position's logits.
+    on_chunk(done, total), if given, is called before each chunk and after the last."""
     logits = None
     chunk = min(chunk, cache.max_chunk)
     for start in range(0, len(tokens), chunk):
+        if on_chunk:
+            on_chunk(start, len(tokens))
         logits = model.forward(tokens[start:start + chunk], cache, cache.length, timings)
+    if on_chunk:
+        on_chunk(len(tokens), len(tokens))
     return logits
 
 
 def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCache,
-             eos_ids=(), on_token=None) -> GenerationStats:
-    """Sample up to max_tokens after prompt_ids; on_token(id) is called as each one is chosen."""
+             eos_ids=(), on_token=None, on_prefill=None) -> GenerationStats:
+    """Sample up to max_tokens after prompt_ids; on_token(id) is called as each one is chosen,
+    on_prefill(done, total) as the prompt's chunks go through."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: nothing to condition on")
     if max_tokens < 1:
@@ -91,7 +97,7 @@ def generate(model, prompt_ids, max_tokens: int, sampler: Sampler, cache: KVCach
                             kv_cache_bytes=cache.nbytes)
     pre_t, dec_t = stats.prompt_timings, stats.decode_timings
     t0 = time.perf_counter()
-    logits = prefill(model, np.asarray(prompt_ids), cache, pre_t)
+    logits = prefill(model, np.asarray(prompt_ids), cache, pre_t, on_chunk=on_prefill)
     t_s = time.perf_counter()
     token = sampler(logits)
     stats.ttft_s = time.perf_counter() - t0
