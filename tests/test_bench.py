@@ -104,17 +104,21 @@ def test_cli_roofline_measures_then_caches(cli_env):
     assert doc["measured_now"] is True
     assert doc["matmul_gflops"] > 1 and doc["read_gbs"] > 0.5 and doc["threads"] >= 1
     assert doc["matmul_gflops_1t"] > 0.5 and doc["read_gbs_1t"] > 0.2
-    assert doc["fma_gflops"] > 1 and doc["fma_gflops_1t"] > 0.5  # the compiled kernels are built
+    from selfattn import native
+
+    built = native.available()  # the FMA peak is measured by the compiled kernels
+    assert (doc["fma_gflops"] > 1 and doc["fma_gflops_1t"] > 0.5) if built else \
+        (doc["fma_gflops"] is None)
     assert "blas" in doc and doc["blas"] != "unknown BLAS"
     assert isinstance(doc["warnings"], list)
-    assert set(doc["spread"]) == {"fma_gflops", "fma_gflops_1t", "matmul_gflops",
-                                  "matmul_gflops_1t", "read_gbs", "read_gbs_1t"}
+    assert set(doc["spread"]) == {"matmul_gflops", "matmul_gflops_1t", "read_gbs",
+                                  "read_gbs_1t"} | ({"fma_gflops", "fma_gflops_1t"} if built else set())
     assert all(0 <= v < 1 for v in doc["spread"].values()) and doc["reps"] >= 3
     again = json.loads(run("roofline", "--json", env=cli_env).stdout)
     assert again["measured_now"] is False and again["date"] == doc["date"]
     r = run("roofline", env=cli_env)
     assert r.returncode == 0 and "GFLOP/s" in r.stdout and "GB/s" in r.stdout
-    assert "FMA peak" in r.stdout and "%)" in r.stdout  # each figure's spread
+    assert ("FMA peak" in r.stdout) == built and "%)" in r.stdout  # each figure's spread
 
 
 def test_the_age_of_a_measurement():
