@@ -192,6 +192,10 @@ def test_cli_plan_json_and_rank():
     r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--rank", "--json")
     ranked = json.loads(r.stdout)
     assert len(ranked) == len(hardware_entries())
+    kinds = {e["name"]: e["kind"] for e in hardware_entries()}
+    for p in ranked:  # no published CPU result to fit the cpu kind's efficiencies to
+        assert p["basis"]["efficiencies"].startswith(
+            "assumed" if kinds[p["hardware"]] == "cpu" else "fitted"), p["basis"]
     fitting = [p["decode_tps"] for p in ranked if p["fits"]]
     assert fitting == sorted(fitting, reverse=True)
     r = run("plan", "--model", "llama-3.1-8b", "--ctx", "8192", "--hardware", "rtx-4090,apple-m4")

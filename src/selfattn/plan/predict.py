@@ -78,13 +78,26 @@ class Prediction:
         return asdict(self)
 
 
+def fitted_basis(kind: str) -> str:
+    """What a kind's efficiencies in data/efficiency.json rest on: fitted where published results
+    of devices of that kind are in data/validation.json, assumed where none are."""
+    from .catalog import find_hardware, load
+
+    n = len({r["hardware"] for r in load("validation.json")["results"]
+             if find_hardware(r["hardware"])["kind"] == kind})
+    if n:
+        return (f"fitted: published llama-bench results of {n} {kind} device{'s' * (n > 1)} "
+                "(plan/data/validation.json)")
+    return f"assumed: no published {kind} result in plan/data/validation.json to fit them to"
+
+
 def catalog_device(entry: dict, calibration: dict | None = None) -> Device:
     """A catalog entry with its kind's fitted efficiencies, or with those a user's own llama-bench
     run gave (`plan --calibrate-from`: calibration has e_* keys, 'source' and 'date')."""
     e = efficiency(entry["kind"])
     eff = dict(e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
                e_attention=e["prefill"])
-    basis = f"fitted: published llama-bench results, {entry['kind']} (plan/data/efficiency.json)"
+    basis = fitted_basis(entry["kind"])
     if calibration:
         eff = {k: calibration[k] for k in eff}
         basis = f"measured: llama-bench, {calibration['source']}, {calibration['date']}"
