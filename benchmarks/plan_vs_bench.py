@@ -17,11 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from selfattn.measure import bench
-from selfattn.measure.roofline import load_or_measure, peak_gflops
+from selfattn.measure.roofline import load_or_measure
 from selfattn.model import default_model_path
 from selfattn.model.gguf_file import open_gguf
-from selfattn.plan import ModelShape, device_for_this_machine
-from selfattn.plan.predict import token_seconds
+from selfattn.plan import ModelShape
 
 
 def records(path):
@@ -41,23 +40,18 @@ def main():
     cal = records(args.calibration)
     fit = bench.calibrate(cal, shape, roofline)
     refused = bench.refusals(cal, fit, shape, roofline)
-    dev = device_for_this_machine(roofline, fit, 0)
-    peak = peak_gflops(roofline) * 1e9
     table = Table(title=f"plan --hardware this (calibrated on {args.calibration}) against "
                         f"{args.check}")
     for col in ("test", "measured", "predicted", "error", "in the issue's range"):
         table.add_column(col, justify="right")
     errors = []
     for r in records(args.check):
-        med_s = statistics.median(r.samples_ns) / 1e9
+        pred_s = bench.predicted_seconds(r, fit, shape, roofline)  # what plan would say
         if r.n_gen:
-            depth = r.n_depth + r.n_gen // 2
-            pred = 1 / token_seconds(shape, dev, depth, "f32")
+            pred = r.n_gen / pred_s
             meas, unit, judged = statistics.median(r.samples_ts), "tok/s", r.n_depth >= 2048
         else:
-            pred = (shape.linear_flops_per_token() * r.n_prompt / (peak * fit["e_linear"])
-                    + shape.attention_flops(r.n_prompt, r.n_depth) / (peak * fit["e_attention"]))
-            meas, unit = med_s, "s"
+            pred, meas, unit = pred_s, statistics.median(r.samples_ns) / 1e9, "s"
             judged = r.test.startswith("ttft") and r.n_prompt >= 1024
         err = pred / meas - 1
         if judged:

@@ -159,9 +159,10 @@ def age(date: str, now: datetime.datetime | None = None) -> str:
     then = datetime.datetime.fromisoformat(date)
     now = now or datetime.datetime.now(datetime.timezone.utc)
     s = max(0.0, (now - then).total_seconds())
-    for unit, length in (("days", 86400), ("h", 3600), ("min", 60)):
+    for unit, length in (("day", 86400), ("h", 3600), ("min", 60)):
         if s >= length:
-            return f"{s / length:.0f} {unit} ago"
+            n = round(s / length)
+            return f"{n} {unit}{'s' if unit == 'day' and n > 1 else ''} ago"
     return "just now"
 
 
