@@ -53,17 +53,26 @@ typedef struct {
     int64_t cols, n_t;
 } pack_args;
 
-/* c (MR rows, ldc) += w (MR rows, ldw) . xp ([k][NR]) over kc columns */
+/* The MC / MR kernel calls over one packed panel of x also prefetch the next panel into L2,
+ * a slice each, one 64-byte line every PF_EVERY columns */
+#define PF_EVERY (16 * MC / (MR * NR))
+
+/* c (MR rows, ldc) += w (MR rows, ldw) . xp ([k][NR]) over kc columns; pf: this call's slice
+ * of the next panel */
 SA_INLINE void kernel(int64_t kc, const float *w, int64_t ldw, const float *xp, float *c,
-                      int64_t ldc) {
+                      int64_t ldc, const float *pf) {
     sa_vf acc[MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vf_zero();
-    for (int64_t k = 0; k < kc; k++, xp += NR) {
-        const sa_vf b0 = vf_load(xp), b1 = vf_load(xp + SA_W);
-        for (int i = 0; i < MR; i++) {
-            const sa_vf a = vf_set1(w[i * ldw + k]);
-            acc[i][0] = vf_fmadd(a, b0, acc[i][0]);
-            acc[i][1] = vf_fmadd(a, b1, acc[i][1]);
+    for (int64_t k0 = 0; k0 < kc; k0 += PF_EVERY, pf += 16) {
+        _mm_prefetch((const char *)pf, _MM_HINT_T1);
+        const int64_t k1 = k0 + PF_EVERY < kc ? k0 + PF_EVERY : kc;
+        for (int64_t k = k0; k < k1; k++, xp += NR) {
+            const sa_vf b0 = vf_load(xp), b1 = vf_load(xp + SA_W);
+            for (int i = 0; i < MR; i++) {
+                const sa_vf a = vf_set1(w[i * ldw + k]);
+                acc[i][0] = vf_fmadd(a, b0, acc[i][0]);
+                acc[i][1] = vf_fmadd(a, b1, acc[i][1]);
+            }
         }
     }
     for (int i = 0; i < MR; i++) {
@@ -111,8 +120,12 @@ static void gemm_task(const void *ctx, int64_t task) {
                           tile + r * LDW);
             for (int64_t g = g0; g < g1; g++) {
                 const float *xp = A->xp + (kb * A->n_tg + g) * KC * NR;
+                const float *next = g + 1 < g1 ? xp + KC * NR
+                                  : kb + 1 < A->n_kb ? A->xp + ((kb + 1) * A->n_tg + g0) * KC * NR
+                                                     : xp;
                 for (int64_t i = 0; i < nr; i += MR)
-                    kernel(kc, tile + i * LDW, LDW, xp, c + i * TB + (g - g0) * NR, TB);
+                    kernel(kc, tile + i * LDW, LDW, xp, c + i * TB + (g - g0) * NR, TB,
+                           next + i / MR * (KC / PF_EVERY) * 16);
             }
         }
         const int64_t t0 = g0 * NR, t1 = g1 * NR < A->n_t ? g1 * NR : A->n_t;
