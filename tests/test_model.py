@@ -73,6 +73,37 @@ def test_cached_equals_uncached(tiny):
     np.testing.assert_allclose(m.forward(tokens[10:30], cache, 10), full[29], atol=2e-5)
 
 
+@pytest.mark.parametrize("quant", [None, "Q8_0", "Q4_K"])
+def test_a_batched_step_is_each_sequence_alone_bit_for_bit(tmp_path, quant):
+    """forward_batch: three sequences at different depths, one token each, in one call; each
+    row of logits and each cache is what a one-token forward on that cache alone gives."""
+    from gguf import GGMLQuantizationType as Q
+
+    w, cfg = make_weights(np.random.default_rng(3), dim=256, ffn=256, n_heads=4, n_kv_heads=2)
+    mats = [n for n in w if not n.endswith(("norm", ".bias"))]
+    path = tmp_path / "batch.gguf"
+    write_gguf(path, w, cfg, quant=quant and {n: getattr(Q, quant) for n in mats})
+    m = Transformer.load(path)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, cfg["vocab"], n) for n in (5, 17, 9)]
+    pairs = []
+    for p in prompts:
+        a, b = KVCache.for_model(m.args, 40), KVCache.for_model(m.args, 40)
+        m.forward(p, a, 0)
+        m.forward(p, b, 0)
+        pairs.append((a, b))
+    for step in range(4):
+        ids = rng.integers(0, cfg["vocab"], 3)
+        batched = m.forward_batch(ids, [a for a, _ in pairs])
+        for i, (a, b) in enumerate(pairs):
+            alone = m.forward(ids[i:i + 1], b, b.length)
+            np.testing.assert_array_equal(batched[i], alone)
+            assert a.length == b.length
+            np.testing.assert_array_equal(a.k, b.k)
+    with pytest.raises(ValueError, match="cache of its own"):
+        m.forward_batch([1, 2], [pairs[0][0], pairs[0][0]])
+
+
 def test_q8_0_tensors_dequantize(tmp_path):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize

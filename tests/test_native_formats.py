@@ -120,6 +120,20 @@ def test_matmul_is_within_float32_rounding_of_the_exact_product(name, T):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_matvecs_gives_each_row_the_bits_it_gets_alone(name):
+    """Several sequences' decode steps in one call: row t of the product is what matmul of row t
+    alone gives, bit for bit, while the joint matmul sums in another order."""
+    f = formats.by_name(name)
+    rng = np.random.default_rng([f.type_id, 5])
+    rows, cols = 70, cols_of(f, 16 if f.block == 256 else 64)
+    pm = native.PackedMatrix(random_rows(f, rows, cols, rng, huge=False), f.type_id, cols)
+    x = rng.standard_normal((native.MAX_T, cols)).astype(np.float32)
+    for T in (1, 2, 5, native.MAX_T):
+        y = native.matvecs(x[:T], pm)
+        assert all(same_bits(y[t], native.matmul(x[t:t + 1], pm)[0]) for t in range(T)), T
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_the_prompt_gemm_is_within_float32_rounding_of_the_exact_product(name):
     """native.gemm (tiles decoded, then a register-blocked product) over row counts that are not
     multiples of its 6-row kernel or 96-row tasks, widths with a partial 256-column tile, and

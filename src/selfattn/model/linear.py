@@ -35,8 +35,14 @@ class Linear:
         """Bytes of weights this layer holds."""
         return self.packed.nbytes if self.packed is not None else self.f32.nbytes
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x (T, in) float32 -> (T, out)."""
+    def __call__(self, x: np.ndarray, alone: bool = False) -> np.ndarray:
+        """x (T, in) float32 -> (T, out). alone: each row of x is a different sequence's token,
+        and each row of the result is exactly what that row alone gives (batched decode steps)."""
+        if alone:
+            if self.f32 is not None:
+                return np.concatenate([x[i:i + 1] @ self.f32.T for i in range(x.shape[0])])
+            return np.concatenate([native.matvecs(x[i:i + native.MAX_T], self.packed)
+                                   for i in range(0, x.shape[0], native.MAX_T)])
         if self.f32 is not None:
             return x @ self.f32.T
         if x.shape[0] <= PACKED_MAX_T:

@@ -296,20 +296,23 @@ class Transformer:
 
     # -- forward --------------------------------------------------------------------------------
 
-    def layers(self, x, cache, pos: int, observe=None):
-        """x (T, dim) at positions pos .. pos+T-1 through every layer, one kernel call at a time
-        (prompts; and steps the compiled layer step does not take). Returns x and the seconds
-        spent in attention, in the weight matmuls and in the other operations."""
+    def layers(self, x, segments, observe=None):
+        """x (T, dim) through every layer, one kernel call at a time (prompts, batched steps,
+        and steps the compiled layer step does not take). segments: (cache, pos, n) per sequence,
+        covering x's rows in order: n rows at positions pos .. pos+n-1 of that cache. The weight
+        matmuls take all T rows at once; RoPE and attention run per sequence. Returns x and the
+        seconds spent in attention, in the weight matmuls and in the other operations."""
         a = self.args
         T, H, H_kv, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
         q_dim, kv_dim = H * D, H_kv * D
+        alone = len(segments) > 1  # a batched step: each row gets the bits it gets alone
         attn_s = mat_s = ops_s = 0.0
         clock = time.perf_counter
         for i, L in enumerate(self.weights.layers):
             t0 = clock()
             h = self.rmsnorm(x, L.attn_norm)
             t1 = clock()
-            q, k, v = L.wq(h), L.wk(h), L.wv(h)
+            q, k, v = L.wq(h, alone), L.wk(h, alone), L.wv(h, alone)
             t2 = clock()
             if L.b_qkv is not None:
                 q += L.b_qkv[:q_dim]
@@ -318,37 +321,45 @@ class Transformer:
             q, k, v = q.reshape(T, H, D), k.reshape(T, H_kv, D), v.reshape(T, H_kv, D)
             if L.q_norm is not None:
                 q, k = self.head_norm(q, L.q_norm), self.head_norm(k, L.k_norm)
-            q, k = self.rope(q, pos, i), self.rope(k, pos, i)
-            q4 = q.transpose(1, 0, 2)[None]  # (1, H, T, D)
             window = a.window(i)
-            t3 = clock()
-            o = cache.attend(i, pos, q4, k, v, window,
-                             lambda q_, d_, i=i: self.rotate(q_, d_, i),
-                             softcap=a.attn_softcap, scale=a.attn_scale)  # (1, H, T, D)
-            t4 = clock()
-            if observe is not None:
-                observe(i, q4, cache.decoded_keys(i, pos + T), pos + T, window)
+            outs, attn, seen = [], 0.0, 0.0
+            r0 = 0
+            for cache, pos, n in segments:
+                qs = self.rope(q[r0:r0 + n], pos, i)
+                ks = self.rope(k[r0:r0 + n], pos, i)
+                q4 = qs.transpose(1, 0, 2)[None]  # (1, H, n, D)
+                t3 = clock()
+                o = cache.attend(i, pos, q4, ks, v[r0:r0 + n], window,
+                                 lambda q_, d_, i=i: self.rotate(q_, d_, i),
+                                 softcap=a.attn_softcap, scale=a.attn_scale)  # (1, H, n, D)
+                attn += clock() - t3
+                if observe is not None:
+                    t4 = clock()
+                    observe(i, q4, cache.decoded_keys(i, pos + n), pos + n, window)
+                    seen += clock() - t4
+                outs.append(o[0].transpose(1, 0, 2).reshape(n, q_dim))
+                r0 += n
             t5 = clock()
-            o = L.wo(o[0].transpose(1, 0, 2).reshape(T, q_dim))
+            o = L.wo(outs[0] if len(outs) == 1 else np.concatenate(outs), alone)
             t6 = clock()
             if L.post_attn_norm is not None:
                 o = self.rmsnorm(o, L.post_attn_norm)
             x = x + o
             h = self.rmsnorm(x, L.ffn_norm)
             t7 = clock()
-            gate, up = L.w_gate(h), L.w_up(h)
+            gate, up = L.w_gate(h, alone), L.w_up(h, alone)
             t8 = clock()
             act = self.ffn_act(gate, up)
             t9 = clock()
-            f = L.w_down(act)
+            f = L.w_down(act, alone)
             t10 = clock()
             if L.post_ffn_norm is not None:
                 f = self.rmsnorm(f, L.post_ffn_norm)
             x = x + f
             t11 = clock()
-            attn_s += t4 - t3
+            attn_s += attn
             mat_s += (t2 - t1) + (t6 - t5) + (t8 - t7) + (t10 - t9)
-            ops_s += (t1 - t0) + (t3 - t2) + (t7 - t6) + (t9 - t8) + (t11 - t10)
+            ops_s += (t1 - t0) + (t5 - t2 - attn - seen) + (t7 - t6) + (t9 - t8) + (t11 - t10)
         return x, attn_s, mat_s, ops_s
 
     def step_layers(self, cache):
@@ -430,7 +441,7 @@ class Transformer:
         if T == 1 and observe is None and self.step_layers(cache) is not None:
             x, attn_s, mat_s, layer_ops_s = self.layers_compiled(x, cache, pos)
         else:
-            x, attn_s, mat_s, layer_ops_s = self.layers(x, cache, pos, observe)
+            x, attn_s, mat_s, layer_ops_s = self.layers(x, [(cache, pos, T)], observe)
         cache.commit(pos, T)
         t0 = clock()
         h = self.rmsnorm(x if all_logits else x[-1:], w.output_norm)
@@ -457,6 +468,57 @@ class Transformer:
             t.weight_bytes += self._layer_bytes + w.output.nbytes
             t.forward_calls += 1
         return logits if all_logits else logits[0]
+
+    def forward_batch(self, tokens, caches, timings: Timings | None = None) -> np.ndarray:
+        """One new token for each of B sequences: tokens (B,), caches[b] the b-th one's cache, the
+        token going at its next position. The weight matmuls take the B rows at once, so each
+        weight is read once per step for all of them; RoPE and attention run per sequence on its
+        own cache. Returns logits (B, vocab); each row is what `forward` of that token alone on
+        that cache gives, up to the matmuls' summation order."""
+        a, w = self.args, self.weights
+        tokens = np.asarray(tokens)
+        B = tokens.shape[0]
+        if B == 0 or len(caches) != B:
+            raise ValueError(f"forward_batch needs one cache per token, got {B} tokens and "
+                             f"{len(caches)} caches")
+        if tokens.min() < 0 or tokens.max() >= a.vocab_size:
+            raise ValueError(f"token ids must be in 0 .. {a.vocab_size - 1}")
+        if len({id(c) for c in caches}) != B:
+            raise ValueError("forward_batch: each sequence needs a cache of its own")
+        for c in caches:
+            c.reserve(c.length, 1)
+        clock = time.perf_counter
+        t_start = clock()
+        x = w.token_embd.rows(tokens)  # (B, dim)
+        if a.embed_scale != 1.0:
+            x *= np.float32(a.embed_scale)
+        segments = [(c, c.length, 1) for c in caches]
+        x, attn_s, mat_s, _ = self.layers(x, segments)
+        for c, pos, _ in segments:
+            c.commit(pos, 1)
+        t1 = clock()
+        logits = w.output(self.rmsnorm(x, w.output_norm), B > 1)
+        t2 = clock()
+        if a.final_softcap is not None:
+            c = np.float32(a.final_softcap)
+            logits = c * np.tanh(logits / c)
+        if timings is not None:  # keys each sequence's one query reads, over the layers
+            keys = [sum(int(c.keys_seen(np.array([pos]), a.window(i))[0])
+                        for i in range(a.n_layers)) for c, pos, _ in segments]
+            elapsed = clock() - t_start
+            t = timings
+            t.forward_s += elapsed
+            t.attention_s += attn_s
+            t.matmul_s += mat_s + (t2 - t1)
+            t.ops_s += elapsed - attn_s - mat_s - (t2 - t1)
+            t.attention_pairs += a.n_heads * sum(keys)
+            t.attention_flops += 4.0 * a.head_dim * a.n_heads * sum(keys)
+            t.kv_bytes += sum(n * a.n_kv_heads * 2 * formats.BY_NAME[c.kv_dtype].row_bytes(
+                a.head_dim) for n, c in zip(keys, caches))
+            t.matmul_flops += 2.0 * B * (self._layer_params + w.output.shape[0] * w.output.shape[1])
+            t.weight_bytes += self._layer_bytes + w.output.nbytes
+            t.forward_calls += 1
+        return logits
 
 
 def load_weights(ld: Loader, a: ModelArgs) -> Weights:

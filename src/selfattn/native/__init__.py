@@ -9,6 +9,8 @@ level in use. Each kernel releases the GIL while it runs, on its own small threa
   every type selfattn.formats marks `kernels`, f32 / f16 / bf16, the 32-value block types and
   the 256-value K-quants, decoded inside the kernel from the stored bytes). Decoding a token
   streams the file's compact bytes instead of a float32 copy.
+- `matvecs(x, w)`: `matmul` with each row of the result exactly what that row of x alone gives
+  (several sequences' decode steps at once, each weight read once for all of them).
 - `gemm(x, w)`: the same product for a prompt's many rows: tiles of W decoded to float32 in
   cache and multiplied by a register-blocked kernel (gemm.c); no float32 copy of W, no BLAS.
 - `PackedMatrix.dequantize(r0, r1)`, `PackedMatrix.rows_f32(index)`: stored rows to float32,
@@ -213,29 +215,33 @@ class PackedMatrix:
         return out
 
 
-def matmul(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
-    """x (T, cols) float32, T <= MAX_T -> (T, rows) = x @ Wᵀ."""
+def _product(kernel: str, x: np.ndarray, w: PackedMatrix, max_t) -> np.ndarray:
     mod = _module()
     x = np.ascontiguousarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != w.cols or not 1 <= x.shape[0] <= MAX_T:
-        raise ValueError(f"x must be (T <= {MAX_T}, {w.cols}), got {x.shape}")
+    if x.ndim != 2 or x.shape[1] != w.cols or not 1 <= x.shape[0] <= (max_t or x.shape[0]):
+        raise ValueError(f"x must be (T{f' <= {max_t}' if max_t else ' >= 1'}, {w.cols}), "
+                         f"got {x.shape}")
     y = np.empty((x.shape[0], w.rows), np.float32)
     with _lock:
-        mod.matmul(w.data, w.fmt, w.rows, w.cols, w.row_bytes, x, x.shape[0], y)
+        getattr(mod, kernel)(w.data, w.fmt, w.rows, w.cols, w.row_bytes, x, x.shape[0], y)
     return y
+
+
+def matmul(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
+    """x (T, cols) float32, T <= MAX_T -> (T, rows) = x @ Wᵀ."""
+    return _product("matmul", x, w, MAX_T)
+
+
+def matvecs(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
+    """x (T, cols) float32, T <= MAX_T -> (T, rows) = x @ Wᵀ, each row exactly what `matmul` of
+    that row alone gives (every weight still read from memory once for all T)."""
+    return _product("matvecs", x, w, MAX_T)
 
 
 def gemm(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
     """x (T, cols) float32, any T >= 1 -> (T, rows) = x @ Wᵀ: tiles of W decoded to float32 in
     cache and multiplied by a register-blocked kernel (gemm.c), for prompts."""
-    mod = _module()
-    x = np.ascontiguousarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != w.cols or x.shape[0] < 1:
-        raise ValueError(f"x must be (T >= 1, {w.cols}), got {x.shape}")
-    y = np.empty((x.shape[0], w.rows), np.float32)
-    with _lock:
-        mod.gemm(w.data, w.fmt, w.rows, w.cols, w.row_bytes, x, x.shape[0], y)
-    return y
+    return _product("gemm", x, w, None)
 
 
 def decode_supported(fmt: str, D: int, Dv: int, R: int, has_mask: bool, dtype) -> bool:

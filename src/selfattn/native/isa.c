@@ -9,6 +9,7 @@ const sa_kernels SA_CAT(sa_table, SA_ISA) = {
     .name = SA_STR(SA_ISA),
     .lanes = SA_W,
     .matmul = sa_matmul,
+    .matvecs = sa_matvecs,
     .gemm = sa_gemm,
     .dequant_rows = sa_dequant_rows,
     .dequant_range = sa_dequant_range,

@@ -16,6 +16,7 @@
 #ifdef SA_ISA
 #define sa_matmul SA_CAT(sa_matmul, SA_ISA)
 #define sa_gemm SA_CAT(sa_gemm, SA_ISA)
+#define sa_matvecs SA_CAT(sa_matvecs, SA_ISA)
 #define sa_dequant_rows SA_CAT(sa_dequant_rows, SA_ISA)
 #define sa_dequant_range SA_CAT(sa_dequant_range, SA_ISA)
 #define sa_row_decoder SA_CAT(sa_row_decoder, SA_ISA)
@@ -79,6 +80,8 @@ int sa_pool_threads(void);
 int sa_set_threads(int n);
 int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
               const float *x, int64_t T, float *y);
+int sa_matvecs(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+               const float *x, int64_t T, float *y);
 int sa_dequant_rows(const uint8_t *w, int fmt, int64_t cols, int64_t row_bytes,
                     const int64_t *rows, int64_t n, float *out);
 /* n values of a stored row (n a whole number of blocks) -> dst float32, exactly (dequant.c) */
@@ -136,6 +139,7 @@ typedef struct {
     const char *name; /* the level, as setup.py's LEVELS and SELFATTN_ISA name it */
     int lanes;        /* float32 lanes of the widest vectors its kernels use (fma_loop's width) */
     __typeof__(sa_matmul) *matmul;
+    __typeof__(sa_matvecs) *matvecs;
     __typeof__(sa_gemm) *gemm;
     __typeof__(sa_dequant_rows) *dequant_rows;
     __typeof__(sa_dequant_range) *dequant_range;

@@ -31,8 +31,9 @@ typedef struct {
     int64_t row_bytes, rows, cols, T, task_rows;
     int fmt;
     const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block */
-    const float *xs; /* sums of x over each group of sa_sub(fmt) values (T = 1, offset types) */
+    const float *xs; /* sums of each row of x over each group of sa_sub(fmt) values (each) */
     float *y;
+    int each;        /* every row of x through the one-token loop (T = 1, sa_matvecs) */
 } mv_args;
 
 /* The 16 nibble bytes of a q4 block, four at a time: each 32-bit word broadcast to eight lanes
@@ -122,10 +123,13 @@ SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const fl
         if (r1 > A->rows) r1 = A->rows;                                                          \
         for (int64_t r = r0; r < r1; r++) {                                                      \
             const uint8_t *row = A->w + r * A->row_bytes;                                        \
-            if (A->T == 1) {                                                                     \
-                float y = row_dot1(row, FMT, bb, nb, A->x);                                      \
-                for (int64_t i = tail; i < A->cols; i++) y += float_at(row, FMT, i) * A->x[i];   \
-                A->y[r] = y;                                                                     \
+            if (A->each) {                                                                       \
+                for (int64_t t = 0; t < A->T; t++) {                                             \
+                    const float *x = A->x + t * A->cols;                                         \
+                    float y = row_dot1(row, FMT, bb, nb, x);                                     \
+                    for (int64_t i = tail; i < A->cols; i++) y += float_at(row, FMT, i) * x[i];  \
+                    A->y[t * A->rows + r] = y;                                                   \
+                }                                                                                \
                 continue;                                                                        \
             }                                                                                    \
             __m256 acc[SA_MAX_T], w[4];                                                          \
@@ -394,12 +398,20 @@ SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const fl
         const int64_t nu = A->cols / sa_block_values(FMT);                                       \
         int64_t r0 = task * A->task_rows, r1 = r0 + A->task_rows;                                \
         if (r1 > A->rows) r1 = A->rows;                                                          \
+        const int64_t n_xs = A->cols / sa_sub(FMT);                                              \
         for (int64_t r = r0; r < r1; r++) {                                                      \
             const uint8_t *row = A->w + r * A->row_bytes;                                        \
-            if (A->T == 1 && FMT == SA_Q4_K) A->y[r] = q4_k_dot1(row, nu, A->x, A->xs);         \
-            else if (A->T == 1 && FMT == SA_Q6_K) A->y[r] = q6_k_dot1(row, nu, A->x, A->xs);    \
-            else if (A->T == 1) A->y[r] = unit_dot1(row, FMT, nu, A->x, A->xs);                  \
-            else unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                \
+            if (!A->each) {                                                                      \
+                unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                 \
+                continue;                                                                        \
+            }                                                                                    \
+            for (int64_t t = 0; t < A->T; t++) {                                                 \
+                const float *x = A->x + t * A->cols, *xs = A->xs + t * n_xs;                     \
+                float *y = A->y + t * A->rows + r;                                               \
+                if (FMT == SA_Q4_K) *y = q4_k_dot1(row, nu, x, xs);                              \
+                else if (FMT == SA_Q6_K) *y = q6_k_dot1(row, nu, x, xs);                         \
+                else *y = unit_dot1(row, FMT, nu, x, xs);                                        \
+            }                                                                                    \
         }                                                                                        \
     }
 
@@ -434,12 +446,11 @@ static sa_task_fn mv_task(int fmt) {
     }
 }
 
-/* w (rows, row_bytes) of type fmt, x (T, cols) float32 -> y (T, rows). Returns 0, -1 for
- * arguments the caller should have refused (checked again here: compiled code never trusts
- * them): an unknown type, cols not a whole number of blocks, row_bytes not the row's size, T
- * outside 1 .. SA_MAX_T; -2 when out of memory. */
-int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
-              const float *x, int64_t T, float *y) {
+/* each: every row of x through the one-token loop, so that each row of y has the bits a call
+ * with that row alone gives (several sequences' decode steps at once: each weight is read from
+ * memory once for all of them, and each sequence's tokens are what it gets alone) */
+static int mv_run(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+                  const float *x, int64_t T, float *y, int each) {
     sa_task_fn fn = mv_task(fmt);
     if (!fn || rows < 1 || T < 1 || T > SA_MAX_T || !sa_row_bytes(fmt, cols) ||
         row_bytes != sa_row_bytes(fmt, cols))
@@ -449,16 +460,17 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
      * then the sums of its groups */
     const int first = fmt == SA_F32 || fmt == SA_F16 || fmt == SA_BF16 || fmt == SA_Q4_0 ||
                       fmt == SA_Q4_1 || fmt == SA_Q8_0;
-    const int sub = sa_sub(fmt), sums = T == 1 && !first && (sa_has_min(fmt) || (Q6_K_WIDE && fmt == SA_Q6_K));
-    const int64_t n_x = T * cols, n_xs = sums ? cols / sub : 0;
+    each = each || T == 1;
+    const int sub = sa_sub(fmt), sums = each && !first && (sa_has_min(fmt) || (Q6_K_WIDE && fmt == SA_Q6_K));
+    const int64_t n_x = T * cols, n_xs = sums ? T * cols / sub : 0;
     float *xp = aligned_alloc(64, (size_t)((n_x + n_xs) * 4 + 63) / 64 * 64);
     if (!xp) return -2;
-    const int *order = fmt == SA_Q4_0 || fmt == SA_Q4_1 ? NIBBLE_ORDER : !first && T == 1 ? LANE_ORDER : NULL;
+    const int *order = fmt == SA_Q4_0 || fmt == SA_Q4_1 ? NIBBLE_ORDER : !first && each ? LANE_ORDER : NULL;
 #if SA_W == 16
-    if (fmt == SA_Q4_K && T == 1)
-        for (int64_t i = 0; i < n_x; i++) xp[i] = x[q4k_wide(i)];
-    else if (fmt == SA_Q6_K && T == 1)
-        for (int64_t i = 0; i < n_x; i++) xp[i] = x[q6k_wide(i)];
+    if (fmt == SA_Q4_K && each)
+        for (int64_t i = 0; i < n_x; i++) xp[i] = x[i / cols * cols + q4k_wide(i % cols)];
+    else if (fmt == SA_Q6_K && each)
+        for (int64_t i = 0; i < n_x; i++) xp[i] = x[i / cols * cols + q6k_wide(i % cols)];
     else
 #endif
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
@@ -471,8 +483,23 @@ int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row
     const int64_t want = (int64_t)TASKS_PER_THREAD * sa_pool_threads();
     int64_t task_rows = (rows + want - 1) / want;
     if (task_rows < MIN_TASK_ROWS) task_rows = MIN_TASK_ROWS;
-    mv_args A = {w, row_bytes, rows, cols, T, task_rows, fmt, xp, xs, y};
+    mv_args A = {w, row_bytes, rows, cols, T, task_rows, fmt, xp, xs, y, each};
     sa_pool_run(fn, &A, (rows + task_rows - 1) / task_rows);
     free(xp);
     return 0;
+}
+
+/* w (rows, row_bytes) of type fmt, x (T, cols) float32 -> y (T, rows). Returns 0, -1 for
+ * arguments the caller should have refused (checked again here: compiled code never trusts
+ * them): an unknown type, cols not a whole number of blocks, row_bytes not the row's size, T
+ * outside 1 .. SA_MAX_T; -2 when out of memory. */
+int sa_matmul(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+              const float *x, int64_t T, float *y) {
+    return mv_run(w, fmt, rows, cols, row_bytes, x, T, y, 0);
+}
+
+/* sa_matmul with each row of y exactly what a call with that row of x alone gives */
+int sa_matvecs(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t row_bytes,
+               const float *x, int64_t T, float *y) {
+    return mv_run(w, fmt, rows, cols, row_bytes, x, T, y, 1);
 }

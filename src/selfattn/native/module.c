@@ -102,6 +102,8 @@ static PyObject *product(PyObject *args, product_fn fn, const char *name) {
 
 static PyObject *py_matmul(PyObject *self, PyObject *args) { NEED_K; return product(args, K->matmul, "matmul"); }
 
+static PyObject *py_matvecs(PyObject *self, PyObject *args) { NEED_K; return product(args, K->matvecs, "matvecs"); }
+
 static PyObject *py_gemm(PyObject *self, PyObject *args) { NEED_K; return product(args, K->gemm, "gemm"); }
 
 static PyObject *py_dequant_rows(PyObject *self, PyObject *args) {
@@ -430,6 +432,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "y (T, rows) = x (T, cols) @ W^T, W in GGUF blocks"},
+    {"matvecs", py_matvecs, METH_VARARGS, "matmul, each row of y as that row of x alone gives"},
     {"gemm", py_gemm, METH_VARARGS, "the same for many rows of x: tiles of W decoded, then multiplied"},
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "rows of W by index -> float32"},
     {"dequant_range", py_dequant_range, METH_VARARGS, "rows r0 .. r1-1 of W -> float32"},
