@@ -11,9 +11,10 @@ import sys
 
 from .. import __version__, formats
 from .common import (CLIError, Parser, cache_options, context_size, int_list, nonneg_float,
-                     positive_int)
+                     nonneg_int, port_number, positive_int)
 from .instruments import cmd_bench, cmd_demo, cmd_plan, cmd_roofline
 from .look import cmd_inspect
+from .serve import cmd_serve
 from .text import cmd_generate, cmd_perplexity
 
 
@@ -110,6 +111,25 @@ def build_parser():
     b.add_argument("--kv-dtype", choices=list(formats.KV_TYPES), default="f32",
                    help="KV cache type of the runner (default f32)")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible local server that keeps each "
+                                      "conversation's K/V for its next turn")
+    sv.add_argument("--model", help="a GGUF file (default: SmolLM2-135M-Instruct)")
+    sv.add_argument("--alias", help="the model's name in the API (default: the file's stem)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                        "127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0: any free)")
+    sv.add_argument("--ctx", type=context_size, help="positions per slot (default: the model's, "
+                                                     "at most 4096)")
+    sv.add_argument("--slots", type=positive_int, default=2,
+                    help="requests run at once, each with its own KV cache (default 2)")
+    sv.add_argument("--kv-dtype", choices=list(formats.KV_TYPES), default="f32",
+                    help="KV cache type (default f32)")
+    sv.add_argument("--prefix-cache-mib", type=nonneg_int, default=512,
+                    help="K/V of earlier conversations kept for reuse, in MiB (default 512)")
+    sv.add_argument("--queue", type=positive_int, default=32,
+                    help="requests that may wait for a slot; more get 503 (default 32)")
+    sv.set_defaults(func=cmd_serve)
 
     from ..plan import hardware_entries, model_entries
 

@@ -43,14 +43,28 @@ def terminal(stderr=False):
     return Console(stderr=stderr, width=None if stream.isatty() else 150)
 
 
-def positive_int(text):
+def whole_number(text, low=1, high=None):
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    if n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"expected a number >= {low}"
+                                         + (f" and <= {high}" if high is not None else "")
+                                         + f", got {n}")
     return n
+
+
+def positive_int(text):
+    return whole_number(text)
+
+
+def nonneg_int(text):
+    return whole_number(text, 0)
+
+
+def port_number(text):
+    return whole_number(text, 0, 65535)
 
 
 MAX_CONTEXT = 1 << 24  # 16,777,216 positions: past any model's trained context
