@@ -2,12 +2,13 @@
 
     TTFT(N)      = linear FLOPs(N) / (peak FLOP/s · e_linear) + attention FLOPs(N) / (peak · e_attn)
     1 / tps(d)   = weight bytes / (bandwidth · e_weights) + KV bytes(d) / (bandwidth · e_kv)
+                   + t_token
 
 linear FLOPs = 2 · (layer weights) · N; attention FLOPs = 4 · D · (query, key) pairs, summed over
 heads and layers (N(N+1)/2 per head and layer for a causal prompt: the quadratic wall); KV bytes(d)
 = 2 · layers · kv heads · D · d · bytes per value (the bandwidth wall). The e's are efficiencies:
 the share of the peak an engine reaches. For catalog hardware they are a llama.cpp-class engine's
-(data/efficiency.json, fitted to published llama-bench results); for this machine they are
+per device class (published.py: fitted to published llama-bench results); for this machine they are
 selfattn's own, fitted by `selfattn bench` from measured TTFT and tokens/s against the measured
 roofline (uncalibrated defaults until bench has run).
 """
@@ -15,7 +16,6 @@ roofline (uncalibrated defaults until bench has run).
 from dataclasses import asdict, dataclass, field
 
 from ..cache import KV_BITS
-from .catalog import efficiency
 from .shape import ModelShape
 
 MAX_PLANNED_CTX = 1 << 24  # the largest context the planner searches (16M positions)
@@ -33,6 +33,7 @@ class Device:
     e_kv: float
     e_linear: float
     e_attention: float
+    t_token: float = 0.0  # seconds a step costs beyond its bytes (a GPU's kernel launches, syncs)
     weight_bits: float | None = None  # None: the file's own (quantized) bytes; 32: float32 copy
     packed: bool = False  # selfattn with its compiled kernels: matrices held as the file's blocks
     calibrated: bool = True
@@ -78,29 +79,19 @@ class Prediction:
         return asdict(self)
 
 
-def fitted_basis(kind: str) -> str:
-    """What a kind's efficiencies in data/efficiency.json rest on: fitted where published results
-    of devices of that kind are in data/validation.json, assumed where none are."""
-    from .catalog import find_hardware, load
-
-    n = len({r["hardware"] for r in load("validation.json")["results"]
-             if find_hardware(r["hardware"])["kind"] == kind})
-    if n:
-        return (f"fitted: published llama-bench results of {n} {kind} device{'s' * (n > 1)} "
-                "(plan/data/validation.json)")
-    return f"assumed: no published {kind} result in plan/data/validation.json to fit them to"
-
-
 def catalog_device(entry: dict, calibration: dict | None = None) -> Device:
-    """A catalog entry with its kind's fitted efficiencies, or with those a user's own llama-bench
-    run gave (`plan --calibrate-from`: calibration has e_* keys, 'source' and 'date')."""
-    e = efficiency(entry["kind"])
-    eff = dict(e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
-               e_attention=e["prefill"])
-    basis = fitted_basis(entry["kind"])
+    """A catalog entry with its class's efficiencies (fitted to published results: published.py),
+    or with those a user's own llama-bench run gave (`plan --calibrate-from`: calibration has e_*
+    keys, 'source' and 'date')."""
     if calibration:
-        eff = {k: calibration[k] for k in eff}
+        eff = {k: calibration[k] for k in ("e_weights", "e_kv", "e_linear", "e_attention")}
         basis = f"measured: llama-bench, {calibration['source']}, {calibration['date']}"
+    else:
+        from .published import class_efficiency
+
+        e, basis = class_efficiency(entry["class"])
+        eff = dict(e_weights=e["decode"], e_kv=e["decode"], e_linear=e["prefill"],
+                   e_attention=e["prefill"], t_token=e.get("t_token", 0.0))
     return Device(name=entry["name"], label=entry["label"],
                   memory_bytes=int(entry["memory_gb"] * 1e9), usable=entry["usable"],
                   bandwidth_gbs=entry["bandwidth_gbs"], tflops=entry["tflops"],
@@ -170,7 +161,8 @@ def ttft_s(shape: ModelShape, device: Device, n: int) -> float:
 def token_seconds(shape: ModelShape, device: Device, depth: int, kv_dtype: str) -> float:
     bw = device.bandwidth_gbs * 1e9
     w = weight_bytes_per_token(shape, device)
-    return w / (bw * device.e_weights) + shape.kv_bytes(depth, kv_dtype) / (bw * device.e_kv)
+    return (w / (bw * device.e_weights) + shape.kv_bytes(depth, kv_dtype) / (bw * device.e_kv)
+            + device.t_token)
 
 
 def max_ctx(shape: ModelShape, device: Device, kv_dtype: str) -> int:
