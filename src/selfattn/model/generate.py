@@ -12,8 +12,24 @@ import numpy as np
 from ..cache import KVCache
 from .transformer import Timings
 
-PREFILL_CHUNK = 2048  # prompt tokens per forward call: bounds activations (~25 MB for SmolLM2);
-# larger chunks than 512 cut TTFT at 4,000 tokens from 19.6 s to 17.3 s here (fewer, larger calls)
+PREFILL_CHUNK = 2048  # prompt tokens per forward call at most: larger chunks than 512 cut
+# SmolLM2's TTFT at 4,000 tokens from 19.6 s to 17.3 s (fewer, larger calls)
+ACTIVATIONS_MAX = 256 << 20  # bytes one chunk's activations may take: an 8B model gets 1,024
+# tokens a call (2,048 took ~0.9 GiB beside its cache), SmolLM2 the whole 2,048 (~60 MB)
+
+
+def activation_floats(dim: int, ffn_dim: int, q_dim: int, kv_dim: int) -> int:
+    """float32 values a prompt token's activations take in a forward call: x, h, the attention
+    output and the FFN's output (dim each), q (q_dim), k and v (kv_dim), gate, up and their
+    product (ffn_dim each)."""
+    return 4 * dim + 3 * ffn_dim + q_dim + 2 * kv_dim
+
+
+def prefill_chunk(dim: int, ffn_dim: int, q_dim: int, kv_dim: int) -> int:
+    """Prompt tokens per forward call: PREFILL_CHUNK, or fewer (a multiple of 256) where their
+    activations would pass ACTIVATIONS_MAX."""
+    per_token = 4 * activation_floats(dim, ffn_dim, q_dim, kv_dim)
+    return max(256, min(PREFILL_CHUNK, ACTIVATIONS_MAX // per_token // 256 * 256))
 
 
 @dataclass
@@ -71,11 +87,12 @@ class GenerationStats:
 
 
 def prefill(model, tokens, cache: KVCache, timings: Timings | None = None,
-            chunk: int = PREFILL_CHUNK, on_chunk=None) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last position's logits.
-    on_chunk(done, total), if given, is called before each chunk and after the last."""
+            chunk: int | None = None, on_chunk=None) -> np.ndarray:
+    """Run the prompt through the model in chunks (default: the model's `prefill_chunk`);
+    returns the last position's logits. on_chunk(done, total), if given, is called before each
+    chunk and after the last."""
     logits = None
-    chunk = min(chunk, cache.max_chunk)
+    chunk = min(chunk or model.prefill_chunk, cache.max_chunk)
     for start in range(0, len(tokens), chunk):
         if on_chunk:
             on_chunk(start, len(tokens))

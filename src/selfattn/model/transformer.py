@@ -207,6 +207,14 @@ class Transformer:
         return model
 
     @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per forward call (generate.prefill_chunk: activations bounded)."""
+        from .generate import prefill_chunk
+
+        a = self.args
+        return prefill_chunk(a.dim, a.ffn_dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim)
+
+    @property
     def weight_bytes(self) -> int:
         return self.weights.nbytes
 
@@ -290,8 +298,12 @@ class Transformer:
             g3 = gate * gate * gate
             inner = np.float32(np.sqrt(2 / np.pi)) * (gate + np.float32(0.044715) * g3)
             return np.float32(0.5) * gate * (np.float32(1) + np.tanh(inner)) * up
-        if native.available():
-            return native.swiglu(np.concatenate([gate, up], axis=1))
+        if native.available():  # 256 rows at a time: no (T, 2 ffn) copy of a long prompt's
+            out = np.empty_like(gate)
+            for r in range(0, gate.shape[0], 256):
+                out[r:r + 256] = native.swiglu(np.concatenate([gate[r:r + 256], up[r:r + 256]],
+                                                              axis=1))
+            return out
         return gate / (1.0 + np.exp(-gate)) * up
 
     # -- forward --------------------------------------------------------------------------------

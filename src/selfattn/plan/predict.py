@@ -142,12 +142,13 @@ def weight_bytes_per_token(shape: ModelShape, device: Device) -> int:
 
 def buffer_bytes(shape: ModelShape, device: Device) -> int:
     """Working memory besides weights and cache: the activations of one prefill batch (selfattn:
-    2048-token chunks, one row of logits; llama.cpp: 512-token micro-batches with their logits)."""
+    its prefill chunk, one row of logits; llama.cpp: 512-token micro-batches with their logits)."""
     if device.name == "this":
-        chunk = 2048
-        per_token = 4 * shape.dim + 3 * shape.ffn_dim + (shape.n_heads + 2 * shape.n_kv_heads) \
-            * shape.head_dim
-        return 4 * (chunk * per_token + shape.vocab)
+        from ..model.generate import activation_floats, prefill_chunk
+
+        dims = (shape.dim, shape.ffn_dim, shape.n_heads * shape.head_dim,
+                shape.n_kv_heads * shape.head_dim)
+        return 4 * (prefill_chunk(*dims) * activation_floats(*dims) + shape.vocab)
     ubatch = 512
     return 4 * ubatch * (shape.vocab + 4 * shape.dim + 2 * shape.ffn_dim)
 
