@@ -14,7 +14,8 @@ bits it gets alone), then one chunk of at most `PREFILL_STEP` prompt tokens of o
 client left (`Request.cancel`) is dropped at its next step.
 
 Events reach the request through its `emit` callback, called on the worker thread:
-("token", text) for each piece of text, then ("done", Result) or ("error", message).
+("token", text) for each piece of text (when it streams), then ("done", Result) or ("error",
+message).
 """
 
 import threading
@@ -27,8 +28,8 @@ import numpy as np
 from ..cache import KVCache
 from ..model import Sampler, StreamDecoder, Timings
 
-PREFILL_STEP = 256  # prompt tokens per turn while other slots decode
-PREFILL_ALONE = 2048  # prompt tokens per forward call when nothing else runs
+PREFILL_STEP = 256  # prompt tokens per turn while other slots decode (when nothing else runs:
+# the model's prefill chunk, as generate's)
 
 
 class QueueFull(Exception):
@@ -69,6 +70,7 @@ class Request:
     sampler: Sampler
     emit: object  # emit(kind, payload), called on the worker thread
     stop: tuple = ()
+    stream: bool = True  # False: no ("token", text) events, only the Result (whose text is whole)
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -105,12 +107,18 @@ class PrefixStore:
                 best, n_best = key, n
         return best, n_best
 
-    def restore(self, key, cache: KVCache) -> list:
-        k, v = self.entries[key]
+    def get(self, key) -> tuple:
+        """The entry's (k, v), marked as used now; held by the caller, a later put evicting the
+        entry does not take them away."""
         self.entries.move_to_end(key)
+        return self.entries[key]
+
+    @staticmethod
+    def restore(key, kv: tuple, cache: KVCache) -> list:
+        """An entry's K/V (get) into cache positions 0 .. len(key)-1; -> its tokens."""
         n = len(key)
-        cache.k[:, :, :, :n] = k
-        cache.v[:, :, :, :n] = v
+        cache.k[:, :, :, :n] = kv[0]
+        cache.v[:, :, :, :n] = kv[1]
         cache.length = n
         return list(key)
 
@@ -219,23 +227,33 @@ class Engine:
             req = self.queue.popleft()
             if req.cancelled.is_set():
                 continue
-            prompt = req.prompt_ids
-            slot = max(free, key=lambda s: common_prefix(s.tokens, prompt))
-            n = common_prefix(slot.tokens, prompt)
-            key, n_kept = self.store.best(prompt)
-            if n_kept > n:
-                self._keep(slot)
-                slot.tokens = self.store.restore(key, slot.cache)
-                n = n_kept
-            elif n < len(slot.tokens):
-                self._keep(slot)
-            n = min(n, len(prompt) - 1)  # the last prompt token always runs: its logits
-            slot.tokens = slot.tokens[:n]
-            slot.cache.length = n
-            slot.reset()
-            slot.req, slot.cached, slot.pending = req, n, list(prompt[n:])
-            slot.decoder = StreamDecoder(self.tok)
-            slot.t_admit = time.perf_counter()
+            slot = max(free, key=lambda s: common_prefix(s.tokens, req.prompt_ids))
+            try:
+                self._assign(slot, req)
+            except Exception as e:  # noqa: BLE001 - a bug: this request fails, the rest go on
+                slot.req, slot.tokens, slot.cache.length = None, [], 0
+                _emit(req, "error", f"internal error, a bug in selfattn: {type(e).__name__}: {e}")
+
+    def _assign(self, slot: Slot, req: Request):
+        """req into slot, with the longest cached prefix of its prompt: the slot's own, or a
+        kept one copied in (the slot's content kept first, if it is not a prefix of the prompt)."""
+        prompt = req.prompt_ids
+        n = common_prefix(slot.tokens, prompt)
+        key, n_kept = self.store.best(prompt)
+        if n_kept > n:
+            kv = self.store.get(key)
+            self._keep(slot)  # may evict `key`'s entry: kv is held
+            slot.tokens = self.store.restore(key, kv, slot.cache)
+            n = n_kept
+        elif n < len(slot.tokens):
+            self._keep(slot)
+        n = min(n, len(prompt) - 1)  # the last prompt token always runs: its logits
+        slot.tokens = slot.tokens[:n]
+        slot.cache.length = n
+        slot.reset()
+        slot.req, slot.cached, slot.pending = req, n, list(prompt[n:])
+        slot.decoder = StreamDecoder(self.tok)
+        slot.t_admit = time.perf_counter()
 
     def _keep(self, slot: Slot):
         if slot.tokens:
@@ -256,7 +274,7 @@ class Engine:
         if prefilling:
             s = min(prefilling, key=lambda s: s.req.arrived)
             alone = not any(x.req is not None and not x.pending for x in self.slots)
-            self._prefill(s, PREFILL_ALONE if alone else PREFILL_STEP)
+            self._prefill(s, self.model.prefill_chunk if alone else PREFILL_STEP)
 
     def _forward(self, s: Slot, ids):
         try:
@@ -318,7 +336,8 @@ class Engine:
 
     def _send(self, s: Slot, upto: int):
         if upto > s.sent:
-            _emit(s.req, "token", s.text[s.sent:upto])
+            if s.req.stream:
+                _emit(s.req, "token", s.text[s.sent:upto])
             s.sent = upto
 
     def _finish(self, s: Slot, error, reason=""):
