@@ -354,3 +354,67 @@ def test_a_failing_request_does_not_stop_the_engine(loaded):
         assert kind == "done" and result.completion_tokens >= 1
     finally:
         engine.close()
+
+
+def test_the_chat_page_streams_and_shows_the_reuse(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from .test_inspect import _browser
+
+    browser = _browser(tmp_path)
+    try:
+        browser.get(server.url + "/")
+        body = browser.find_element(By.TAG_NAME, "body")
+        WebDriverWait(browser, 30).until(lambda b: body.get_attribute("data-ready") == "1")
+        assert "smollm2" in browser.find_element(By.ID, "model").text
+        for turn, text in enumerate(["Name a colour.", "And another one?"], 1):
+            box = browser.find_element(By.ID, "prompt")
+            box.send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            WebDriverWait(browser, 120).until(
+                lambda b: body.get_attribute("data-replies") == str(turn)
+                and body.get_attribute("data-busy") == "0")
+        replies = browser.find_elements(By.CSS_SELECTOR, ".assistant")
+        stats = browser.find_elements(By.CSS_SELECTOR, ".stats")
+        assert len(replies) == 2 and all(r.text.strip() for r in replies)
+        assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+        assert len(stats) == 2 and float(stats[0].get_attribute("data-ttft")) > 0
+        assert int(stats[1].get_attribute("data-cached")) > 0  # the first turn's K/V reused
+        assert "tok/s" in stats[1].text and "reused" in stats[1].text
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert errors == []
+    finally:
+        browser.quit()
+
+
+def test_a_kept_prefix_survives_the_put_that_evicts_it(loaded):
+    """One conversation's room in the prefix store: moving a slot from B back to A keeps B,
+    which evicts A, whose K/V is being copied back; A still comes back whole, and the engine
+    goes on."""
+    model, tok = loaded
+    a = tok.encode("Owls hunt at night and sleep by day. " * 12)
+    b = tok.encode("Bees make honey from the nectar of flowers. " * 12)
+    per_token = 2 * model.args.n_layers * model.args.n_kv_heads * model.args.head_dim * 4
+    engine = Engine(model, tok, CTX, slots=1,
+                    prefix_cache_bytes=int(1.5 * per_token * max(len(a), len(b)) + 4 * per_token))
+
+    def run(ids):
+        done, out = threading.Event(), []
+
+        def emit(kind, payload):
+            if kind != "token":
+                out.append((kind, payload))
+                done.set()
+        engine.submit(Request(ids, 2, Sampler(), emit))
+        assert done.wait(60), "no answer: the engine stopped"
+        assert out[0][0] == "done", out
+        return out[0][1]
+    try:
+        run(a)
+        run(b)  # a's K/V goes to the store
+        again = run(a + tok.encode(" Why?"))  # b's K/V in, a's out, a's copied back
+        assert again.cached_tokens >= len(a) - 1
+        run(b)  # the engine still answers
+    finally:
+        engine.close()

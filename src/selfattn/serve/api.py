@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over an Engine (Starlette; served by uvicorn).
 
 POST /v1/chat/completions and /v1/completions, streamed (SSE) or not; GET /v1/models, /health,
-/metrics (Prometheus text). Every bad request gets a 4xx in OpenAI's error format
+/metrics (Prometheus text), and / (a chat page: page.py). Every bad request gets a 4xx in OpenAI's error format
 ({"error": {"message", "type", "param", "code"}}); the body is read up to MAX_BODY bytes. The
 chat template (a stranger's code, rendered bounded: model/template.py) and the tokenizer run on
 a thread of their own, so the event loop never waits on them or on the model.
@@ -15,13 +15,14 @@ import uuid
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import ModelError
 from ..model import Sampler
 from .engine import QueueFull, Request
 from .metrics import Metrics
+from .page import PAGE
 
 MAX_BODY = 16 << 20  # bytes of one request body
 MAX_STOPS = 4  # OpenAI's limit
@@ -173,6 +174,7 @@ def make_app(engine, model_id: str, model_path: str = "") -> Starlette:
             stream = _get(body, "stream", (bool,), False)
             options = _get(body, "stream_options", (dict,), {})
             include_usage = options.get("include_usage") is True
+            sampling(body, ctx, 1)  # the fields' types and ranges, before any tokenizing
             if chat:
                 messages = chat_messages(body)
                 ids = await run_in_threadpool(chat_ids, messages)
@@ -194,7 +196,7 @@ def make_app(engine, model_id: str, model_path: str = "") -> Starlette:
         req = Request(ids, max_tokens, sampler,
                       lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait,
                                                                       (kind, payload)),
-                      stop=stop)
+                      stop=stop, stream=stream)
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -208,7 +210,6 @@ def make_app(engine, model_id: str, model_path: str = "") -> Starlette:
             return StreamingResponse(sse(events, req, shape, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text = []
         while True:
             try:
                 kind, payload = await asyncio.wait_for(events.get(), 0.5)
@@ -218,12 +219,10 @@ def make_app(engine, model_id: str, model_path: str = "") -> Starlette:
                     metrics.request(endpoint, 499)
                     return Response(status_code=499)
                 continue
-            if kind == "token":
-                text.append(payload)
-            elif kind == "error":
+            if kind == "error":
                 metrics.request(endpoint, 500)
                 return error_response(500, payload, kind="server_error")
-            else:
+            elif kind == "done":
                 metrics.request(endpoint, 200)
                 return JSONResponse(shape.whole(payload))
 
@@ -247,11 +246,15 @@ def make_app(engine, model_id: str, model_path: str = "") -> Starlette:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    async def page(request):
+        return HTMLResponse(PAGE)
+
     routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
-              Route("/metrics", prometheus, methods=["GET"])]
+              Route("/metrics", prometheus, methods=["GET"]),
+              Route("/", page, methods=["GET"])]
 
     async def not_found(request, exc):
         status = getattr(exc, "status_code", 404)
@@ -268,7 +271,7 @@ class Shape:
         self.chat, self.rid, self.model, self.created = chat, rid, model_id, created
         self.kind = "chat.completion" if chat else "text_completion"
 
-    def _head(self, kind):
+    def head(self, kind):
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
 
     def usage(self, r):
@@ -283,7 +286,7 @@ class Shape:
         else:
             choice = {"index": 0, "text": r.text, "finish_reason": r.finish_reason,
                       "logprobs": None}
-        return {**self._head(self.kind), "choices": [choice], "usage": self.usage(r),
+        return {**self.head(self.kind), "choices": [choice], "usage": self.usage(r),
                 "timings": r.timings()}
 
     def chunk(self, text=None, finish=None, role=False):
@@ -294,7 +297,7 @@ class Shape:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return {**self._head(kind), "choices": [choice]}
+        return {**self.head(kind), "choices": [choice]}
 
 
 def _event(obj) -> bytes:
@@ -322,7 +325,7 @@ async def sse(events, req, shape: Shape, include_usage: bool):
                 last["usage"], last["timings"] = shape.usage(payload), payload.timings()
                 yield _event(last)
                 if include_usage:
-                    tail = {**shape._head(last["object"]), "choices": [],
+                    tail = {**shape.head(last["object"]), "choices": [],
                             "usage": shape.usage(payload), "timings": payload.timings()}
                     yield _event(tail)
                 break

@@ -1,0 +1,228 @@
+"""`selfattn serve` against its own targets, on the real CLI server (a subprocess, localhost):
+
+- turns: the follow-up turn of a conversation with ~--history tokens of history, TTFT against
+  the first turn's (each repetition a fresh conversation, so the first turn is cold);
+- streams: --streams greedy streams at once, aggregate decode tokens/s against one stream's,
+  and each stream's text against what it got alone;
+- generate: one stream through the server against `selfattn generate` on the same prompt
+  (TTFT and decode tokens/s), both in their own processes.
+
+    python benchmarks/serve.py [--model PATH] [--history 2000] [--streams 4] [--gen 64]
+                               [--reps 3] [--ctx 4096] [--json out.json]
+
+TTFT here is the server's own (`timings.ttft_ms`: arrival to first token); the client's (to the
+first content chunk over HTTP) is recorded beside it.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# TCP_NODELAY: httpx writes a request's headers and body apart, and without it the body waits
+# for the server's delayed ACK (~40 ms) - the client's cost, not the server's
+CLIENT = httpx.Client(timeout=None, transport=httpx.HTTPTransport(
+    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]))
+
+
+def start_server(args, slots):
+    cmd = [sys.executable, "-m", "selfattn.cli", "serve", "--port", "0", "--slots", str(slots),
+           "--ctx", str(args.ctx), "--prefix-cache-mib", str(getattr(args, "prefix_mib", 512))] \
+        + (["--model", args.model] if args.model else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stderr.readline()
+    if not line.startswith("selfattn serve: "):
+        p.kill()
+        raise SystemExit(f"the server did not start: {line}{p.stderr.read()}")
+    p.log = []  # what it says later, read as it comes (a full pipe would stop it)
+    threading.Thread(target=lambda: p.log.extend(p.stderr), daemon=True).start()
+    return p, line.split(" on ")[1].split()[0]
+
+
+def stop_server(p):
+    p.send_signal(2)
+    p.wait(60)
+
+
+def chat(url, messages, max_tokens, prompt=None):
+    """One streamed greedy request, a chat (or with prompt, a plain completion) -> (text, client
+    TTFT s, final timings, usage)."""
+    t0 = time.perf_counter()
+    ttft, text, last = None, [], None
+    what = {"messages": messages} if prompt is None else {"prompt": prompt}
+    body = {**what, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    path = "/chat/completions" if prompt is None else "/completions"
+    with CLIENT.stream("POST", url + path, json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            for c in ev.get("choices", []):
+                piece = c.get("text") if prompt is not None else c.get("delta", {}).get("content")
+                if piece:
+                    ttft = ttft or time.perf_counter() - t0
+                    text.append(piece)
+            if "timings" in ev:
+                last = ev
+    return "".join(text), ttft, last["timings"], last["usage"]
+
+
+def history(tok, n_tokens, offset):
+    """A conversation of about n_tokens: a long user message from the corpus, an answer, and a
+    question; offset picks another part of the corpus for each repetition."""
+    from _corpus import english_text
+
+    text = english_text()
+    ids = tok.encode(text)
+    body = tok.decode(ids[offset:offset + n_tokens])
+    return [{"role": "user", "content": "Read this and summarise it in one sentence.\n\n" + body}]
+
+
+def turns(url, tok, args):
+    rows = []
+    for rep in range(args.reps):
+        messages = history(tok, args.history, 3000 * rep)
+        text, c1, t1, u1 = chat(url, messages, 32)
+        messages += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": "Now say it in five words."}]
+        _, c2, t2, u2 = chat(url, messages, 32)
+        rows.append(dict(first_ttft_ms=t1["ttft_ms"], follow_ttft_ms=t2["ttft_ms"],
+                         first_client_ms=1e3 * c1, follow_client_ms=1e3 * c2,
+                         first_prompt=u1["prompt_tokens"], follow_prompt=u2["prompt_tokens"],
+                         follow_cached=u2["prompt_tokens_details"]["cached_tokens"],
+                         ratio=t2["ttft_ms"] / t1["ttft_ms"]))
+        print(f"turns rep {rep}: first {t1['ttft_ms']:.0f} ms ({u1['prompt_tokens']} tokens), "
+              f"follow-up {t2['ttft_ms']:.0f} ms ({u2['prompt_tokens']} tokens, "
+              f"{rows[-1]['follow_cached']} cached): {100 * rows[-1]['ratio']:.1f}%", flush=True)
+    return rows
+
+
+PROMPTS = ["Write a short poem about the sea.", "List five uses of a paperclip.",
+           "Explain photosynthesis to a child.", "Describe a busy market in the morning.",
+           "Give three tips for learning to cook.", "What makes a good friend?",
+           "Describe the moon to someone who has never seen it.", "Plan a day in a small town."]
+
+
+def streams(url, args):
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:args.streams]]
+    alone = []
+    for m in prompts:
+        t0 = time.perf_counter()
+        text, _, t, u = chat(url, m, args.gen)
+        alone.append(dict(text=text, tokens=u["completion_tokens"], wall_s=time.perf_counter() - t0,
+                          tps=t["predicted_per_second"]))
+    results = [None] * len(prompts)
+
+    def run(i):
+        t0 = time.perf_counter()
+        text, _, t, u = chat(url, prompts[i], args.gen)
+        results[i] = dict(text=text, tokens=u["completion_tokens"], end=time.perf_counter(),
+                          start=t0, tps=t["predicted_per_second"], ttft_ms=t["ttft_ms"])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = max(r["end"] for r in results) - t0
+    one = statistics.median(a["tokens"] / a["wall_s"] for a in alone)
+    together = sum(r["tokens"] for r in results) / wall
+    same = [a["text"] == r["text"] for a, r in zip(alone, results)]
+    print(f"streams: one alone {one:.1f} tok/s (request wall), {len(prompts)} at once "
+          f"{together:.1f} tok/s aggregate = {together / one:.2f}x; identical to alone: {same}",
+          flush=True)
+    return dict(alone=alone, together=results, one_tps=one, aggregate_tps=together,
+                ratio=together / one, identical=same)
+
+
+def versus_generate(url, args):
+    """A plain completion, not streamed (a client woken for every token would take a core from
+    the server's two here), whose first token no earlier request had, so that nothing is reused
+    (cache_n says so), against `generate --raw --json` of the same text. The client's wall time
+    beyond the server's TTFT and decode time is the HTTP overhead."""
+    rows = []
+    for rep in range(args.reps):
+        prompt = f"{rep}. Once upon a time, in a small village by the sea,"
+        t0 = time.perf_counter()
+        r = CLIENT.post(url + "/completions", json={
+            "prompt": prompt, "max_tokens": args.gen, "temperature": 0})
+        wall_ms = 1e3 * (time.perf_counter() - t0)
+        r.raise_for_status()
+        t = r.json()["timings"]
+        cmd = [sys.executable, "-m", "selfattn.cli", "generate", prompt, "--raw", "--json",
+               "--max-tokens", str(args.gen), "--ctx", str(args.ctx)] + (
+                   ["--model", args.model] if args.model else [])
+        g = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        rows.append(dict(server_ttft_ms=t["ttft_ms"], server_cached=t["cache_n"],
+                         server_tps=t["predicted_per_second"], tokens=t["predicted_n"],
+                         http_overhead_ms=wall_ms - t["ttft_ms"] - t["predicted_ms"],
+                         generate_ttft_ms=1e3 * g["ttft_s"], generate_tps=g["decode_tps"],
+                         generate_tokens=g["generated_tokens"]))
+        print(f"vs generate rep {rep}: TTFT server {t['ttft_ms']:.1f} ms ({t['cache_n']} cached) / "
+              f"generate {1e3 * g['ttft_s']:.1f} ms; tok/s {t['predicted_per_second']:.1f} / "
+              f"{g['decode_tps']:.1f}; HTTP beyond them {rows[-1]['http_overhead_ms']:.1f} ms",
+              flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--history", type=int, default=2000)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not 1 <= args.streams <= len(PROMPTS):
+        raise SystemExit(f"--streams must be 1 .. {len(PROMPTS)}")
+    from selfattn.model import Tokenizer, default_model_path
+    from selfattn.model.gguf_file import open_gguf
+
+    path = args.model or str(default_model_path())
+    tok = Tokenizer.from_gguf(open_gguf(path), path)
+    out = dict(model=path, cpu=_cpu(), threads=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+    p, url = start_server(args, args.streams)
+    try:
+        out["turns"] = turns(url, tok, args)
+        out["streams"] = streams(url, args)
+        out["generate"] = versus_generate(url, args)
+    finally:
+        stop_server(p)
+    r = [t["ratio"] for t in out["turns"]]
+    print(f"follow-up TTFT / first TTFT: median {100 * statistics.median(r):.1f}% "
+          f"(target <= 15%)")
+    print(f"{args.streams} streams aggregate / one: {out['streams']['ratio']:.2f}x (target >= 2.5x)")
+    g = out["generate"]
+    print(f"server vs generate: TTFT {statistics.median(x['server_ttft_ms'] for x in g):.1f} / "
+          f"{statistics.median(x['generate_ttft_ms'] for x in g):.1f} ms, tok/s "
+          f"{statistics.median(x['server_tps'] for x in g):.1f} / "
+          f"{statistics.median(x['generate_tps'] for x in g):.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
