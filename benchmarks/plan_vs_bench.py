@@ -42,7 +42,7 @@ def main():
     refused = bench.refusals(cal, fit, shape, roofline)
     table = Table(title=f"plan --hardware this (calibrated on {args.calibration}) against "
                         f"{args.check}")
-    for col in ("test", "measured", "predicted", "error", "in the issue's range"):
+    for col in ("test", "measured", "predicted", "error", "judged"):
         table.add_column(col, justify="right")
     errors = []
     for r in records(args.check):
