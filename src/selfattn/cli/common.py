@@ -218,6 +218,13 @@ def cache_options(parser):
                              "what is kept once the stream outgrows the cache")
 
 
+def check_kv_dtype(kv_dtype: str, head_dim: int):
+    """The compact KV types' blocks of 32 must tile a head."""
+    if kv_dtype in ("q8_0", "q4_0") and head_dim % 32:
+        raise CLIError(f"--kv-dtype {kv_dtype} needs a head dim that is a multiple of 32; "
+                       f"this model's is {head_dim}")
+
+
 def guard_memory(args, opened):
     """-> (policy, ctx). Reads the file's shape only (opened: open_model_file's result); refuses,
     before the weights or the cache are allocated, what this machine's free memory cannot hold."""
@@ -230,9 +237,7 @@ def guard_memory(args, opened):
     every_layer = shape.sliding_window and shape.sliding_layers == shape.n_layers
     text = args.context_policy or (f"window:{shape.sliding_window}" if every_layer else "full")
     policy = parse_policy(text)
-    if args.kv_dtype in ("q8_0", "q4_0") and shape.head_dim % 32:
-        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32; "
-                       f"this model's is {shape.head_dim}")
+    check_kv_dtype(args.kv_dtype, shape.head_dim)
     ctx = args.ctx or shape.context
     positions = ctx if policy.kind == "full" else policy.sinks + policy.window + 512
     available = available_memory()

@@ -4,7 +4,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .common import CLIError, load_model, open_model_file
+from .common import CLIError, check_kv_dtype, load_model, open_model_file
 
 DEFAULT_CTX = 4096  # positions per slot when the model's own context is longer
 
@@ -21,9 +21,7 @@ def cmd_serve(args):
     path, reader, _ = opened
     shape = ModelShape.from_gguf(reader, path)
     ctx = args.ctx or min(shape.context, DEFAULT_CTX)
-    if args.kv_dtype in ("q8_0", "q4_0") and shape.head_dim % 32:
-        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32; "
-                       f"this model's is {shape.head_dim}")
+    check_kv_dtype(args.kv_dtype, shape.head_dim)
     available = available_memory()
     if available is not None:  # every slot's cache, and the kept prefixes as positions
         kept = args.prefix_cache_mib * 2**20 // max(shape.kv_bytes(1, args.kv_dtype), 1)

@@ -2,8 +2,8 @@
 
 import sys
 
-from .common import (CLIError, chat_mode, check_system, guard_memory, load_model,
-                     open_model_file, prompt_ids, terminal)
+from .common import (CLIError, chat_mode, check_kv_dtype, check_system, guard_memory,
+                     load_model, open_model_file, prompt_ids, terminal)
 
 
 def cmd_generate(args):
@@ -145,8 +145,7 @@ def cmd_perplexity(args):
     if args.recompute and policy.kind != "full":
         raise CLIError("--recompute is its own method: leave --context-policy out")
     model, tok, path, _ = load_model(args.model, args.kv_dtype)
-    if args.kv_dtype in ("q8_0", "q4_0") and model.args.head_dim % 32:
-        raise CLIError(f"--kv-dtype {args.kv_dtype} needs a head dim that is a multiple of 32")
+    check_kv_dtype(args.kv_dtype, model.args.head_dim)
     ids = tok.encode(text)
     if args.max_text_tokens:
         ids = ids[:args.max_text_tokens]

@@ -132,8 +132,8 @@ def common_prefix(a, b) -> int:
 
 
 class Slot:
-    def __init__(self, index: int, cache: KVCache):
-        self.index, self.cache = index, cache
+    def __init__(self, cache: KVCache):
+        self.cache = cache
         self.tokens = []  # ids whose K/V positions 0 .. len-1 of the cache hold
         self.req = None
         self.reset()
@@ -155,7 +155,7 @@ class Engine:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model, self.tok, self.ctx = model, tokenizer, ctx
-        self.slots = [Slot(i, KVCache.for_model(model.args, ctx, kv_dtype)) for i in range(slots)]
+        self.slots = [Slot(KVCache.for_model(model.args, ctx, kv_dtype)) for _ in range(slots)]
         self.store = PrefixStore(prefix_cache_bytes)
         self.queue, self.queue_max = deque(), queue_max
         self.eos = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
