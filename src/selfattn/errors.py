@@ -7,3 +7,8 @@ class ModelError(ValueError):
 
 class ContextError(ValueError):
     """A request that does not fit the context (the KV cache) it would run in."""
+
+
+class DistributedError(ValueError):
+    """Context parallelism that cannot run: no MPI, too few ranks, or a rank that stopped
+    answering (every wait on the others has a deadline)."""

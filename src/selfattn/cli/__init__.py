@@ -12,6 +12,7 @@ import sys
 from .. import __version__, formats
 from .common import (CLIError, Parser, cache_options, context_size, int_list, nonneg_float,
                      nonneg_int, port_number, positive_int)
+from . import parallel
 from .instruments import cmd_bench, cmd_demo, cmd_plan, cmd_roofline
 from .look import cmd_inspect
 from .serve import cmd_serve
@@ -56,6 +57,7 @@ def build_parser():
                      help="where the prompt's and the decode's time went (matmuls, attention, "
                           "other operations, sampling, the rest), against this machine's roofline")
     cache_options(gen)
+    parallel.options(gen)
     gen.set_defaults(func=cmd_generate)
 
     ppl = sub.add_parser("perplexity", help="perplexity of the model on a text file "
@@ -151,6 +153,13 @@ def build_parser():
                     help="your own `llama-bench -o json` run of --model on the one catalog "
                          "--hardware: its efficiencies replace the published ones for that "
                          "device from now on (kept in ~/.cache/selfattn)")
+    pl.add_argument("--nodes", type=positive_int, metavar="N",
+                    help="also predict context parallelism on N such nodes (ring prefill, "
+                         "sharded KV cache)")
+    pl.add_argument("--link-gbps", type=float, metavar="B",
+                    help="with --nodes: the link between nodes, in gigabits per second")
+    pl.add_argument("--link-latency-us", type=nonneg_float, default=5.0, metavar="US",
+                    help="with --nodes: one message's latency on that link, in microseconds")
     pl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
     return parser

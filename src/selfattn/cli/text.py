@@ -2,38 +2,53 @@
 
 import sys
 
+from . import parallel
 from .common import (CLIError, chat_mode, check_kv_dtype, check_system, guard_memory,
                      load_model, open_model_file, prompt_ids, terminal)
 
 
 def cmd_generate(args):
-    import json
-
     from ..model import Sampler
 
-    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed)
     check_system(args)
+    Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # checked early
+    cp = parallel.start(args)
+    if cp is None:
+        return generate_here(args, None)
+    with cp.errors("generate"):
+        generate_here(args, cp)
+
+
+def generate_here(args, cp):
+    """generate on this process; cp: this rank's part of a --context-parallel launch, or None
+    (then only rank 0 prints)."""
+    import json
+
+    quiet = cp is not None and not cp.prints
     # progress on a terminal only: nothing extra with --json or when piped
     console = terminal(stderr=True)
-    status = console.status("opening the model...") if console.is_terminal and not args.json \
-        else None
+    status = console.status("opening the model...") \
+        if console.is_terminal and not args.json and not quiet else None
     if status:
         status.start()
     try:
-        stats, tok, path, load_s, policy, ctx, eos = run_generate(args, sampler, status)
+        stats, tok, path, load_s, policy, ctx, eos, cache = run_generate(args, status, cp)
     finally:
         if status:
             status.stop()
+    if quiet:
+        return
     out_ids = [t for t in stats.token_ids if t not in eos]
     text_out = tok.decode(out_ids, skip_special=True)
     roofline = this_roofline(measure=args.breakdown)
     parts = phases(stats, roofline)
     if args.json:
+        extra = {} if cp is None else dict(context_parallel=cp.figures(cache, model_layers(
+            cache)))
         print(json.dumps(dict(model=str(path), chat=chat_mode(tok, args), text=text_out,
                               load_s=load_s, ctx=ctx,
                               kv_dtype=args.kv_dtype, context_policy=str(policy),
-                              **stats.as_dict(), breakdown=parts)))
+                              **stats.as_dict(), breakdown=parts, **extra)))
     else:
         print()
         print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
@@ -42,15 +57,28 @@ def cmd_generate(args):
               f"attention {100 * stats.attention_share:.0f}% of forward time | KV cache "
               f"{stats.kv_cache_bytes / 2**20:.0f} MiB {args.kv_dtype}, "
               f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
+        if cp is not None:
+            f = cp.figures(cache, model_layers(cache))
+            print(f"[context parallel: {f['ranks']} ranks x {f['threads_per_rank']} threads | KV "
+                  f"cache {f['kv_cache_bytes_per_rank'] / 2**20:.0f} MiB a rank | ring "
+                  f"{f['ring_bytes_sent_per_layer'] / 2**20:.2f} MiB sent a layer by rank 0, "
+                  f"{100 * f['ring_hidden_share']:.0f}% of its transfer time behind compute | "
+                  f"decode waited {f['decode_wait_s'] * 1e3:.0f} ms on the others]",
+                  file=sys.stderr)
         if args.breakdown:
             show_breakdown(parts, stats, roofline)
 
 
-def run_generate(args, sampler, status):
+def model_layers(cache) -> int:
+    return cache.k.shape[0]
+
+
+def run_generate(args, status, cp=None):
     """cmd_generate's work, with `status` (a rich Status, or None) saying what it is doing
-    until the first token streams. -> (stats, tokenizer, path, load_s, policy, ctx, eos ids)."""
+    until the first token streams. -> (stats, tokenizer, path, load_s, policy, ctx, eos ids,
+    cache)."""
     from ..cache import make_cache
-    from ..model import StreamDecoder, generate
+    from ..model import Sampler, StreamDecoder, generate
 
     opened = open_model_file(args.model)
     policy, ctx = guard_memory(args, opened)
@@ -62,7 +90,14 @@ def run_generate(args, sampler, status):
         raise CLIError(f"the prompt is {len(ids)} tokens, the context is {ctx}: raise --ctx, "
                        "shorten the prompt, or let old tokens go with --context-policy "
                        "sink:4,window:W")
-    cache = make_cache(model.args, policy, ctx, args.kv_dtype)
+    if cp is None:
+        cache = make_cache(model.args, policy, ctx, args.kv_dtype)
+        seed = args.seed
+    else:  # every rank samples alike: one seed
+        cache = cp.cache(model.args, policy, ctx, args.kv_dtype)
+        seed = cp.shared_seed(args.seed)
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=seed)
     budget = args.max_tokens if policy.kind != "full" else min(args.max_tokens, ctx - len(ids))
     stream = StreamDecoder(tok)
 
@@ -71,6 +106,8 @@ def run_generate(args, sampler, status):
             status.update(f"prompt: {done:,} of {total:,} tokens through the model...")
 
     def show(token_id):
+        if cp is not None and not cp.prints:
+            return
         if status:
             status.stop()  # the first token: the text takes over
         if token_id != tok.eos_id:
@@ -79,7 +116,7 @@ def run_generate(args, sampler, status):
     eos = {tok.eos_id} if tok.eos_id is not None else set()
     stats = generate(model, ids, budget, sampler, cache, eos, None if args.json else show,
                      prefilling)
-    return stats, tok, path, load_s, policy, ctx, eos
+    return stats, tok, path, load_s, policy, ctx, eos, cache
 
 
 def this_roofline(measure: bool) -> dict | None:

@@ -90,7 +90,16 @@ def prefill(model, tokens, cache: KVCache, timings: Timings | None = None,
             chunk: int | None = None, on_chunk=None) -> np.ndarray:
     """Run the prompt through the model in chunks (default: the model's `prefill_chunk`);
     returns the last position's logits. on_chunk(done, total), if given, is called before each
-    chunk and after the last."""
+    chunk and after the last. A context-parallel cache (distributed.ShardedKVCache) takes the
+    prompt whole: each rank runs its share of it, and every rank gets the last logits."""
+    if hasattr(cache, "split"):
+        if on_chunk:
+            on_chunk(0, len(tokens))
+        mine, runs = cache.split(np.asarray(tokens))
+        logits = cache.last_logits(model.forward(mine, cache, runs, timings))
+        if on_chunk:
+            on_chunk(len(tokens), len(tokens))
+        return logits
     logits = None
     chunk = min(chunk or model.prefill_chunk, cache.max_chunk)
     for start in range(0, len(tokens), chunk):

@@ -249,12 +249,20 @@ class Transformer:
             self._rope_cache[key] = (n, cos, sin)
         return cos, sin
 
-    def rope(self, x: np.ndarray, pos: int, layer: int = 0) -> np.ndarray:
-        """x (T, heads, D) at positions pos .. pos+T-1; rotates halves of rope_dim (in place when
-        x is contiguous). RoPE, RMSNorm and SwiGLU run compiled when the kernels are built, for
+    def rope(self, x: np.ndarray, pos, layer: int = 0) -> np.ndarray:
+        """x (T, heads, D) at positions pos .. pos+T-1 (pos: a start, or runs ((start, count),
+        ...) of a context-parallel shard); rotates halves of rope_dim (in place when x is
+        contiguous). RoPE, RMSNorm and SwiGLU run compiled when the kernels are built, for
         prompts and decode steps alike, so that a token's K is the same bits either way (a
         quantized cache would otherwise round it differently); the NumPy lines are the fallback
         and the tests' twin."""
+        if isinstance(pos, tuple):
+            r = 0
+            out = np.empty_like(x)
+            for start, count in pos:
+                out[r:r + count] = self.rope(x[r:r + count], start, layer)
+                r += count
+            return out
         T = x.shape[0]
         half = self.args.rope_dim // 2
         cos, sin = self.rope_tables(pos + T, layer)
@@ -426,7 +434,8 @@ class Transformer:
 
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
                 all_logits: bool = False, observe=None) -> np.ndarray:
-        """tokens (T,) at positions pos .. pos+T-1, after `pos` tokens already in `cache`.
+        """tokens (T,) at positions pos .. pos+T-1, after `pos` tokens already in `cache` (for a
+        context-parallel cache, a prompt's pos is this rank's runs ((start, count), ...)).
 
         Writes their K/V into the cache. Returns logits (vocab,) of the last token, or (T, vocab).
         observe(layer, q, k, kv_len, window), if given, sees each layer's attention inputs after
@@ -442,7 +451,8 @@ class Transformer:
         cache.reserve(pos, T)
         clock = time.perf_counter
         t_start = clock()
-        positions = np.arange(pos, pos + T)
+        positions = np.arange(pos, pos + T) if not isinstance(pos, tuple) else \
+            np.concatenate([np.arange(s, s + c) for s, c in pos])
         keys = [int(cache.keys_seen(positions, a.window(i)).sum()) for i in range(a.n_layers)]
         pairs = a.n_heads * sum(keys)
         t0 = clock()

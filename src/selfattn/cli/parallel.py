@@ -1,0 +1,99 @@
+"""--context-parallel: `mpiexec -n R selfattn generate --context-parallel ...`.
+
+Every rank runs the same command. The prompt's attention is split across the ranks (ring
+prefill) and the KV cache is sharded (decode); rank 0 prints. Errors found before the ranks
+first talk are the same on every rank: rank 0 reports them and all exit 2. An error after that
+(a rank that stops answering, memory on one rank) is reported by the rank that has it, and the
+launch is ended (MPI_Abort), so no rank waits for one that is gone.
+"""
+
+import contextlib
+import os
+import sys
+
+from .common import CLIError
+
+
+class Parallel:
+    """One rank's part in a launch: its Comm, whether it prints, its threads."""
+
+    def __init__(self, args):
+        from ..distributed import Comm
+        from ..runtime import num_threads, set_num_threads
+
+        self.comm = Comm(timeout_s=args.cp_timeout)
+        self.comm.require(2)
+        self.rank, self.size = self.comm.rank, self.comm.size
+        self.talking = False
+        MPI = self.comm.MPI
+        local = self.comm.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_ranks = local.Get_size()
+        local.Free()
+        # the cores this process may use, shared by the ranks on this machine
+        self.threads = max(1, num_threads() // self.local_ranks)
+        set_num_threads(self.threads)
+
+    @property
+    def prints(self) -> bool:
+        return self.rank == 0
+
+    def shared_seed(self, seed):
+        """The sampling seed every rank uses: the given one, or rank 0's fresh one."""
+        import numpy as np
+
+        self.talking = True
+        if seed is not None:
+            return seed
+        mine = np.array([np.random.SeedSequence().entropy % (1 << 63)], np.int64)
+        return int(self.comm.bcast(mine, 0, "the sampling seed")[0])
+
+    def cache(self, model_args, policy, ctx, kv_dtype):
+        from ..distributed.cache import ShardedKVCache
+
+        if policy.kind != "full":
+            raise CLIError(f"--context-parallel keeps every position (the full policy); "
+                           f"--context-policy {policy} is not supported with it")
+        return ShardedKVCache.for_model(self.comm, model_args, ctx, kv_dtype)
+
+    def figures(self, cache, n_layers) -> dict:
+        """What the ranks' attention cost in transfers, as rank 0 saw it."""
+        ring = cache.ring
+        return dict(ranks=self.size, threads_per_rank=self.threads,
+                    kv_cache_bytes_per_rank=cache.nbytes,
+                    ring_bytes_sent_per_layer=ring.bytes_sent // max(1, n_layers),
+                    ring_hidden_share=ring.hidden_share,
+                    ring_exposed_s=ring.exposed_s, ring_in_flight_s=ring.in_flight_s,
+                    decode_wait_s=self.comm.wait_s - ring.exposed_s)
+
+    @contextlib.contextmanager
+    def errors(self, command: str):
+        """Report an error the way the module docstring says."""
+        try:
+            yield
+        except BaseException as e:
+            if isinstance(e, SystemExit) and not e.code:
+                raise
+            if not self.talking:  # the same on every rank: rank 0 says it
+                if self.rank != 0:
+                    sys.stdout.flush()
+                    os._exit(2)
+                raise
+            text = e if not isinstance(e, KeyboardInterrupt) else "interrupted"
+            print(f"selfattn {command} (rank {self.rank} of {self.size}): "
+                  f"{' '.join(str(text).split())}", file=sys.stderr, flush=True)
+            self.comm.abort(2)
+
+
+def start(args):
+    """A Parallel for --context-parallel, else None."""
+    return Parallel(args) if getattr(args, "context_parallel", False) else None
+
+
+def options(parser):
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="split the prompt's attention and the KV cache across the ranks "
+                             "of an MPI launch: mpiexec -n R selfattn ... --context-parallel "
+                             "(needs selfattn[distributed])")
+    parser.add_argument("--cp-timeout", type=float, default=120.0, metavar="S",
+                        help="with --context-parallel: seconds to wait for the other ranks "
+                             "before giving up")
