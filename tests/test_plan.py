@@ -344,3 +344,47 @@ def test_a_users_llama_bench_run_calibrates_that_device(tmp_path):
     (tmp_path / "d.json").write_text('{"not": "a list"}')
     r = run(*args, "--calibrate-from", str(tmp_path / "d.json"), env=env)
     assert r.returncode == 2 and "not `llama-bench -o json` output" in r.stderr
+
+
+def test_context_parallel_prediction_follows_its_formulas():
+    from selfattn.cache import kv_cache_bytes
+    from selfattn.plan.parallel import context_parallel, ring_step_bytes
+
+    shape = ModelShape.from_catalog(find_model("llama-3.1-8b"), "Q4_K_M")
+    dev = catalog_device(find_hardware("rtx-4090"))
+    H, H_kv, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
+    for nodes, gbps in ((2, 10.0), (4, 100.0), (8, 400.0)):
+        cp = context_parallel(shape, dev, 65536, "f16", nodes, gbps)
+        c = 65536 // nodes
+        assert cp.chunk == c and cp.step_bytes == ring_step_bytes(c, H_kv, D, "f16") \
+            == 2 * c * H_kv * D * 2
+        assert cp.bytes_per_layer == (nodes - 1) * cp.step_bytes
+        assert cp.kv_cache_bytes_per_node == kv_cache_bytes(shape.n_layers, H_kv, D, c, "f16")
+        assert cp.hidden == (cp.step_compute_s >= cp.step_transfer_s)
+        assert 1.0 < cp.speedup <= nodes + 1e-9
+        assert cp.ttft_s_one_node == ttft_s(shape, dev, 65536)
+        # the smallest chunk that hides a step: compute covers the transfer there, not below
+        F, B = dev.tflops * 1e12 * dev.e_attention, gbps * 1e9 / 8
+        at = lambda n: (2 * D * H * n * n / F, ring_step_bytes(n, H_kv, D, "f16") / B)  # noqa: E731
+        assert at(cp.min_chunk)[0] >= at(cp.min_chunk)[1]
+        assert at(cp.min_chunk - 1)[0] < at(cp.min_chunk - 1)[1]
+    slow = context_parallel(shape, dev, 65536, "f16", 4, 0.1)
+    assert not slow.hidden and slow.speedup < context_parallel(shape, dev, 65536, "f16", 4,
+                                                               100.0).speedup
+    assert slow.basis["link"].startswith("assumed: --link-gbps 0.1")
+    for bad, words in (((1, 10.0), "--nodes"), ((2, 0.0), "--link-gbps")):
+        with pytest.raises(ValueError, match=words):
+            context_parallel(shape, dev, 4096, "f16", *bad)
+
+
+def test_cli_plan_context_parallel():
+    r = run("plan", "--model", "llama-3.1-8b", "--ctx", "32768", "--hardware", "rtx-4090",
+            "--nodes", "4", "--link-gbps", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    cp = json.loads(r.stdout)["context_parallel"]
+    assert cp["nodes"] == 4 and cp["chunk"] == 8192 and cp["min_chunk"] > 0
+    r = run("plan", "--model", "llama-3.1-8b", "--ctx", "32768", "--hardware", "rtx-4090",
+            "--nodes", "4", "--link-gbps", "100")
+    assert "context parallel: 4 nodes" in r.stdout and "chunk to hide" in r.stdout
+    r = run("plan", "--model", "llama-3.1-8b", "--ctx", "32768", "--nodes", "4")
+    assert r.returncode == 2 and "--nodes and --link-gbps go together" in r.stderr

@@ -230,6 +230,29 @@ def calibrate_device(args, shape):
               f"peaks ({fit['tests']} llama-bench tests); kept for later plans of this device")
 
 
+def show_context_parallel(out, cps, preds, args):
+    from rich.table import Table
+
+    table = Table(title=f"context parallel: {args.nodes} nodes, {args.link_gbps:g} Gbit/s links "
+                        f"({args.link_latency_us:g} us), {args.ctx:,} tokens")
+    for col in ("hardware", "fits a node", "KV a node", f"TTFT {args.ctx:,}", "one node",
+                "speedup", "ring step: send / compute", "hidden", "chunk to hide",
+                f"tok/s @ d{args.ctx}"):
+        table.add_column(col, justify="right")
+    for cp, p in zip(cps, preds):
+        table.add_row(p.hardware, "yes" if cp.fits else "[red]no[/]",
+                      f"{gb(cp.kv_cache_bytes_per_node)} {p.kv_dtype}", f"{cp.ttft_s:,.2f} s",
+                      f"{cp.ttft_s_one_node:,.2f} s", f"{cp.speedup:.2f}x",
+                      f"{cp.step_transfer_s * 1e3:,.2f} / {cp.step_compute_s * 1e3:,.2f} ms",
+                      "yes" if cp.hidden else "[red]no[/]", f"{cp.min_chunk:,} tokens",
+                      f"{cp.decode_tps:,.1f}")
+    out.print(table)
+    out.print(f"Predictions. Each node holds {cps[0].chunk:,} prompt tokens; a ring step sends "
+              f"{cps[0].step_bytes / 2**20:,.2f} MiB a layer (K and V of those tokens). The link "
+              "figures are assumed (the options above); the node figures rest on what the "
+              "table above says.")
+
+
 def cmd_plan(args):
     import json
 
@@ -261,6 +284,9 @@ def cmd_plan(args):
 
     if args.calibrate_from:
         calibrate_device(args, shape)
+    if (args.nodes is None) != (args.link_gbps is None):
+        raise CLIError("--nodes and --link-gbps go together (context parallelism on N nodes "
+                       "joined by a B Gbit/s link)")
     if args.rank:
         devices = [catalog_device(e) for e in hardware_entries()]
     else:
@@ -270,10 +296,17 @@ def cmd_plan(args):
              for d in devices]
     if args.rank:
         preds.sort(key=lambda p: (not p.fits, -p.decode_tps))
+    cps = [None] * len(preds)
+    if args.nodes:
+        from ..plan.parallel import context_parallel
+
+        cps = [context_parallel(shape, d, args.ctx, p.kv_dtype, args.nodes, args.link_gbps,
+                                args.link_latency_us) for p, d in zip(preds, devices)]
     if args.json:
         docs = [dict(p.as_dict(), hardware_label=d.label, source=d.source,
-                     runnable=shape.cannot_run is None, cannot_run=shape.cannot_run)
-                for p, d in zip(preds, devices)]
+                     runnable=shape.cannot_run is None, cannot_run=shape.cannot_run,
+                     **({} if cp is None else {"context_parallel": cp.as_dict()}))
+                for p, d, cp in zip(preds, devices, cps)]
         print(json.dumps(docs[0] if len(docs) == 1 and not args.rank else docs))
         return
     out = terminal()
@@ -293,6 +326,8 @@ def cmd_plan(args):
                            else f"{p.min_tps_depth:,}"),)
                         if args.min_tps else ()))
     out.print(table)
+    if args.nodes:
+        show_context_parallel(out, cps, preds, args)
     if shape.cannot_run:
         out.print(f"[yellow]{shape.cannot_run}[/]")
     if len(preds) == 1:
