@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from selfattn import attention, native
-from selfattn.distributed.ring import Accumulator, attend_runs, visibility, zigzag
+from selfattn.distributed.ring import Accumulator, attend_runs, by_runs, visibility, zigzag
 from selfattn.errors import DistributedError
 from selfattn.plan.parallel import ring_step_bytes
 
@@ -72,7 +72,8 @@ def test_blocks_at_their_positions_merge_to_the_whole(rng, causal, window):
     q_runs = ((0, 20), (20, 1), (21, 40))
     k_runs = ((0, 7), (7, 30), (37, 24))
     acc = Accumulator(H, n, D)
-    attend_runs(q, q_runs, k, v, k_runs, acc, visibility(causal, window))
+    attend_runs(by_runs(q, q_runs), q_runs, by_runs(k, k_runs), by_runs(v, k_runs), k_runs, acc,
+                visibility(causal, window))
     assert_close_to_reference(acc.out, acc.lse, want.astype(np.float64),
                               want_lse.astype(np.float64), q, k, v, 1 / np.sqrt(D), np.float32)
 
@@ -166,3 +167,27 @@ def test_a_rank_that_stops_ends_the_launch(how):
     assert out.returncode != 0
     if how == "hangs":  # rank 0's own error names what happened
         assert "had no answer from the other ranks in 3 s" in out.stderr, out.stderr[-2000:]
+
+
+@needs_mpi
+def test_cli_perplexity_context_parallel_matches_one_process(tmp_path):
+    import argparse as source
+
+    text = tmp_path / "text.txt"
+    text.write_text(Path(source.__file__).read_text())
+    args = [str(BIN / "selfattn"), "perplexity", str(text), "--ctx", "256",
+            "--max-text-tokens", "768", "--json"]
+    cp = launch(2, *args, "--context-parallel")
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    one = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    got, want = json.loads(cp.stdout), json.loads(one.stdout)
+    assert got["scored"] == want["scored"] and got["context_parallel_ranks"] == 2
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+
+
+@needs_mpi
+def test_cli_error_on_every_rank_is_said_once():
+    out = launch(2, str(BIN / "selfattn"), "generate", "hello there friend", "--raw", "--ctx",
+                 "2", "--context-parallel", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.count("the context is 2") == 1 and out.stderr.count("\n") == 1, out.stderr

@@ -80,33 +80,53 @@ def visibility(causal: bool, window):
 
 
 class Accumulator:
-    """(out, lse) over the key blocks seen so far, for T query rows; merged one block at a time."""
+    """(out, lse) over the key blocks seen so far, for T query rows; merged one block at a time,
+    in place: out = out·e^(lse-new) + out_b·e^(lse_b-new), new = log(e^lse + e^lse_b)."""
 
     def __init__(self, H: int, T: int, Dv: int):
         self.out = np.zeros((1, H, T, Dv), np.float32)
         self.lse = np.full((1, H, T), -np.inf, np.float32)
 
     def add(self, row0: int, out, lse):
+        """out (1, H, rows, Dv), a fresh array (it is scaled in place), and its lse."""
         rows = slice(row0, row0 + out.shape[2])
-        o, l = merge_stacked(np.stack([self.out[:, :, rows], out.astype(np.float32)]),
-                             np.stack([self.lse[:, :, rows], lse.astype(np.float32)]))
-        self.out[:, :, rows], self.lse[:, :, rows] = o, l
+        acc, acc_lse = self.out[:, :, rows], self.lse[:, :, rows]
+        lse = lse.astype(np.float32, copy=False)
+        new = np.logaddexp(acc_lse, lse)
+        seen = np.isfinite(new)  # rows that saw no key in either part stay 0 / -inf
+        safe = np.where(seen, new, 0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            w_acc = np.where(seen, np.exp(acc_lse - safe), 0).astype(np.float32)[..., None]
+            w_new = np.where(seen, np.exp(lse - safe), 0).astype(np.float32)[..., None]
+        out = np.asarray(out, np.float32)
+        np.multiply(out, w_new, out=out)
+        np.multiply(acc, w_acc, out=acc)
+        np.add(acc, out, out=acc)
+        acc_lse[...] = new
 
 
-def attend_runs(q, q_runs, k, v, k_runs, acc: Accumulator, band, between=None, **flags):
-    """Add to acc the attention of the query rows (laid out as q_runs) over the key rows (laid
-    out as k_runs). between(), if given, runs after each block pair (the ring's progress)."""
+def by_runs(x, runs) -> list:
+    """x (1, heads, rows, row) laid out as runs -> one contiguous array per run."""
+    parts, r = [], 0
+    for _, c in runs:
+        parts.append(np.ascontiguousarray(x[:, :, r:r + c]))
+        r += c
+    return parts
+
+
+def attend_runs(q_parts, q_runs, k_parts, v_parts, k_runs, acc: Accumulator, band,
+                between=None, **flags):
+    """Add to acc the attention of the query runs (q_parts: one array per run, rows laid out as
+    q_runs) over the key runs. between(), if given, runs after each block pair (the ring's
+    progress)."""
     qr = 0
-    for qs, qn in q_runs:
-        kr = 0
-        for ks, kn in k_runs:
-            got = block_attention(q[:, :, qr:qr + qn], qs, k[:, :, kr:kr + kn],
-                                  v[:, :, kr:kr + kn], ks, band, **flags)
+    for q, (qs, qn) in zip(q_parts, q_runs):
+        for k, v, (ks, _) in zip(k_parts, v_parts, k_runs):
+            got = block_attention(q, qs, k, v, ks, band, **flags)
             if got is not None:
                 acc.add(qr + got[0], got[1], got[2])
             if between is not None:
                 between()
-            kr += kn
         qr += qn
 
 
@@ -114,33 +134,35 @@ def ring_attention(comm, q, q_runs, k, v, kv_runs, *, causal=True, window=None, 
                    scale=None, kv_format=None, stats=None):
     """This rank's part of exact attention over all ranks' keys.
 
-    q (1, H, T, D): this rank's queries at q_runs; k, v (1, H_kv, S, row) contiguous: this
-    rank's keys at kv_runs[comm.rank] (kv_runs: every rank's runs, the same list on each).
-    Returns (out (1, H, T, Dv) float32, lse (1, H, T)). stats (RingStats), if given, collects the
-    bytes sent and the time the transfers were in flight and exposed."""
+    q (1, H, T, D): this rank's queries at q_runs; k, v (1, H_kv, S, row): this rank's keys at
+    kv_runs[comm.rank] (kv_runs: every rank's runs, the same list on each). Returns
+    (out (1, H, T, Dv) float32, lse (1, H, T)). stats (RingStats), if given, collects the bytes
+    sent and the time the transfers were in flight and exposed."""
     R, r = comm.size, comm.rank
     flags = dict(softcap=softcap, scale=scale, kv_format=kv_format)
     band = visibility(causal, window)
     H, T = q.shape[1], q.shape[2]
-    Dv = q.shape[3]
-    acc = Accumulator(H, T, Dv)
-    held = (np.ascontiguousarray(k), np.ascontiguousarray(v))
+    acc = Accumulator(H, T, q.shape[3])
+    q_parts = by_runs(q, q_runs)
+    held = by_runs(k, kv_runs[r]) + by_runs(v, kv_runs[r])  # K runs, then V runs
     for step in range(R):
         src = (r - step) % R
+        n_runs = len(kv_runs[src])
         reqs = []
         if step < R - 1:  # the next block (from rank r-step-1) arrives while this one is used
-            n_next = run_rows(kv_runs[(r - step - 1) % R])
-            nxt = tuple(np.empty(x.shape[:2] + (n_next,) + x.shape[3:], x.dtype) for x in held)
+            nxt = [np.empty(held[0].shape[:2] + (c,) + held[0].shape[3:], held[0].dtype)
+                   for _ in (0, 1) for _, c in kv_runs[(r - step - 1) % R]]
             t_post = time.perf_counter()
             sent = comm.bytes_sent
-            reqs = comm.ring_post(list(held), list(nxt), step)
+            reqs = comm.ring_post(held, nxt, step)
         done = {"at": None}
 
         def between():
             if reqs and done["at"] is None and comm.progress(reqs):
                 done["at"] = time.perf_counter()
 
-        attend_runs(q, q_runs, held[0], held[1], kv_runs[src], acc, band, between, **flags)
+        attend_runs(q_parts, q_runs, held[:n_runs], held[n_runs:], kv_runs[src], acc, band,
+                    between, **flags)
         if reqs:
             t_compute = time.perf_counter()
             if done["at"] is None:
@@ -175,8 +197,8 @@ def sharded_decode(comm, q, q_pos: int, k, v, kv_runs_local, *, window=None, sof
             out, lse = attention(q, kk, vv, kv_len=n - lo, return_lse=True, **flags)
     else:
         acc = Accumulator(H, T, Dv)
-        attend_runs(q, ((q_pos, T),), k[:, :, :n], v[:, :, :n], kv_runs_local, acc,
-                    visibility(True, window), **flags)
+        attend_runs([q], ((q_pos, T),), by_runs(k, kv_runs_local), by_runs(v, kv_runs_local),
+                    kv_runs_local, acc, visibility(True, window), **flags)
         out, lse = acc.out, acc.lse
     packed = np.concatenate([out.reshape(-1), lse.reshape(-1)]).astype(np.float32, copy=False)
     every = comm.allgather(packed, "the decode step's gather")
