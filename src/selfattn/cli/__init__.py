@@ -75,6 +75,7 @@ def build_parser():
                      help="score targets from this token index on (stream, recompute)")
     ppl.add_argument("--max-text-tokens", type=positive_int, help="use only the first N tokens")
     ppl.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parallel.options(ppl)
     cache_options(ppl)
     ppl.set_defaults(func=cmd_perplexity)
 

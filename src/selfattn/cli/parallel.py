@@ -8,7 +8,6 @@ launch is ended (MPI_Abort), so no rank waits for one that is gone.
 """
 
 import contextlib
-import os
 import sys
 
 from .common import CLIError
@@ -73,10 +72,9 @@ class Parallel:
         except BaseException as e:
             if isinstance(e, SystemExit) and not e.code:
                 raise
-            if not self.talking:  # the same on every rank: rank 0 says it
+            if not self.talking:  # the same on every rank: rank 0 says it, all exit 2
                 if self.rank != 0:
-                    sys.stdout.flush()
-                    os._exit(2)
+                    raise SystemExit(2) from None
                 raise
             text = e if not isinstance(e, KeyboardInterrupt) else "interrupted"
             print(f"selfattn {command} (rank {self.rank} of {self.size}): "

@@ -167,6 +167,14 @@ def show_breakdown(parts: dict, stats, roofline):
 
 
 def cmd_perplexity(args):
+    cp = parallel.start(args)
+    if cp is None:
+        return perplexity_here(args, None)
+    with cp.errors("perplexity"):
+        perplexity_here(args, cp)
+
+
+def perplexity_here(args, cp):
     import json
 
     from rich.progress import Progress
@@ -181,13 +189,17 @@ def cmd_perplexity(args):
     policy = parse_policy(args.context_policy or "full")
     if args.recompute and policy.kind != "full":
         raise CLIError("--recompute is its own method: leave --context-policy out")
+    if cp is not None and (args.recompute or policy.kind != "full"):
+        raise CLIError("--context-parallel runs llama-perplexity's windows (the full policy), "
+                       "not --recompute or --context-policy")
     model, tok, path, _ = load_model(args.model, args.kv_dtype)
     check_kv_dtype(args.kv_dtype, model.args.head_dim)
     ids = tok.encode(text)
     if args.max_text_tokens:
         ids = ids[:args.max_text_tokens]
+    quiet = cp is not None and not cp.prints
     console = terminal(stderr=True)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("perplexity", total=None)
 
         def on_step(done, total):
@@ -196,12 +208,16 @@ def cmd_perplexity(args):
             r = ppl.recompute(model, ids, args.recompute, args.stride, args.kv_dtype,
                               args.first or 0, on_step)
         elif policy.kind == "full":
-            r = ppl.windows(model, ids, args.ctx, args.kv_dtype, on_step)
+            cache = None if cp is None else cp.cache(model.args, policy, args.ctx, args.kv_dtype)
+            r = ppl.windows(model, ids, args.ctx, args.kv_dtype, on_step, cache)
         else:
             r = ppl.stream(model, ids, policy.sinks, policy.window, args.kv_dtype,
                            args.first or 1, on_step=on_step)
+    if quiet:
+        return
     doc = dict(r.as_dict(), model=str(path), file=args.file, kv_dtype=args.kv_dtype,
-               policy=str(policy), ctx=args.ctx)
+               policy=str(policy), ctx=args.ctx,
+               **({} if cp is None else {"context_parallel_ranks": cp.size}))
     if args.json:
         print(json.dumps(doc))
     else:

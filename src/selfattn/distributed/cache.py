@@ -47,6 +47,12 @@ class ShardedKVCache:
         """This rank's K and V bytes."""
         return self.k.nbytes + self.v.nbytes
 
+    def reset(self):
+        """Empty, for the next sequence (the memory stays)."""
+        self.length = 0
+        self.runs = [[] for _ in self.runs]
+        self._pending = None
+
     def rows(self, rank: int | None = None) -> int:
         return run_rows(self.runs[self.comm.rank if rank is None else rank])
 

@@ -61,25 +61,45 @@ def _forward_all(model, ids, cache, chunk):
     return np.concatenate(out)
 
 
-def windows(model, ids, ctx: int, kv_dtype: str = "f32", on_step=None) -> Perplexity:
+def windows(model, ids, ctx: int, kv_dtype: str = "f32", on_step=None,
+            cache=None) -> Perplexity:
+    """cache: a context-parallel cache (distributed.ShardedKVCache) for ctx positions, else a
+    KVCache is made. Under context parallelism each window is split across the ranks; each
+    scores its own positions and every rank gets all the scores, in order."""
     ids = np.asarray(ids)
     if ctx < 4:
         raise ValueError(f"--ctx must be >= 4 for perplexity, got {ctx}")
     n_windows = len(ids) // ctx
     if n_windows == 0:
         raise ValueError(f"the text is {len(ids)} tokens, shorter than one window of {ctx}")
-    cache = KVCache.for_model(model.args, ctx, kv_dtype)
+    cache = cache if cache is not None else KVCache.for_model(model.args, ctx, kv_dtype)
     t0 = time.perf_counter()
     nll = []
     first = ctx // 2
     for w in range(n_windows):
         seq = ids[w * ctx:(w + 1) * ctx]
         cache.length = 0
-        logits = _forward_all(model, seq, cache, 2048)
-        nll.append(_nll(logits[first:-1], seq[first + 1:]))
+        if hasattr(cache, "split"):
+            nll.append(_window_parallel(model, seq, cache, first))
+        else:
+            logits = _forward_all(model, seq, cache, 2048)
+            nll.append(_nll(logits[first:-1], seq[first + 1:]))
         if on_step:
             on_step(w + 1, n_windows)
     return _result(f"windows of {ctx}", np.concatenate(nll), len(ids), t0)
+
+
+def _window_parallel(model, seq, cache, first):
+    """One window's scores for positions first .. len-2, each rank scoring its own share."""
+    cache.reset()
+    mine, runs = cache.split(seq)
+    logits = model.forward(mine, cache, runs, all_logits=True)
+    pos = np.concatenate([np.arange(s, s + c) for s, c in runs])
+    keep = (pos >= first) & (pos < len(seq) - 1)
+    scores = np.full(len(seq), np.nan)
+    scores[pos[keep]] = _nll(logits[keep], seq[pos[keep] + 1])
+    every = cache.comm.allgather(scores, "the window's scores")
+    return np.where(np.isnan(every), 0.0, every).sum(axis=0)[first:-1]  # one rank each
 
 
 def stream(model, ids, sinks: int, window: int, kv_dtype: str = "f32", first: int = 1,
