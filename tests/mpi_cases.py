@@ -125,9 +125,10 @@ def model(comm):
     assert len(ids) == n
     cache = ShardedKVCache.for_model(comm, net.args, n + n_gen, kv)
     got = generate(net, ids, n_gen, Sampler(), cache)
-    # the cache is split evenly: per rank, the single-process cache's bytes / R (+ 2 positions)
+    # the cache is split evenly: per rank, the single-process cache's positions / R, + 2
     one_bytes = KVCache.for_model(net.args, n + n_gen, kv).nbytes
-    assert abs(cache.nbytes - one_bytes / comm.size) <= 0.01 * one_bytes / comm.size
+    per_position = one_bytes // (n + n_gen)
+    assert cache.nbytes == per_position * (-(-(n + n_gen) // comm.size) + 2)
     done = [f"model: {n}-token prompt, {n_gen} tokens, {kv}: KV {cache.nbytes} bytes a rank of "
             f"{one_bytes}, ring sent {cache.ring.bytes_sent} bytes"]
     if comm.rank == 0:  # the others wait (sleeping, not spinning) while rank 0 runs alone

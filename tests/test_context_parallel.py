@@ -129,7 +129,7 @@ def test_whole_model_greedy_tokens_equal_one_process(ranks):
 
 @needs_mpi
 def test_whole_model_compact_kv_equal_one_process():
-    out = launch(2, sys.executable, "tests/mpi_cases.py", "model", "700", "24", "q8_0")
+    out = launch(2, sys.executable, "tests/mpi_cases.py", "model", "300", "16", "q8_0")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "the 16 greedy tokens equal one process's" in out.stdout
 
