@@ -34,6 +34,22 @@ def ring_step_bytes(c: int, n_kv_heads: int, head_dim: int, kv_dtype: str) -> in
     return 2 * c * n_kv_heads * formats.BY_NAME[kv_dtype].row_bytes(head_dim)
 
 
+def ring_step(c: int, n_heads: int, n_kv_heads: int, head_dim: int, kv_dtype: str,
+              flops: float, link_bytes_s: float) -> tuple[int, float, float]:
+    """One layer's ring step on a node holding c causal positions (two zigzag chunks):
+    (bytes sent, seconds to send them at link_bytes_s, seconds to attend the block in hand at
+    `flops` attention FLOP/s)."""
+    nbytes = ring_step_bytes(c, n_kv_heads, head_dim, kv_dtype)
+    return nbytes, nbytes / link_bytes_s, 4.0 * head_dim * n_heads * c * c / 2 / flops
+
+
+def min_hiding_chunk(n_heads: int, n_kv_heads: int, head_dim: int, kv_dtype: str,
+                     flops: float, link_bytes_s: float) -> int:
+    """The fewest positions a node may hold for every ring step's transfer to hide."""
+    row = formats.BY_NAME[kv_dtype].row_bytes(head_dim)
+    return int(-(-flops * n_kv_heads * row // (head_dim * n_heads * link_bytes_s)))
+
+
 @dataclass
 class ParallelPrediction:
     nodes: int
@@ -77,12 +93,9 @@ def context_parallel(shape: ModelShape, device: Device, ctx: int, kv_dtype: str,
     B = link_gbps * 1e9 / 8
     F = device.tflops * 1e12 * device.e_attention
     c = -(-ctx // nodes)
-    step_bytes = ring_step_bytes(c, H_kv, D, kv_dtype)
-    step_transfer = step_bytes / B
-    step_compute = 4.0 * D * H * c * c / 2 / F
+    step_bytes, step_transfer, step_compute = ring_step(c, H, H_kv, D, kv_dtype, F, B)
     exposed = max(0.0, step_transfer - step_compute)
-    row = formats.BY_NAME[kv_dtype].row_bytes(D)
-    min_chunk = int(-(-F * H_kv * row // (D * H * B)))
+    min_chunk = min_hiding_chunk(H, H_kv, D, kv_dtype, F, B)
     peak = device.tflops * 1e12
     one = ttft_s(shape, device, ctx)
     mine = (shape.linear_flops_per_token() * c / (peak * device.e_linear)
