@@ -112,7 +112,7 @@ def model(comm):
 
     import selfattn
     from selfattn.cache import KVCache
-    from selfattn.distributed.cache import ShardedKVCache
+    from selfattn.distributed.cache import SLACK, ShardedKVCache
     from selfattn.model import Sampler, Tokenizer, Transformer, default_model_path, generate
     from selfattn.model.gguf_file import open_gguf
 
@@ -125,10 +125,10 @@ def model(comm):
     assert len(ids) == n
     cache = ShardedKVCache.for_model(comm, net.args, n + n_gen, kv)
     got = generate(net, ids, n_gen, Sampler(), cache)
-    # the cache is split evenly: per rank, the single-process cache's positions / R, + 2
+    # the cache is split evenly: per rank, the single-process cache's positions / R, + SLACK
     one_bytes = KVCache.for_model(net.args, n + n_gen, kv).nbytes
     per_position = one_bytes // (n + n_gen)
-    assert cache.nbytes == per_position * (-(-(n + n_gen) // comm.size) + 2)
+    assert cache.nbytes == per_position * (-(-(n + n_gen) // comm.size) + SLACK)
     done = [f"model: {n}-token prompt, {n_gen} tokens, {kv}: KV {cache.nbytes} bytes a rank of "
             f"{one_bytes}, ring sent {cache.ring.bytes_sent} bytes"]
     if comm.rank == 0:  # the others wait (sleeping, not spinning) while rank 0 runs alone
@@ -138,6 +138,46 @@ def model(comm):
         done.append(f"model: the {n_gen} greedy tokens equal one process's")
     comm.barrier("the end of the model case")
     return done
+
+
+def turns(comm):
+    """Prompts after what the cache holds, decoded tokens between them, and a rewind
+    (cache.length = n): the sharded cache's logits follow one process's."""
+    import selfattn
+    from selfattn.cache import KVCache
+    from selfattn.distributed.cache import ShardedKVCache
+    from selfattn.model import Transformer, default_model_path
+    from selfattn.model.generate import prefill
+
+    selfattn.set_num_threads(1)
+    net = Transformer.load(default_model_path())
+    ids = np.random.default_rng(5).integers(100, 20000, 700)
+    caches = [ShardedKVCache.for_model(comm, net.args, 800), KVCache.for_model(net.args, 800)]
+    worst = 0.0
+
+    def both(step):
+        nonlocal worst
+        a, b = (step(c) for c in caches)
+        worst = max(worst, float(np.abs(a - b).max()))
+        assert np.argmax(a) == np.argmax(b)
+        return int(np.argmax(a))
+
+    def decode(n):
+        for _ in range(n):
+            both(lambda c: net.forward(np.array([7]), c, c.length))
+
+    both(lambda c: prefill(net, ids[:300], c))
+    decode(5)
+    both(lambda c: prefill(net, ids[300:517], c))  # at depth 305, across decoded positions
+    decode(4)
+    for c in caches:
+        c.length = 290
+    both(lambda c: prefill(net, ids[300:450], c))
+    decode(3)
+    assert caches[0].length == caches[1].length == 443
+    assert worst < 1e-3, worst
+    return [f"turns: three prompts at depths 0, 305, 290 and decoded tokens between, logits "
+            f"within {worst:.1e} of one process's"]
 
 
 def rank1_stops(comm, how):
@@ -169,7 +209,7 @@ def run(comm):
     if what.startswith("rank1-"):
         done = rank1_stops(comm, what.split("-")[1])
     else:
-        done = {"kernels": kernels, "model": model}[what](comm)
+        done = {"kernels": kernels, "model": model, "turns": turns}[what](comm)
     if comm.rank == 0:
         for line in done:
             print("ok", line)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from selfattn import attention, native
-from selfattn.distributed.ring import Accumulator, attend_runs, by_runs, visibility, zigzag
+from selfattn.distributed.ring import Accumulator, attend_block, by_runs, positions, visibility, zigzag
 from selfattn.errors import DistributedError
 from selfattn.plan.parallel import ring_step_bytes
 
@@ -60,20 +60,24 @@ def test_zigzag_refuses_too_short():
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None),
-                                           (False, (3, 7)), (True, (4, 2))])
+                                           (False, (3, 7)), (True, (4, 2)), (True, 30)])
 def test_blocks_at_their_positions_merge_to_the_whole(rng, causal, window):
-    """Any split of the keys into runs, attended block by block, is attention over all."""
+    """Keys split between two holders in runs with gaps (single positions too, as decoded
+    tokens leave them), each attended at its positions: merged, attention over all keys."""
     H, H_kv, n, D = 4, 2, 61, 32
     q = rng.standard_normal((1, H, n, D), np.float32)
     k = rng.standard_normal((1, H_kv, n, D), np.float32)
     v = rng.standard_normal((1, H_kv, n, D), np.float32)
-    want, want_lse = attention(q, k, v, causal=causal, window=window, return_lse=True,
-                               impl="reference")
+    want, want_lse = attention(q, k, v, causal=True if causal else False, window=window,
+                               return_lse=True, impl="reference")
     q_runs = ((0, 20), (20, 1), (21, 40))
-    k_runs = ((0, 7), (7, 30), (37, 24))
+    mine = np.array([p for p in range(n) if p < 7 or 20 <= p < 30 or p in (41, 43, 50)
+                     or p >= 55])
+    others = np.setdiff1d(np.arange(n), mine)
     acc = Accumulator(H, n, D)
-    attend_runs(by_runs(q, q_runs), q_runs, by_runs(k, k_runs), by_runs(v, k_runs), k_runs, acc,
-                visibility(causal, window))
+    for pos in (mine, others):
+        attend_block(by_runs(q, q_runs), q_runs, np.ascontiguousarray(k[:, :, pos]),
+                     np.ascontiguousarray(v[:, :, pos]), pos, acc, visibility(causal, window))
     assert_close_to_reference(acc.out, acc.lse, want.astype(np.float64),
                               want_lse.astype(np.float64), q, k, v, 1 / np.sqrt(D), np.float32)
 
@@ -191,3 +195,11 @@ def test_cli_error_on_every_rank_is_said_once():
                  "2", "--context-parallel", timeout=120)
     assert out.returncode == 2
     assert out.stderr.count("the context is 2") == 1 and out.stderr.count("\n") == 1, out.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_prompts_at_depth_and_rewinds_follow_one_process(ranks):
+    out = launch(ranks, sys.executable, "tests/mpi_cases.py", "turns")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 cases passed" in out.stdout

@@ -114,19 +114,42 @@ def by_runs(x, runs) -> list:
     return parts
 
 
-def attend_runs(q_parts, q_runs, k_parts, v_parts, k_runs, acc: Accumulator, band,
-                between=None, **flags):
+def attend_block(q_parts, q_runs, k, v, k_pos, acc: Accumulator, band, between=None,
+                 **flags):
     """Add to acc the attention of the query runs (q_parts: one array per run, rows laid out as
-    q_runs) over the key runs. between(), if given, runs after each block pair (the ring's
-    progress)."""
+    q_runs) over key rows k, v (1, H_kv, S, row) at ascending positions k_pos (S,).
+
+    For each query run the rows every query of it sees are one contiguous range (positions
+    ascend): one call, no mask. Only the rows near the run's band edges, seen by some of its
+    queries, are attended run by run at their positions (block_attention). between(), if given,
+    runs after each call (the ring's progress)."""
+    left, right = band
+    find = np.searchsorted
     qr = 0
     for q, (qs, qn) in zip(q_parts, q_runs):
-        for k, v, (ks, _) in zip(k_parts, v_parts, k_runs):
-            got = block_attention(q, qs, k, v, ks, band, **flags)
-            if got is not None:
-                acc.add(qr + got[0], got[1], got[2])
+        last = qs + qn - 1
+        s0 = 0 if left is None else find(k_pos, qs - left)  # rows some query sees
+        s1 = len(k_pos) if right is None else find(k_pos, last + right, "right")
+        a0 = s0 if left is None else find(k_pos, last - left)  # rows all queries see
+        a1 = s1 if right is None else find(k_pos, qs + right, "right")
+        ranges = [(s0, s1)]
+        if a0 < a1:
+            out, lse = attention(q, k[:, :, a0:a1], v[:, :, a0:a1], return_lse=True, **flags)
+            acc.add(qr, out, lse)
             if between is not None:
                 between()
+            ranges = [(s0, a0), (a1, s1)]
+        for lo, hi in ranges:  # the edges, one run of consecutive positions at a time
+            breaks = np.flatnonzero(np.diff(k_pos[lo:hi]) != 1) + 1 + lo
+            for r0, r1 in zip([lo, *breaks], [*breaks, hi]):
+                if r1 <= r0:
+                    continue
+                got = block_attention(q, qs, k[:, :, r0:r1], v[:, :, r0:r1], int(k_pos[r0]),
+                                      band, **flags)
+                if got is not None:
+                    acc.add(qr + got[0], got[1], got[2])
+                if between is not None:
+                    between()
         qr += qn
 
 
@@ -135,23 +158,24 @@ def ring_attention(comm, q, q_runs, k, v, kv_runs, *, causal=True, window=None, 
     """This rank's part of exact attention over all ranks' keys.
 
     q (1, H, T, D): this rank's queries at q_runs; k, v (1, H_kv, S, row): this rank's keys at
-    kv_runs[comm.rank] (kv_runs: every rank's runs, the same list on each). Returns
-    (out (1, H, T, Dv) float32, lse (1, H, T)). stats (RingStats), if given, collects the bytes
-    sent and the time the transfers were in flight and exposed."""
+    kv_runs[comm.rank] (kv_runs: every rank's runs, the same list on each; a rank's runs may be
+    many, e.g. a prompt's after decoded tokens). Returns (out (1, H, T, Dv) float32, lse
+    (1, H, T)). stats (RingStats), if given, collects the bytes sent and the time the transfers
+    were in flight and exposed."""
     R, r = comm.size, comm.rank
     flags = dict(softcap=softcap, scale=scale, kv_format=kv_format)
     band = visibility(causal, window)
     H, T = q.shape[1], q.shape[2]
     acc = Accumulator(H, T, q.shape[3])
     q_parts = by_runs(q, q_runs)
-    held = by_runs(k, kv_runs[r]) + by_runs(v, kv_runs[r])  # K runs, then V runs
+    n = run_rows(kv_runs[r])
+    held = [np.ascontiguousarray(k[:, :, :n]), np.ascontiguousarray(v[:, :, :n])]
     for step in range(R):
         src = (r - step) % R
-        n_runs = len(kv_runs[src])
         reqs = []
         if step < R - 1:  # the next block (from rank r-step-1) arrives while this one is used
-            nxt = [np.empty(held[0].shape[:2] + (c,) + held[0].shape[3:], held[0].dtype)
-                   for _ in (0, 1) for _, c in kv_runs[(r - step - 1) % R]]
+            rows = run_rows(kv_runs[(r - step - 1) % R])
+            nxt = [np.empty(x.shape[:2] + (rows,) + x.shape[3:], x.dtype) for x in held]
             t_post = time.perf_counter()
             sent = comm.bytes_sent
             reqs = comm.ring_post(held, nxt, step)
@@ -161,8 +185,9 @@ def ring_attention(comm, q, q_runs, k, v, kv_runs, *, causal=True, window=None, 
             if reqs and done["at"] is None and comm.progress(reqs):
                 done["at"] = time.perf_counter()
 
-        attend_runs(q_parts, q_runs, held[:n_runs], held[n_runs:], kv_runs[src], acc, band,
-                    between, **flags)
+        if held[0].shape[2]:
+            attend_block(q_parts, q_runs, held[0], held[1], positions(kv_runs[src]), acc, band,
+                         between, **flags)
         if reqs:
             t_compute = time.perf_counter()
             if done["at"] is None:
@@ -197,8 +222,9 @@ def sharded_decode(comm, q, q_pos: int, k, v, kv_runs_local, *, window=None, sof
             out, lse = attention(q, kk, vv, kv_len=n - lo, return_lse=True, **flags)
     else:
         acc = Accumulator(H, T, Dv)
-        attend_runs([q], ((q_pos, T),), by_runs(k, kv_runs_local), by_runs(v, kv_runs_local),
-                    kv_runs_local, acc, visibility(True, window), **flags)
+        if n:
+            attend_block([q], ((q_pos, T),), k[:, :, :n], v[:, :, :n], positions(kv_runs_local),
+                         acc, visibility(True, window), **flags)
         out, lse = acc.out, acc.lse
     packed = np.concatenate([out.reshape(-1), lse.reshape(-1)]).astype(np.float32, copy=False)
     every = comm.allgather(packed, "the decode step's gather")
