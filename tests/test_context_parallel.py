@@ -203,3 +203,22 @@ def test_prompts_at_depth_and_rewinds_follow_one_process(ranks):
     out = launch(ranks, sys.executable, "tests/mpi_cases.py", "turns")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "1 cases passed" in out.stdout
+
+
+@needs_mpi
+def test_cli_bench_context_parallel_reports_and_keeps_no_calibration(tmp_path):
+    """Rank 0 measures the roofline (none is stored) and shares it; the run is reported,
+    never calibrated from."""
+    xdg = tmp_path / "xdg"
+    env = {"XDG_CACHE_HOME": str(xdg)}
+    folder = xdg / "selfattn"
+    out = launch(2, str(BIN / "selfattn"), "bench", "--context-parallel", "-p", "32", "-n", "4",
+                 "--depths", "0,64", "--reps", "1", "--json", str(tmp_path / "b.json"),
+                 env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "context parallel on 2 ranks" in out.stdout and "not calibrated" in out.stdout
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert {r["test"] for r in doc} >= {"pp32", "tg4", "pp32 @ d64", "tg4 @ d64"}
+    assert all(r["context_parallel_ranks"] == 2 for r in doc)
+    assert (folder / "roofline.json").is_file()
+    assert not list(folder.glob("calibration*")), list(folder.iterdir())

@@ -113,6 +113,7 @@ def build_parser():
     b.add_argument("--kernels", action="store_true", help="the attention kernels alone")
     b.add_argument("--kv-dtype", choices=list(formats.KV_TYPES), default="f32",
                    help="KV cache type of the runner (default f32)")
+    parallel.options(b)
     b.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible local server that keeps each "

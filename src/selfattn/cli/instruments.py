@@ -88,25 +88,46 @@ def cmd_roofline(args):
 
 
 def cmd_bench(args):
+    from . import parallel
+
+    cp = parallel.start(args)
+    if cp is None:
+        return bench_here(args, None)
+    if args.kernels or args.plot:
+        raise CLIError("--context-parallel benchmarks the model: not with --kernels or --plot")
+    with cp.errors("bench"):
+        bench_here(args, cp)
+
+
+def bench_here(args, cp):
+    """bench on this process; cp: this rank's part of a --context-parallel launch, or None.
+    Under context parallelism rank 0's roofline is every rank's, rank 0 prints, and no
+    calibration is kept (the fit is of this machine running one process)."""
     import json
 
     from rich.progress import Progress
     from rich.table import Table
 
+    from ..cache import ContextPolicy
     from ..measure import bench
     from ..measure.roofline import load_or_measure, peak_gflops
     from ..plan import ModelShape
 
+    quiet = cp is not None and cp.rank != 0
     check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
     console = terminal(stderr=True)
-    with console.status("roofline..."):
-        roofline, _ = load_or_measure()
-    warn_roofline(roofline, console)
     opened = open_model_file(args.model)
     path, reader, _ = opened
     shape = ModelShape.from_gguf(reader, path)
     depths = sorted(set(args.depths))
-    with Progress(console=console, transient=True) as progress:
+    if cp is None:
+        with console.status("roofline..."):
+            roofline, _ = load_or_measure()
+    else:
+        roofline = cp.share(lambda: load_or_measure()[0], "rank 0's roofline")
+    if not quiet:
+        warn_roofline(roofline, console)
+    with Progress(console=console, transient=True, disable=quiet) as progress:
         if args.kernels:
             total = len(depths) + sum(1 for d in depths if d > 0)
             task = progress.add_task("attention kernels", total=total)
@@ -116,16 +137,23 @@ def cmd_bench(args):
             task = progress.add_task("loading the model", total=bench.count_steps(depths))
             model, _, _, _ = load_model(path, args.kv_dtype, opened)
             progress.update(task, description="benchmarking")
-            peak_during = [fma_now(roofline)]
+            cache = None if cp is None else cp.cache(
+                model.args, ContextPolicy("full"), max(depths) + max(args.p, args.n),
+                args.kv_dtype)
+            peak_during = [fma_now(roofline) if cp is None else None]
             records = bench.run_bench(model, shape, roofline, args.p, args.n, depths, args.reps,
                                       args.ttft_reps, on_step=lambda s: progress.update(
                                           task, advance=1, description=s),
-                                      kv_dtype=args.kv_dtype)
-            peak_during.append(fma_now(roofline))
+                                      kv_dtype=args.kv_dtype, cache=cache)
+            peak_during.append(fma_now(roofline) if cp is None else None)
             peak_during = min(peak_during) if None not in peak_during else None
+    if quiet:
+        return
     name = os.path.basename(path)
-    table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, on {roofline['cpu']} "
-                        f"({roofline['threads']} threads, {roofline['isa']} kernels; roofline {peak_gflops(roofline):.0f} GFLOP/s, "
+    where = f"on {roofline['cpu']} ({roofline['threads']} threads" if cp is None else \
+        f"context parallel on {cp.size} ranks x {cp.threads} threads (rank 0: {roofline['cpu']}"
+    table = Table(title=f"selfattn bench: {name}, {args.kv_dtype} KV, {where}, "
+                        f"{roofline['isa']} kernels; roofline {peak_gflops(roofline):.0f} GFLOP/s, "
                         f"{roofline['read_gbs']:.1f} GB/s)")
     for col in ("test", "t/s", "TTFT s", "attn share", "pairs", "W B/tok", "KV B/tok",
                 "of roofline"):
@@ -147,7 +175,10 @@ def cmd_bench(args):
                          if r.n_gen else "") + "the roofline was measured in a slow moment "
                       "(`selfattn roofline --refresh`)[/]")
     fit, kept = None, False
-    if not args.kernels:
+    if cp is not None:
+        out.print("not calibrated: `plan --hardware this` is fitted to one process's runs; "
+                  "rank 0's times are shown (it waits for the others in every step)")
+    elif not args.kernels:
         fit, kept = keep_calibration(records, shape, roofline, args.kv_dtype, peak_during, out)
     if args.plot:
         if fit is None:
@@ -159,8 +190,11 @@ def cmd_bench(args):
         out.print(f"wrote {args.plot}")
     if args.json:
         doc = [dict(r.as_dict(), model=name, model_params=shape.params,
-                    model_bytes=shape.file_bytes, threads=roofline["threads"],
-                    isa=roofline["isa"], backend="selfattn (CPU)") for r in records]
+                    model_bytes=shape.file_bytes,
+                    threads=roofline["threads"] if cp is None else cp.threads,
+                    isa=roofline["isa"], backend="selfattn (CPU)",
+                    **({} if cp is None else {"context_parallel_ranks": cp.size}))
+               for r in records]
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         out.print(f"wrote {args.json}")

@@ -46,6 +46,11 @@ class Parallel:
         mine = np.array([np.random.SeedSequence().entropy % (1 << 63)], np.int64)
         return int(self.comm.bcast(mine, 0, "the sampling seed")[0])
 
+    def share(self, make, what: str):
+        """make() on rank 0, its result on every rank (rank 0's roofline, say)."""
+        self.talking = True
+        return self.comm.bcast_object(make() if self.rank == 0 else None, 0, what)
+
     def cache(self, model_args, policy, ctx, kv_dtype):
         from ..distributed.cache import ShardedKVCache
 

@@ -110,6 +110,16 @@ class Comm:
         self.wait([req], what)
         return x
 
+    def bcast_object(self, obj, root: int, what: str):
+        """root's obj (picklable) on every rank."""
+        import pickle
+
+        data = pickle.dumps(obj) if self.rank == root else b""
+        size = self.bcast(np.array([len(data)], np.int64), root, what)[0]
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == root else \
+            np.empty(int(size), np.uint8)
+        return pickle.loads(self.bcast(buf, root, what).tobytes())
+
     def barrier(self, what: str):
         self.wait([self.comm.Ibarrier()], what)
 

@@ -73,8 +73,9 @@ def _summary(tokens: int, samples_s: list[float]) -> dict:
 
 def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(0, 512, 2048),
               reps: int = 5, ttft_reps: int | None = None, on_step=None, seed: int = 0,
-              kv_dtype: str = "f32"):
-    """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's."""
+              kv_dtype: str = "f32", cache=None):
+    """-> list of Record. shape: the model's plan.ModelShape; roofline: this machine's. cache:
+    one for max(depths) + max(p, n) positions (a context-parallel one), else a KVCache is made."""
     from ..plan.predict import device_for_this_machine, weight_bytes_per_token
     from .breakdown import breakdown
     from .roofline import peak_gflops
@@ -88,7 +89,8 @@ def run_bench(model, shape, roofline: dict, p: int = 512, n: int = 128, depths=(
     rng = np.random.default_rng(seed)
     max_depth = max(depths)
     tokens = rng.integers(0, a.vocab_size, max_depth + p)
-    cache = KVCache.for_model(a, max_depth + max(p, n), kv_dtype)
+    if cache is None:
+        cache = KVCache.for_model(a, max_depth + max(p, n), kv_dtype)
     device = device_for_this_machine(roofline, None, 0)
     w_tok = weight_bytes_per_token(shape, device)
     peak_flops = peak_gflops(roofline) * 1e9
