@@ -131,6 +131,17 @@ def kv_cache_bytes(comm, shape, n):
     return {"kv_bytes_per_rank": sharded, "kv_bytes_one_process": one}
 
 
+def three_launches(args, T, last, show):
+    """One process on all the cores, one rank of T threads, R ranks of T: {name: the worker's
+    JSON}, each shown (show(ranks, threads, row)) as it comes."""
+    rows = {}
+    for name, ranks, threads in (("one", 1, args.ranks * T), ("node", 1, T),
+                                 (last, args.ranks, T)):
+        rows[name] = launch(ranks, threads, args)
+        show(ranks, threads, rows[name])
+    return rows
+
+
 def launch(ranks, threads, args):
     mpiexec = Path(sys.executable).parent / "mpiexec"
     cmd = [str(mpiexec), "-n", str(ranks), sys.executable, str(HERE), "--worker",
@@ -168,15 +179,13 @@ def main():
     print(f"{cpu_name()}, {cores} cores, selfattn kernels: {native.isa()}; "
           f"{args.shape} attention (H {H}, H_kv {H_kv}, D {D}), causal, n = {args.n:,}, "
           f"float32, {time.strftime('%Y-%m-%d')}", flush=True)
-    rows = {}
-    for name, ranks, threads in (("one", 1, args.ranks * T), ("node", 1, T),
-                                 ("ring", args.ranks, T)):
-        rows[name] = launch(ranks, threads, args)
-        med = float(np.median(rows[name]["times_s"]))
-        rows[name]["median_s"] = med
+
+    def show(ranks, threads, row):
+        row["median_s"] = float(np.median(row["times_s"]))
         print(f"{ranks} rank{'s' if ranks > 1 else ''} x {threads} thread"
-              f"{'s' if threads > 1 else ''}: {med:.2f} s (median of {args.reps}: "
-              f"{', '.join(f'{t:.2f}' for t in rows[name]['times_s'])})", flush=True)
+              f"{'s' if threads > 1 else ''}: {row['median_s']:.2f} s (median of {args.reps}: "
+              f"{', '.join(f'{t:.2f}' for t in row['times_s'])})", flush=True)
+    rows = three_launches(args, T, "ring", show)
     ring, n, R = rows["ring"], args.n, args.ranks
     flops = 4.0 * D * H * n * (n + 1) / 2
     F = flops / rows["node"]["median_s"]
@@ -219,10 +228,8 @@ def model_main(args, cores, T):
     print(f"{cpu_name()}, {cores} cores, selfattn kernels: {native.isa()}; the default model "
           f"(SmolLM2-135M-Instruct), a {args.n:,}-token prompt, 32 greedy tokens, f32 KV, "
           f"{time.strftime('%Y-%m-%d')}", flush=True)
-    rows = {}
-    for name, ranks, threads in (("one", 1, args.ranks * T), ("node", 1, T),
-                                 ("sharded", args.ranks, T)):
-        r = rows[name] = launch(ranks, threads, args)
+
+    def show(ranks, threads, r):
         r["median_ttft_s"] = float(np.median(r["ttft_s"]))
         r["median_decode_tps"] = float(np.median(r["decode_tps"]))
         print(f"{ranks} rank{'s' if ranks > 1 else ''} x {threads} thread"
@@ -230,6 +237,7 @@ def model_main(args, cores, T):
               f"({', '.join(f'{t:.2f}' for t in r['ttft_s'])}), decode "
               f"{r['median_decode_tps']:.1f} tok/s "
               f"({', '.join(f'{t:.1f}' for t in r['decode_tps'])})", flush=True)
+    rows = three_launches(args, T, "sharded", show)
     print(f"TTFT, {args.ranks} ranks / one process: "
           f"{rows['one']['median_ttft_s'] / rows['sharded']['median_ttft_s']:.2f}x as fast; "
           f"decode {rows['sharded']['median_decode_tps'] / rows['one']['median_decode_tps']:.2f}x")

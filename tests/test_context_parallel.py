@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from selfattn import attention, native
-from selfattn.distributed.ring import Accumulator, attend_block, by_runs, positions, visibility, zigzag
+from selfattn.distributed.ring import (Accumulator, attend_block, by_runs, positions,
+                                       visibility, zigzag)
 from selfattn.errors import DistributedError
 from selfattn.plan.parallel import ring_step_bytes
 

@@ -90,13 +90,7 @@ def cmd_roofline(args):
 def cmd_bench(args):
     from . import parallel
 
-    cp = parallel.start(args)
-    if cp is None:
-        return bench_here(args, None)
-    if args.kernels or args.plot:
-        raise CLIError("--context-parallel benchmarks the model: not with --kernels or --plot")
-    with cp.errors("bench"):
-        bench_here(args, cp)
+    parallel.run(args, "bench", bench_here)
 
 
 def bench_here(args, cp):
@@ -113,6 +107,8 @@ def bench_here(args, cp):
     from ..measure.roofline import load_or_measure, peak_gflops
     from ..plan import ModelShape
 
+    if cp is not None and (args.kernels or args.plot):
+        raise CLIError("--context-parallel benchmarks the model: not with --kernels or --plot")
     quiet = cp is not None and cp.rank != 0
     check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
     console = terminal(stderr=True)

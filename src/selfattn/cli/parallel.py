@@ -24,11 +24,17 @@ class Parallel:
         self.comm.require(2)
         self.rank, self.size = self.comm.rank, self.comm.size
         self.talking = False
-        MPI = self.comm.MPI
-        local = self.comm.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_ranks = local.Get_size()
-        local.Free()
-        # the cores this process may use, shared by the ranks on this machine
+        # the cores this process may use, shared by the ranks on this machine (the ranks whose
+        # host name is this one's, gathered with a deadline as every exchange here)
+        import hashlib
+        import socket
+
+        import numpy as np
+
+        me = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:8], "little",
+                            signed=True)
+        hosts = self.comm.allgather(np.array([me], np.int64), "the ranks' host names")
+        self.local_ranks = int((hosts == me).sum())
         self.threads = max(1, num_threads() // self.local_ranks)
         set_num_threads(self.threads)
 
@@ -90,6 +96,16 @@ class Parallel:
 def start(args):
     """A Parallel for --context-parallel, else None."""
     return Parallel(args) if getattr(args, "context_parallel", False) else None
+
+
+def run(args, command: str, here):
+    """here(args, cp): on this process (cp None), or as this rank of a --context-parallel
+    launch, its errors reported as the module docstring says."""
+    cp = start(args)
+    if cp is None:
+        return here(args, None)
+    with cp.errors(command):
+        return here(args, cp)
 
 
 def options(parser):

@@ -12,11 +12,7 @@ def cmd_generate(args):
 
     check_system(args)
     Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # checked early
-    cp = parallel.start(args)
-    if cp is None:
-        return generate_here(args, None)
-    with cp.errors("generate"):
-        generate_here(args, cp)
+    parallel.run(args, "generate", generate_here)
 
 
 def generate_here(args, cp):
@@ -167,11 +163,7 @@ def show_breakdown(parts: dict, stats, roofline):
 
 
 def cmd_perplexity(args):
-    cp = parallel.start(args)
-    if cp is None:
-        return perplexity_here(args, None)
-    with cp.errors("perplexity"):
-        perplexity_here(args, cp)
+    parallel.run(args, "perplexity", perplexity_here)
 
 
 def perplexity_here(args, cp):

@@ -3,9 +3,10 @@
 Each rank stores its own positions' K/V (rows ascending by position) and knows every rank's
 runs. A prompt is split zigzag (`split`), after whatever the cache holds: each rank runs its two
 chunks through the model, and every layer's attention goes around the ring (each rank's old and
-new rows). `cache.length = n` rewinds to the first n positions, as for a KVCache. A decode step is computed by every rank alike; its
-K/V is stored by the rank holding the fewest positions, and attention gathers the ranks'
-(out, lse) pairs, so all ranks keep the same hidden state and sample the same tokens.
+new rows). `cache.length = n` rewinds to the first n positions, as for a KVCache. A decode step
+is computed by every rank alike; its K/V is stored by the rank holding the fewest positions,
+and attention gathers the ranks' (out, lse) pairs, so all ranks keep the same hidden state and
+sample the same tokens.
 
 It takes the place of `KVCache` in `Transformer.forward` (the same reserve / attend / commit);
 a prompt's `pos` is then this rank's runs ((start, count), ...) rather than one start.

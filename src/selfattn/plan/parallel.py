@@ -13,7 +13,7 @@ four chunk pairs are visible, c²/2 pairs per head, so
 A transfer is hidden when FLOPs per step / F >= bytes per step / B (F: the node's attention
 FLOP/s, peak · e_attention; B: the link's bytes/s), i.e. for chunks of at least
 
-    c_min = 2 · F · H_kv · row_bytes(D) / (2 · D · H · B) = F · H_kv · row_bytes(D) / (D · H · B)
+    c_min = F · H_kv · row_bytes(D) / (D · H · B)
 
 tokens per node (Ring Attention's c >= F/B, with this model's heads and KV type). TTFT on N nodes
 = the node's share of the matmuls and attention + what no compute covers of each step's transfer.
