@@ -216,26 +216,141 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
     return alpha;
 }
 
-#define ROWS3(CALL)            \
-    switch (nr) {              \
-    case 1: CALL(1); break;    \
-    case 2: CALL(2); break;    \
-    default: CALL(3); break;   \
-    }
-
 /* rows go in groups of three, or of four (float rows only, when R is a multiple of 4 and not of
  * 3: GQA with 4 or 8 query heads a kv head); a group is scored and accumulated in one pass */
 SA_INLINE int64_t row_group(int64_t R, const int FMT) {
     return !COMPACT(FMT) && R % 3 && R % 4 == 0 ? 4 : 3;
 }
 
-/* one task; FMT is a constant in each instance below, so the row decoding inlines per format.
- * Per tile: every key's K row is read once (each group of keys is scored against every row group
- * while it is in L1), then the tile's V rows once, VSUB keys at a time (each sub-block is used by
- * every row and output chunk before the next is read). */
+/* scores of nr (1 .. 4) rows from q against the keys kp[0 ..] (four for float rows in groups of
+ * up to three, two otherwise), each case its own register block */
+SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+                           int64_t ts, int64_t pf, int64_t nr, const int FMT) {
+    if (nr == 4) {
+        score2x4(q, D, kp, s, ts, pf, FMT);
+        score2x4(q, D, kp + 2, s + 2, ts, pf, FMT);
+    } else if (COMPACT(FMT)) {
+        switch (nr) {
+        case 1: score2_blocks(q, D, kp, s, ts, pf, 1, FMT); break;
+        case 2: score2_blocks(q, D, kp, s, ts, pf, 2, FMT); break;
+        default: score2_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
+        }
+    } else {
+        switch (nr) {
+        case 1: score4(q, D, kp, s, ts, pf, 1, FMT); break;
+        case 2: score4(q, D, kp, s, ts, pf, 2, FMT); break;
+        default: score4(q, D, kp, s, ts, pf, 3, FMT); break;
+        }
+    }
+}
+
+/* accum_v for NR rows and nc chunks: four rows take up to three chunks a pass, fewer rows
+ * four */
+SA_INLINE void accum_chunks(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
+                            int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
+                            int64_t pf, const int NR, int64_t nc, const int FMT) {
+    switch (nc) {
+    case 1: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 1, FMT); break;
+    case 2: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT); break;
+    case 3: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT); break;
+    default: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NR == 4 ? 3 : 4, FMT); break;
+    }
+}
+
+/* ... for nr (1 .. 4) rows, each (rows, chunks) its own register block */
+SA_INLINE void accum_group(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
+                           int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
+                           int64_t pf, int64_t nr, int64_t nc, const int FMT) {
+    switch (nr) {
+    case 1: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 1, nc, FMT); break;
+    case 2: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 2, nc, FMT); break;
+    case 4: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 4, nc, FMT); break;
+    default: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 3, nc, FMT); break;
+    }
+}
+
+/* which rows see a key of the tile j0 .. j0+nk-1, and which of its keys (lo[r] .. hi[r]-1);
+ * returns whether any row does */
+static int tile_rows(const dec_args *A, int64_t j0, int64_t nk, int64_t *lo, int64_t *hi,
+                     unsigned char *seen) {
+    int any = 0;
+    for (int64_t r = 0; r < A->R; r++) {
+        int64_t p = A->S - A->T + r % A->T;
+        int64_t a = p - A->left - j0, z = p + A->right - j0 + 1;
+        lo[r] = a < 0 ? 0 : a > nk ? nk : a;
+        hi[r] = z > nk ? nk : z < lo[r] ? lo[r] : z;
+        seen[r] = hi[r] > lo[r];
+        any |= seen[r];
+    }
+    return any;
+}
+
+/* the tile's scores s (R rows of ts) for its nk keys kp[0 ..]: each group of keys is scored
+ * against every group of rows while it is in L1 */
+SA_INLINE void score_tile(const float *q, int64_t R, int64_t D, const uint8_t *const *kp,
+                          int64_t nk, float *s, int64_t ts, const unsigned char *seen,
+                          int64_t k_row, const int FMT) {
+    const int64_t gr = row_group(R, FMT);
+    for (int64_t j = 0; j < nk; j += COMPACT(FMT) ? 2 : 4)
+        for (int64_t r0 = 0; r0 < R; r0 += gr) {
+            const int64_t nr = R - r0 < gr ? R - r0 : gr;
+            int any_seen = 0;
+            for (int64_t r = r0; r < r0 + nr; r++) any_seen |= seen[r];
+            if (any_seen)
+                score_group(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, r0 ? 0 : k_row, nr, FMT);
+        }
+}
+
+/* the tile's weights times its V rows (vt: the tile's first, nk of them) into acc, after each
+ * row's earlier state is scaled by alpha: VSUB keys at a time, each sub-block used by every
+ * row and output chunk before the next is read */
+SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *alpha,
+                               const unsigned char *seen, const uint8_t *vt, int64_t v_row,
+                               int64_t nk, const float *s, int64_t ts, const int FMT) {
+    const int64_t nb = Dv / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
+    const int64_t gr = row_group(R, FMT);
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
+    float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
+    for (int64_t j1 = 0; j1 < nk; j1 += VSUB, vt += VSUB * v_row) {
+        const int64_t ns = nk - j1 < VSUB ? nk - j1 : VSUB;
+        if (COMPACT(FMT))
+            for (int64_t k = 0; k < nb; k++)
+                for (int64_t j = 0; j < VSUB; j++)
+                    dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
+        for (int64_t r0 = 0; r0 < R; r0 += gr) {
+            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = nr == 4 ? 3 : 4; /* chunks a pass */
+            int touch = 0;
+            for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
+            if (!touch) continue;
+            /* the earlier state is scaled once, with the tile's first sub-block */
+            const float *al = j1 ? ones : alpha + r0;
+            for (int64_t c0 = 0; c0 < Dv / 8; c0 += step) {
+                const float *w = s + r0 * ts + j1;
+                int64_t wstride = ts;
+                if (COMPACT(FMT)) { /* weights times this block's scales */
+                    const float *d = dv + (c0 / 4) * VSUB;
+                    for (int64_t r = 0; r < nr; r++)
+                        for (int64_t j = 0; j < ns; j += 8) /* j1 + ns rounded up <= ts */
+                            _mm256_store_ps(pw + r * VSUB + j, _mm256_mul_ps(_mm256_loadu_ps(w + r * ts + j),
+                                                                             _mm256_load_ps(d + j)));
+                    w = pw;
+                    wstride = VSUB;
+                }
+                const int64_t nc = Dv / 8 - c0 < step ? Dv / 8 - c0 : step;
+                accum_group(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0,
+                            r0 || c0 ? 0 : v_row, nr, nc, FMT);
+            }
+        }
+    }
+}
+
+/* one task: its chunk of keys in tiles of up to TILE, each scored (every K row read once), put
+ * through the online softmax row by row, and accumulated (its V rows read once). FMT is a
+ * constant in each instance below, so the row decoding inlines per format. */
 SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const dec_args *A = ctx;
-    const int64_t R = A->R, D = A->D, Dv = A->Dv, T = A->T, S = A->S;
+    const int64_t R = A->R, D = A->D, Dv = A->Dv, S = A->S;
     const int64_t b = task / (A->H_kv * A->C), g = (task / A->C) % A->H_kv, c = task % A->C;
     const int64_t j_start = A->j_base + c * A->chunk;
     const int64_t j_end = j_start + A->chunk < S ? j_start + A->chunk : S;
@@ -243,7 +358,6 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const uint8_t *kh = A->k + head * A->S_max * k_row, *vh = A->v + head * A->S_max * v_row;
     const float *q = A->q + head * R * D;
     float *acc = A->acc + task * R * Dv, *mm = A->m + task * R, *ll = A->l + task * R;
-    const int64_t nb = D / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
     /* the tile's scores: R rows of ts (the chunk's keys, rounded up to 8, at most TILE) */
     const int64_t span = j_end - j_start, ts = span < TILE ? (span + 7) / 8 * 8 : TILE;
     float *s = aligned_alloc(32, (size_t)(R * ts) * 4);
@@ -251,10 +365,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         atomic_store(A->failed, 1);
         return;
     }
-    float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
-    float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
-    float alpha[SA_MAX_ROWS], ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-    const int64_t gr = row_group(R, FMT);
+    float alpha[SA_MAX_ROWS];
     unsigned char seen[SA_MAX_ROWS];
     const uint8_t *kp[TILE + 4];
     int64_t lo[SA_MAX_ROWS], hi[SA_MAX_ROWS];
@@ -267,95 +378,16 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
 
     for (int64_t j0 = j_start; j0 < j_end; j0 += ts) {
         const int64_t nk = j_end - j0 < ts ? j_end - j0 : ts;
-        /* which rows see any key of this tile, and where */
-        int any = 0;
-        for (int64_t r = 0; r < R; r++) {
-            int64_t p = S - T + r % T;
-            int64_t a = p - A->left - j0, z = p + A->right - j0 + 1;
-            lo[r] = a < 0 ? 0 : a > nk ? nk : a;
-            hi[r] = z > nk ? nk : z < lo[r] ? lo[r] : z;
-            seen[r] = hi[r] > lo[r];
-            any |= seen[r];
-        }
-        if (!any) continue;
-
+        if (!tile_rows(A, j0, nk, lo, hi, seen)) continue;
         for (int64_t j = 0; j < ts + 4; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
-        for (int64_t j = 0; j < nk; j += COMPACT(FMT) ? 2 : 4)
-            for (int64_t r0 = 0; r0 < R; r0 += gr) {
-                const int64_t nr = R - r0 < gr ? R - r0 : gr;
-                int any_seen = 0;
-                for (int64_t r = r0; r < r0 + nr; r++) any_seen |= seen[r];
-                if (!any_seen) continue;
-                const int64_t pf = r0 ? 0 : k_row;
-                if (nr == 4) {
-                    score2x4(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, FMT);
-                    score2x4(q + r0 * D, D, kp + j + 2, s + r0 * ts + j + 2, ts, pf, FMT);
-                } else if (COMPACT(FMT)) {
-#define SCORE(NR) score2_blocks(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, NR, FMT)
-                    ROWS3(SCORE)
-#undef SCORE
-                } else {
-#define SCORE(NR) score4(q + r0 * D, D, kp + j, s + r0 * ts + j, ts, pf, NR, FMT)
-                    ROWS3(SCORE)
-#undef SCORE
-                }
-            }
-
+        score_tile(q, R, D, kp, nk, s, ts, seen, k_row, FMT);
         const int64_t n8 = (nk + 7) / 8 * 8;
         for (int64_t r = 0; r < R; r++) {
             alpha[r] = 1.0f;
             if (seen[r]) alpha[r] = softmax_tile(s + r * ts, n8, lo[r], hi[r], A->softcap, mm + r, ll + r);
             else memset(s + r * ts, 0, (size_t)n8 * 4);
         }
-
-        for (int64_t j1 = 0; j1 < nk; j1 += VSUB) {
-            const int64_t ns = nk - j1 < VSUB ? nk - j1 : VSUB;
-            const uint8_t *vt = vh + (j0 + j1) * v_row;
-            if (COMPACT(FMT))
-                for (int64_t k = 0; k < nb; k++)
-                    for (int64_t j = 0; j < VSUB; j++) dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
-            for (int64_t r0 = 0; r0 < R; r0 += gr) {
-                const int64_t nr = R - r0 < gr ? R - r0 : gr, step = nr == 4 ? 3 : 4; /* chunks a pass */
-                int touch = 0;
-                for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
-                if (!touch) continue;
-                /* the earlier state is scaled once, with the tile's first sub-block */
-                const float *al = j1 ? ones : alpha + r0;
-                for (int64_t c0 = 0; c0 < Dv / 8; c0 += step) {
-                    const float *w = s + r0 * ts + j1;
-                    int64_t wstride = ts;
-                    if (COMPACT(FMT)) { /* weights times this block's scales */
-                        const float *d = dv + (c0 / 4) * VSUB;
-                        for (int64_t r = 0; r < nr; r++)
-                            for (int64_t j = 0; j < ns; j += 8) /* j1 + ns rounded up <= ts */
-                                _mm256_store_ps(pw + r * VSUB + j, _mm256_mul_ps(_mm256_loadu_ps(w + r * ts + j),
-                                                                                 _mm256_load_ps(d + j)));
-                        w = pw;
-                        wstride = VSUB;
-                    }
-                    const int64_t nc = Dv / 8 - c0 < step ? Dv / 8 - c0 : step;
-#define ACC(NR, NC) accum_v(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0, r0 || c0 ? 0 : v_row, NR, NC, FMT)
-#define ACCN(NR)                                   \
-    switch (nc) {                                  \
-    case 1: ACC(NR, 1); break;                     \
-    case 2: ACC(NR, 2); break;                     \
-    case 3: ACC(NR, 3); break;                     \
-    default: ACC(NR, 4); break;                    \
-    }
-                    if (nr == 4) {
-                        switch (nc) {
-                        case 1: ACC(4, 1); break;
-                        case 2: ACC(4, 2); break;
-                        default: ACC(4, 3); break;
-                        }
-                    } else {
-                        ROWS3(ACCN)
-                    }
-#undef ACCN
-#undef ACC
-                }
-            }
-        }
+        accumulate_tile(acc, R, Dv, alpha, seen, vh + j0 * v_row, v_row, nk, s, ts, FMT);
     }
     free(s);
 }
