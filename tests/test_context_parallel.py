@@ -223,3 +223,17 @@ def test_cli_bench_context_parallel_reports_and_keeps_no_calibration(tmp_path):
     assert all(r["context_parallel_ranks"] == 2 for r in doc)
     assert (folder / "roofline.json").is_file()
     assert not list(folder.glob("calibration*")), list(folder.iterdir())
+
+
+@needs_mpi
+def test_cli_error_on_one_rank_is_said_once_and_ends_every_rank(tmp_path):
+    """rank 0 alone cannot write its --json (a folder is in the way); the others must not wait
+    for it at their first exchange."""
+    (tmp_path / "out.json").mkdir()
+    t0 = time.perf_counter()
+    out = launch(2, str(BIN / "selfattn"), "bench", "--context-parallel", "-p", "32", "-n", "4",
+                 "--depths", "0", "--reps", "1", "--json", str(tmp_path / "out.json"),
+                 timeout=120)
+    assert time.perf_counter() - t0 < 60
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "out.json" in out.stderr and "Traceback" not in out.stderr

@@ -110,7 +110,8 @@ def bench_here(args, cp):
     if cp is not None and (args.kernels or args.plot):
         raise CLIError("--context-parallel benchmarks the model: not with --kernels or --plot")
     quiet = cp is not None and cp.rank != 0
-    check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
+    if not quiet:  # rank 0 writes them (several ranks testing one path would race)
+        check_outputs(args, {"json": (".json",), "plot": (".png", ".svg", ".pdf")})
     console = terminal(stderr=True)
     opened = open_model_file(args.model)
     path, reader, _ = opened

@@ -1,10 +1,11 @@
 """--context-parallel: `mpiexec -n R selfattn generate --context-parallel ...`.
 
 Every rank runs the same command. The prompt's attention is split across the ranks (ring
-prefill) and the KV cache is sharded (decode); rank 0 prints. Errors found before the ranks
-first talk are the same on every rank: rank 0 reports them and all exit 2. An error after that
-(a rank that stops answering, memory on one rank) is reported by the rank that has it, and the
-launch is ended (MPI_Abort), so no rank waits for one that is gone.
+prefill) and the KV cache is sharded (decode); rank 0 prints. Before the ranks' first exchange,
+whatever it is, `agree` asks whether every rank got through its set-up (arguments, files, the
+model): if one did not, the lowest such rank reports its error in one line and all exit 2. An
+error after that (a rank that stops answering, memory on one rank) is reported by the rank that
+has it, and the launch is ended (MPI_Abort), so no rank waits for one that is gone.
 """
 
 import contextlib
@@ -36,17 +37,29 @@ class Parallel:
         hosts = self.comm.allgather(np.array([me], np.int64), "the ranks' host names")
         self.local_ranks = int((hosts == me).sum())
         self.threads = max(1, num_threads() // self.local_ranks)
+        self.comm.before_first = self.agree  # what the command exchanges first waits for it
         set_num_threads(self.threads)
 
     @property
     def prints(self) -> bool:
         return self.rank == 0
 
+    def agree(self):
+        """The ranks' first exchange (Comm calls it before any other): did every rank get
+        through its set-up? If not, exit 2, the failing rank saying why (`errors`)."""
+        import numpy as np
+
+        if self.talking:
+            return
+        ok = self.comm.allgather(np.ones(1, np.int8), "the ranks' start")
+        self.talking = True
+        if not ok.all():
+            raise _OtherRankFailed()
+
     def shared_seed(self, seed):
         """The sampling seed every rank uses: the given one, or rank 0's fresh one."""
         import numpy as np
 
-        self.talking = True
         if seed is not None:
             return seed
         mine = np.array([np.random.SeedSequence().entropy % (1 << 63)], np.int64)
@@ -54,7 +67,6 @@ class Parallel:
 
     def share(self, make, what: str):
         """make() on rank 0, its result on every rank (rank 0's roofline, say)."""
-        self.talking = True
         return self.comm.bcast_object(make() if self.rank == 0 else None, 0, what)
 
     def cache(self, model_args, policy, ctx, kv_dtype):
@@ -78,19 +90,33 @@ class Parallel:
     @contextlib.contextmanager
     def errors(self, command: str):
         """Report an error the way the module docstring says."""
+        import numpy as np
+
         try:
             yield
+        except _OtherRankFailed:
+            raise SystemExit(2) from None
         except BaseException as e:
             if isinstance(e, SystemExit) and not e.code:
                 raise
-            if not self.talking:  # the same on every rank: rank 0 says it, all exit 2
-                if self.rank != 0:
-                    raise SystemExit(2) from None
-                raise
             text = e if not isinstance(e, KeyboardInterrupt) else "interrupted"
-            print(f"selfattn {command} (rank {self.rank} of {self.size}): "
-                  f"{' '.join(str(text).split())}", file=sys.stderr, flush=True)
+            line = f"selfattn {command} (rank {self.rank} of {self.size}): " \
+                   f"{' '.join(str(text).split())}"
+            if not self.talking:  # set-up: the others learn it at their first exchange
+                self.comm.before_first = None
+                ok = self.comm.allgather(np.zeros(1, np.int8), "the ranks' start")
+                if int(np.flatnonzero(ok == 0)[0]) != self.rank:
+                    raise SystemExit(2) from None
+                if self.rank == 0:
+                    raise  # the usual one line
+                print(line, file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            print(line, file=sys.stderr, flush=True)
             self.comm.abort(2)
+
+
+class _OtherRankFailed(Exception):
+    """Another rank's set-up failed (it says why)."""
 
 
 def start(args):

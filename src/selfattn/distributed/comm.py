@@ -45,6 +45,13 @@ class Comm:
         self.timeout_s = float(timeout_s)
         self.bytes_sent = 0
         self.wait_s = 0.0  # time blocked in wait() (communication not hidden by compute)
+        self.before_first = None  # called once, before this rank's next exchange (the CLI's
+        # check that every rank got through its set-up)
+
+    def _first(self):
+        hook, self.before_first = self.before_first, None
+        if hook is not None:
+            hook()
 
     def require(self, at_least: int = 2):
         if self.size < at_least:
@@ -82,6 +89,7 @@ class Comm:
         """Start sending the arrays `send` to the next rank and receiving `recv` (preallocated,
         contiguous; as many, not necessarily as large) from the previous one. Returns the
         requests (wait() them)."""
+        self._first()
         right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         reqs = []
         base = step * 1024  # a tag per array and step (a rank's runs: far fewer)
@@ -94,6 +102,7 @@ class Comm:
 
     def allgather(self, x: np.ndarray, what: str) -> np.ndarray:
         """Every rank's x (same shape and dtype) stacked in rank order: (R, *x.shape)."""
+        self._first()
         x = np.ascontiguousarray(x)
         out = np.empty((self.size,) + x.shape, x.dtype)
         req = self.comm.Iallgather([_bytes(x), self.MPI.BYTE], [_bytes(out), self.MPI.BYTE])
@@ -103,6 +112,7 @@ class Comm:
 
     def bcast(self, x: np.ndarray, root: int, what: str) -> np.ndarray:
         """root's x (same shape and dtype on every rank) on every rank."""
+        self._first()
         x = np.ascontiguousarray(x)
         req = self.comm.Ibcast([_bytes(x), self.MPI.BYTE], root=root)
         if self.rank == root:
@@ -121,6 +131,7 @@ class Comm:
         return pickle.loads(self.bcast(buf, root, what).tobytes())
 
     def barrier(self, what: str):
+        self._first()
         self.wait([self.comm.Ibarrier()], what)
 
     def abort(self, code: int = 2):
