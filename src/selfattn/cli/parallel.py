@@ -25,6 +25,7 @@ class Parallel:
         self.comm.require(2)
         self.rank, self.size = self.comm.rank, self.comm.size
         self.talking = False
+        self.wait_at_prefill = 0.0  # Comm.wait_s when the prompt was through (prefilled())
         # the cores this process may use, shared by the ranks on this machine (the ranks whose
         # host name is this one's, gathered with a deadline as every exchange here)
         import hashlib
@@ -39,6 +40,10 @@ class Parallel:
         self.threads = max(1, num_threads() // self.local_ranks)
         self.comm.before_first = self.agree  # what the command exchanges first waits for it
         set_num_threads(self.threads)
+
+    def prefilled(self):
+        """The prompt is through: what the ranks wait for from here on is decode's."""
+        self.wait_at_prefill = self.comm.wait_s
 
     @property
     def prints(self) -> bool:
@@ -85,7 +90,7 @@ class Parallel:
                     ring_bytes_sent_per_layer=ring.bytes_sent // max(1, n_layers),
                     ring_hidden_share=ring.hidden_share,
                     ring_exposed_s=ring.exposed_s, ring_in_flight_s=ring.in_flight_s,
-                    decode_wait_s=self.comm.wait_s - ring.exposed_s)
+                    decode_wait_s=self.comm.wait_s - self.wait_at_prefill)
 
     @contextlib.contextmanager
     def errors(self, command: str):

@@ -55,7 +55,8 @@ def generate_here(args, cp):
               f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
         if cp is not None:
             f = cp.figures(cache, model_layers(cache))
-            print(f"[context parallel: {f['ranks']} ranks x {f['threads_per_rank']} threads | KV "
+            threads = f"{f['threads_per_rank']} thread" + ("s" if f["threads_per_rank"] > 1 else "")
+            print(f"[context parallel: {f['ranks']} ranks x {threads} | KV "
                   f"cache {f['kv_cache_bytes_per_rank'] / 2**20:.0f} MiB a rank | ring "
                   f"{f['ring_bytes_sent_per_layer'] / 2**20:.2f} MiB sent a layer by rank 0, "
                   f"{100 * f['ring_hidden_share']:.0f}% of its transfer time behind compute | "
@@ -98,6 +99,8 @@ def run_generate(args, status, cp=None):
     stream = StreamDecoder(tok)
 
     def prefilling(done, total):
+        if cp is not None and done == total:
+            cp.prefilled()
         if status:
             status.update(f"prompt: {done:,} of {total:,} tokens through the model...")
 
