@@ -17,6 +17,7 @@ from selfattn import attention  # noqa: E402
 from selfattn.attention.kvformat import quantize  # noqa: E402
 from selfattn.distributed import Comm, ring_attention, sharded_decode, zigzag  # noqa: E402
 from selfattn.distributed.ring import RingStats, positions, run_rows  # noqa: E402
+from selfattn.plan.parallel import ring_step_bytes  # noqa: E402
 from tests.conftest import assert_close_to_reference  # noqa: E402
 
 KV_FORMATS = ("f32", "f16", "q8_0", "q4_0")
@@ -55,9 +56,9 @@ def check_prefill(comm, n, H, H_kv, D, causal, window, fmt, softcap=None, split=
     assert_close_to_reference(out, lse, want[:, :, rows].astype(np.float64),
                               want_lse[:, :, rows].astype(np.float64), q[:, :, rows], k, v,
                               1 / np.sqrt(D), np.float32)
-    # the transport moved each other rank's block once: 2 (K and V) · rows · H_kv · row bytes
-    row_bytes = kq[0, 0, 0].nbytes
-    expect = sum(2 * run_rows(runs[(comm.rank - s) % R]) * H_kv * row_bytes
+    # the transport moved each other rank's block once: the planner's bytes per ring step
+    # (2 · rows · H_kv · row bytes, plan/parallel.py) for each block this rank passed on
+    expect = sum(ring_step_bytes(run_rows(runs[(comm.rank - s) % R]), H_kv, D, fmt)
                  for s in range(R - 1))
     assert stats.bytes_sent == expect, (stats.bytes_sent, expect)
     return f"prefill n={n} H={H}/{H_kv} D={D} causal={causal} window={window} {fmt} " \

@@ -113,7 +113,8 @@ def test_ring_and_sharded_decode_equal_one_process(ranks):
 
 
 def test_transport_bytes_formula_is_the_planners():
-    """mpi_cases counts 2 · rows · H_kv · row bytes per step; the planner's formula is that."""
+    """mpi_cases holds the transport's count to plan.parallel.ring_step_bytes; that is
+    2 · rows · H_kv · the KV type's row bytes."""
     from selfattn.attention.kvformat import quantize
 
     for fmt in ("f32", "f16", "q8_0", "q4_0"):
