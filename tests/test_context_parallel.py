@@ -2,7 +2,7 @@
 model's tokens, the CLI, and what happens when MPI or a rank is missing.
 
 The multi-rank cases run under mpiexec (tests/mpi_cases.py); more ranks than cores is fine for
-correctness. The 4-rank run of the whole model takes minutes on two cores: it runs when
+correctness. The 4-rank run of the whole model takes about a minute on two cores: it runs when
 SELFATTN_MPI_ALL=1 (the 2-rank one always)."""
 
 import json
@@ -126,7 +126,8 @@ def test_transport_bytes_formula_is_the_planners():
 @pytest.mark.skipif(not native.available(), reason="a 6,000-token prompt needs the compiled "
                                                    "kernels to run in test time")
 @pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.skipif(
-    os.environ.get("SELFATTN_MPI_ALL") != "1", reason="minutes on two cores: SELFATTN_MPI_ALL=1"))])
+    os.environ.get("SELFATTN_MPI_ALL") != "1",
+    reason="about a minute on two cores: SELFATTN_MPI_ALL=1"))])
 def test_whole_model_greedy_tokens_equal_one_process(ranks):
     out = launch(ranks, sys.executable, "tests/mpi_cases.py", "model", "6000", "64", "f32")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
