@@ -82,12 +82,12 @@ class Parallel:
                            f"--context-policy {policy} is not supported with it")
         return ShardedKVCache.for_model(self.comm, model_args, ctx, kv_dtype)
 
-    def figures(self, cache, n_layers) -> dict:
+    def figures(self, cache) -> dict:
         """What the ranks' attention cost in transfers, as rank 0 saw it."""
-        ring = cache.ring
+        ring, n_layers = cache.ring, cache.k.shape[0]
         return dict(ranks=self.size, threads_per_rank=self.threads,
                     kv_cache_bytes_per_rank=cache.nbytes,
-                    ring_bytes_sent_per_layer=ring.bytes_sent // max(1, n_layers),
+                    ring_bytes_sent_per_layer=ring.bytes_sent // n_layers,
                     ring_hidden_share=ring.hidden_share,
                     ring_exposed_s=ring.exposed_s, ring_in_flight_s=ring.in_flight_s,
                     decode_wait_s=self.comm.wait_s - self.wait_at_prefill)

@@ -39,8 +39,7 @@ def generate_here(args, cp):
     roofline = this_roofline(measure=args.breakdown)
     parts = phases(stats, roofline)
     if args.json:
-        extra = {} if cp is None else dict(context_parallel=cp.figures(cache, model_layers(
-            cache)))
+        extra = {} if cp is None else dict(context_parallel=cp.figures(cache))
         print(json.dumps(dict(model=str(path), chat=chat_mode(tok, args), text=text_out,
                               load_s=load_s, ctx=ctx,
                               kv_dtype=args.kv_dtype, context_policy=str(policy),
@@ -54,7 +53,7 @@ def generate_here(args, cp):
               f"{stats.kv_cache_bytes / 2**20:.0f} MiB {args.kv_dtype}, "
               f"{ctx if policy.kind == 'full' else policy} positions]", file=sys.stderr)
         if cp is not None:
-            f = cp.figures(cache, model_layers(cache))
+            f = cp.figures(cache)
             threads = f"{f['threads_per_rank']} thread" + ("s" if f["threads_per_rank"] > 1 else "")
             print(f"[context parallel: {f['ranks']} ranks x {threads} | KV "
                   f"cache {f['kv_cache_bytes_per_rank'] / 2**20:.0f} MiB a rank | ring "
@@ -64,10 +63,6 @@ def generate_here(args, cp):
                   file=sys.stderr)
         if args.breakdown:
             show_breakdown(parts, stats, roofline)
-
-
-def model_layers(cache) -> int:
-    return cache.k.shape[0]
 
 
 def run_generate(args, status, cp=None):

@@ -15,6 +15,7 @@ a prompt's `pos` is then this rank's runs ((start, count), ...) rather than one 
 import numpy as np
 
 from ..attention import kvformat
+from ..cache import KVCache
 from ..cache.memory import aligned_zeros, check_fits
 from ..errors import ContextError
 from .ring import RingStats, ring_attention, run_rows, sharded_decode, zigzag
@@ -166,10 +167,7 @@ class ShardedKVCache:
         extend(self.runs[self.owner()], pos, 1)
         self._length = pos + 1
 
-    def keys_seen(self, positions: np.ndarray, window) -> np.ndarray:
-        """Keys a causal query at each position attends to, over all ranks."""
-        seen = positions + 1
-        return seen if window is None else np.minimum(seen, window)
+    keys_seen = KVCache.keys_seen  # keys a causal query at each position sees, over all ranks
 
     def decoded_keys(self, layer: int, kv_len: int):
         raise ContextError("attention maps are drawn in one process, not under context "

@@ -47,6 +47,16 @@ def positions(runs) -> np.ndarray:
         np.zeros(0, np.int64)
 
 
+def first_row_at(runs, p: int) -> int:
+    """The first row (of rows laid out as ascending runs) at position p or later."""
+    row = 0
+    for s, c in runs:
+        if s + c > p:
+            return row + max(0, p - s)
+        row += c
+    return row
+
+
 def block_attention(q, q_start: int, k, v, k_start: int, band, **flags):
     """q (1, H, T, D) at positions q_start.., k and v (1, H_kv, S, row) at k_start..; band
     (left, right): a query at p sees keys p-left .. p+right (None: unbounded on that side).
@@ -213,8 +223,7 @@ def sharded_decode(comm, q, q_pos: int, k, v, kv_runs_local, *, window=None, sof
     if T == 1 and n and kv_runs_local[-1][0] + kv_runs_local[-1][1] <= q_pos + 1:
         # every local key is at or before the query: one call over the rows in the window,
         # which are a suffix of the local rows (ascending positions)
-        lo = 0 if window is None else int(np.searchsorted(positions(kv_runs_local),
-                                                          q_pos - window + 1))
+        lo = 0 if window is None else first_row_at(kv_runs_local, q_pos - window + 1)
         out = np.zeros((1, H, 1, Dv), np.float32)
         lse = np.full((1, H, 1), -np.inf, np.float32)
         if lo < n:

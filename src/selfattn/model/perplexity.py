@@ -91,10 +91,12 @@ def windows(model, ids, ctx: int, kv_dtype: str = "f32", on_step=None,
 
 def _window_parallel(model, seq, cache, first):
     """One window's scores for positions first .. len-2, each rank scoring its own share."""
+    from ..distributed.ring import positions
+
     cache.reset()
     mine, runs = cache.split(seq)
     logits = model.forward(mine, cache, runs, all_logits=True)
-    pos = np.concatenate([np.arange(s, s + c) for s, c in runs])
+    pos = positions(runs)
     keep = (pos >= first) & (pos < len(seq) - 1)
     scores = np.full(len(seq), np.nan)
     scores[pos[keep]] = _nll(logits[keep], seq[pos[keep] + 1])
