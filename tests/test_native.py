@@ -375,25 +375,31 @@ def test_touch_pages_reads_a_mapping_and_changes_nothing(tmp_path):
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
 def test_every_level_gives_the_same_bits(fmt):
     """The levels' copies of the kernels (vec.h's vectors of 8 and 16 lanes, the AVX2 sources
-    compiled with AVX-512 as well) do the same IEEE operations in the same order: prefill, decode,
-    matmul and the prompt gemm give the same bits at every level this CPU runs (the one loop
-    that differs, AVX-512's Q4_K row, is held to its bound in test_native_formats.py)."""
+    compiled with AVX-512 as well) do the same IEEE operations in the same order: prefill, decode
+    and the prompt gemm give the same bits at every level this CPU runs. The loops that differ,
+    AVX-512's rows of a few-token matmul (16-lane blocks), sum in another order and are held to a
+    float32 dot product's bound here and in test_native_formats.py."""
     rng = np.random.default_rng(21)
     q, k, v = stored_inputs(3, 1, 8, 2, 200, 300, 64, 64, fmt)
     pm, _ = packed(rng.standard_normal((200, 576), np.float32), Q.Q4_0)
     x = rng.standard_normal((3, 576), np.float32)
     xg = rng.standard_normal((70, 576), np.float32)
-    results = {}
+    results, products = {}, {}
     for level in native.isas()[:-1]:
         with native.using_isa(level):
             results[level] = (*flash_attention(q, k, v, 300, (300, 0), None, 30.0, 0.125, fmt=fmt),
                               *decode_attention(q[:, :, -2:], k, v, 300, (300, 0), None, None,
                                                 0.125, fmt),
-                              native.matmul(x, pm), native.gemm(xg, pm))
+                              native.gemm(xg, pm))
+            products[level] = native.matmul(x, pm)
     first, *rest = results.values()
     for other in rest:
         for a, b in zip(first, other):
             np.testing.assert_array_equal(a, b)
+    w = pm.dequantize().astype(np.float64)
+    bound = 8 * w.shape[1] * 2.0**-24 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    for y in products.values():
+        assert (np.abs(y - x.astype(np.float64) @ w.T) <= bound).all()
 
 
 def test_the_level_can_be_forced_and_a_wrong_one_is_named(tmp_path):

@@ -30,11 +30,72 @@ typedef struct {
     const uint8_t *w;
     int64_t row_bytes, rows, cols, T, task_rows;
     int fmt;
-    const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block */
+    const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block (AVX2) */
     const float *xs; /* sums of each row of x over each group of sa_sub(fmt) values (each) */
     float *y;
     int each;        /* every row of x through the one-token loop (T = 1, sa_matvecs) */
 } mv_args;
+
+#if SA_W == 16
+/* AVX-512: a block's 32 values are two 16-lane vectors, in order. A q4 block's 16 bytes widen to
+ * 16 lanes in one instruction; their low nibbles are values 0-15 and the high ones 16-31, so a
+ * mask and a shift give both vectors and x needs no reordering. Against the 8-lane loop below:
+ * half the FMAs per row of x and a third of the decoding work per block. */
+#define BLOCK_VECS 2
+typedef __m512 blk_vec;
+SA_INLINE blk_vec bv_zero(void) { return _mm512_setzero_ps(); }
+SA_INLINE blk_vec bv_loadu(const float *x) { return _mm512_loadu_ps(x); }
+SA_INLINE blk_vec bv_mul(blk_vec a, blk_vec b) { return _mm512_mul_ps(a, b); }
+SA_INLINE blk_vec bv_add(blk_vec a, blk_vec b) { return _mm512_add_ps(a, b); }
+SA_INLINE blk_vec bv_fmadd(blk_vec a, blk_vec b, blk_vec c) { return _mm512_fmadd_ps(a, b, c); }
+SA_INLINE float bv_hsum(blk_vec a) { return _mm512_reduce_add_ps(a); }
+static const int *const NIBBLE_ORDER = NULL; /* x keeps its order */
+
+/* 32 values of a float or q4_0 / q4_1 / q8_0 block at p -> w[0..1], exact as gguf dequantizes:
+ * q4_1 d * n + m fused (d * n is exact in float32: an f16 times a 4-bit integer, so one
+ * rounding, as gguf's); q4_0 n * d - 8d (-8d exact); q8_0 q * d */
+SA_INLINE void decode_block(const uint8_t *p, int fmt, blk_vec w[2]) {
+    if (fmt == SA_Q4_1 || fmt == SA_Q4_0) {
+        __m512 d, off;
+        if (fmt == SA_Q4_1) {
+            int32_t halves;
+            memcpy(&halves, p, 4);
+            __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(halves)); /* d, m */
+            d = _mm512_broadcastss_ps(dm);
+            off = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+        } else {
+            const float h = sa_half(p);
+            d = _mm512_set1_ps(h);
+            off = _mm512_set1_ps(-8.0f * h);
+        }
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + (fmt == SA_Q4_1 ? 4 : 2))));
+        w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F))), d, off);
+        w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), d, off);
+    } else if (fmt == SA_Q8_0) {
+        const __m512 d = _mm512_set1_ps(sa_half(p));
+        for (int i = 0; i < 2; i++)
+            w[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128((const __m128i *)(p + 2 + 16 * i)))), d);
+    } else if (fmt == SA_F16) {
+        for (int i = 0; i < 2; i++) w[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32 * i)));
+    } else if (fmt == SA_BF16) {
+        for (int i = 0; i < 2; i++) {
+            __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 32 * i)));
+            w[i] = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+        }
+    } else {
+        for (int i = 0; i < 2; i++) w[i] = _mm512_loadu_ps((const float *)p + 16 * i);
+    }
+}
+#else
+#define BLOCK_VECS 4
+typedef __m256 blk_vec;
+SA_INLINE blk_vec bv_zero(void) { return _mm256_setzero_ps(); }
+SA_INLINE blk_vec bv_loadu(const float *x) { return _mm256_loadu_ps(x); }
+SA_INLINE blk_vec bv_mul(blk_vec a, blk_vec b) { return _mm256_mul_ps(a, b); }
+SA_INLINE blk_vec bv_add(blk_vec a, blk_vec b) { return _mm256_add_ps(a, b); }
+SA_INLINE blk_vec bv_fmadd(blk_vec a, blk_vec b, blk_vec c) { return _mm256_fmadd_ps(a, b, c); }
+SA_INLINE float bv_hsum(blk_vec a) { return sa_hsum(a); }
 
 /* The 16 nibble bytes of a q4 block, four at a time: each 32-bit word broadcast to eight lanes
  * and shifted by a different amount per lane, so no cross-lane shuffle is needed (shuffles are
@@ -57,7 +118,7 @@ SA_INLINE void nibbles_permuted(const uint8_t *qs, __m256 n[4]) {
 /* 32 values of a float or q4_0 / q4_1 / q8_0 block at p -> w[0..3]. q4_1's d * n is exact in
  * float32 (an f16 times a 4-bit integer), so the fused d * n + m rounds once, as gguf's
  * (d * n) + m does: the same bits. */
-SA_INLINE void decode_block(const uint8_t *p, int fmt, __m256 w[4]) {
+SA_INLINE void decode_block(const uint8_t *p, int fmt, blk_vec w[4]) {
     if (fmt == SA_Q4_1) {
         int32_t halves;
         memcpy(&halves, p, 4);
@@ -82,6 +143,8 @@ SA_INLINE void decode_block(const uint8_t *p, int fmt, __m256 w[4]) {
         for (int i = 0; i < 4; i++) w[i] = _mm256_loadu_ps((const float *)p + 8 * i);
     }
 }
+#endif
+#define BV_LANES (32 / BLOCK_VECS)
 
 /* value i of a float row (the tail past the last whole 32 values) */
 SA_INLINE float float_at(const uint8_t *row, int fmt, int64_t i) {
@@ -99,54 +162,45 @@ SA_INLINE float float_at(const uint8_t *row, int fmt, int64_t i) {
     return f;
 }
 
-/* one token: four accumulators, so consecutive blocks do not wait on each other's FMA */
-SA_INLINE float row_dot1(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x) {
-    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    __m256 w[4];
-    for (int64_t b = 0; b < nb; b++, p += bb, x += 32) {
-        _mm_prefetch((const char *)(p + PF_BYTES), _MM_HINT_T0);
-        decode_block(p, fmt, w);
-        for (int i = 0; i < 4; i++) a[i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + 8 * i), a[i]);
-    }
-    return sa_hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-}
-
-/* row_dot1 for N rows of x (ld apart) at once, each block decoded once: every row's four
- * accumulators take the same FMAs in the same order as row_dot1's, so y[t] has its bits */
+/* one block-decoding pass over a row for N rows of x (ld apart): each block decoded once, and
+ * each row of x gets BLOCK_VECS accumulators (one per vector of the block), so consecutive
+ * blocks do not wait on each other's FMA. Row t's FMAs are the same, in the same order, for
+ * every N: y[t] has the bits a pass with that row alone gives. */
 SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,
                         int64_t ld, float *y, const int N) {
-    __m256 a[4][4], w[4];
+    blk_vec a[4][BLOCK_VECS], w[BLOCK_VECS];
     for (int t = 0; t < N; t++)
-        for (int i = 0; i < 4; i++) a[t][i] = _mm256_setzero_ps();
+        for (int i = 0; i < BLOCK_VECS; i++) a[t][i] = bv_zero();
     for (int64_t b = 0; b < nb; b++, p += bb, x += 32) {
         _mm_prefetch((const char *)(p + PF_BYTES), _MM_HINT_T0);
         decode_block(p, fmt, w);
         for (int t = 0; t < N; t++)
-            for (int i = 0; i < 4; i++)
-                a[t][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + t * ld + 8 * i), a[t][i]);
+            for (int i = 0; i < BLOCK_VECS; i++)
+                a[t][i] = bv_fmadd(w[i], bv_loadu(x + t * ld + BV_LANES * i), a[t][i]);
     }
-    for (int t = 0; t < N; t++)
-        y[t] = sa_hsum(_mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3])));
+    for (int t = 0; t < N; t++) {
+        blk_vec s = bv_add(a[t][0], a[t][1]);
+        if (BLOCK_VECS == 4) s = bv_add(s, bv_add(a[t][2], a[t][3]));
+        y[t] = bv_hsum(s);
+    }
 }
 
-/* rows of x a shared decode takes: N x 4 accumulators and the block's 4 vectors fit the
- * registers (32 with AVX-512: ymm16-31 too; AVX2's 16). 512-bit FMAs over pairs of the
- * accumulators gave the same bits but ran slower (T = 4: 10.6-13.1 ms against 6.8-9.9 for
- * SmolLM2's four largest matrices on one thread): the pairing shuffles compete with them */
+/* rows of x a shared decode takes: N x BLOCK_VECS accumulators and the block's vectors fit the
+ * registers (AVX-512's 32; AVX2's 16: 8 accumulators and the block's four) */
 #if SA_W == 16
 #define DOT_ROWS 4
 #else
-#define DOT_ROWS 2 /* 8 accumulators and the block's four vectors of AVX2's 16 registers */
+#define DOT_ROWS 2
 #endif
 
-/* row_dot1 for each of n rows of x, DOT_ROWS at a time, then the rest together */
+/* row_dotN for each of n rows of x, DOT_ROWS at a time, then the rest together */
 SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,
                         int64_t ld, float *y, int64_t n) {
     for (; n >= DOT_ROWS; n -= DOT_ROWS, x += DOT_ROWS * ld, y += DOT_ROWS)
         row_dotN(p, fmt, bb, nb, x, ld, y, DOT_ROWS);
     switch (n) {
     case 0: break;
-    case 1: *y = row_dot1(p, fmt, bb, nb, x); break; /* one token's step: nothing to share */
+    case 1: row_dotN(p, fmt, bb, nb, x, ld, y, 1); break; /* one token's step: nothing to share */
 #if DOT_ROWS > 3
     case 3: row_dotN(p, fmt, bb, nb, x, ld, y, 3); break;
 #endif
@@ -177,22 +231,21 @@ SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
                 }                                                                                \
                 continue;                                                                        \
             }                                                                                    \
-            __m256 acc[SA_MAX_T], w[4];                                                          \
-            for (int64_t t = 0; t < A->T; t++) acc[t] = _mm256_setzero_ps();                     \
+            blk_vec acc[SA_MAX_T], w[BLOCK_VECS];                                                \
+            for (int64_t t = 0; t < A->T; t++) acc[t] = bv_zero();                               \
             const uint8_t *p = row;                                                              \
             for (int64_t b = 0; b < nb; b++, p += bb) {                                          \
                 decode_block(p, FMT, w);                                                         \
                 for (int64_t t = 0; t < A->T; t++) {                                             \
                     const float *x = A->x + t * A->cols + 32 * b;                                \
-                    __m256 s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));                          \
-                    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), s);                        \
-                    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), s);                       \
-                    s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), s);                       \
-                    acc[t] = _mm256_add_ps(acc[t], s);                                           \
+                    blk_vec s = bv_mul(w[0], bv_loadu(x));                                       \
+                    for (int i = 1; i < BLOCK_VECS; i++)                                         \
+                        s = bv_fmadd(w[i], bv_loadu(x + BV_LANES * i), s);                       \
+                    acc[t] = bv_add(acc[t], s);                                                  \
                 }                                                                                \
             }                                                                                    \
             for (int64_t t = 0; t < A->T; t++) {                                                 \
-                float y = sa_hsum(acc[t]);                                                       \
+                float y = bv_hsum(acc[t]);                                                       \
                 for (int64_t i = tail; i < A->cols; i++)                                         \
                     y += float_at(row, FMT, i) * A->x[t * A->cols + i];                          \
                 A->y[t * A->rows + r] = y;                                                       \
