@@ -299,6 +299,37 @@ def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, 
     np.testing.assert_array_equal(caches[0].v, caches[1].v)
 
 
+@pytest.mark.parametrize("kv", ["f32", "q8_0"])
+def test_batched_compiled_step_gives_each_sequence_its_bits(tmp_path, kv):
+    """forward_batch on a plain llama model (one C call a layer for all B sequences) gives each
+    sequence, at its own depth, the logits and cache rows it gets stepping alone, bit for bit."""
+    from selfattn.cache import KVCache
+    from selfattn.model.transformer import Transformer
+    from .tiny_gguf import make_weights, write_gguf
+
+    w, cfg = make_weights(np.random.default_rng(12), arch="llama", n_layers=2, dim=128, ffn=96)
+    path = tmp_path / "batch.gguf"
+    write_gguf(path, w, cfg, quant={n: Q.Q4_1 for n in w if not n.endswith(("norm", ".bias"))})
+    m = Transformer.load(path, kv)
+    rng = np.random.default_rng(13)
+    prompts = [rng.integers(0, cfg["vocab"], n) for n in (3, 11, 7)]
+    alone = [KVCache.for_model(m.args, 40, kv) for _ in prompts]
+    batch = [KVCache.for_model(m.args, 40, kv) for _ in prompts]
+    assert m.step_layers(batch[0]) is not None
+    for p, a, b in zip(prompts, alone, batch):
+        m.forward(p, a, 0)
+        m.forward(p, b, 0)
+    tokens = rng.integers(0, cfg["vocab"], (4, len(prompts)))
+    for step in tokens:
+        got = m.forward_batch(step, batch)
+        for j, c in enumerate(alone):
+            np.testing.assert_array_equal(got[j], m.forward(step[j:j + 1], c, c.length))
+    for a, b in zip(alone, batch):
+        assert a.length == b.length
+        np.testing.assert_array_equal(a.k[:, :, :, :a.length], b.k[:, :, :, :b.length])
+        np.testing.assert_array_equal(a.v[:, :, :, :a.length], b.v[:, :, :, :b.length])
+
+
 def test_layer_step_refuses_bad_input():
     def q8(rows, cols):
         return native.PackedMatrix(np.zeros((rows, cols // 32 * 34), np.uint8), native.Q8_0, cols)
@@ -311,9 +342,28 @@ def test_layer_step_refuses_bad_input():
     with pytest.raises(ValueError, match="w_q"):  # 1 row where 64 are needed
         native.StepLayer(*norms, q8(1, 64), *mats[1:], *sizes)
     layer = native.StepLayer(*norms, *mats, *sizes)
-    with pytest.raises(ValueError, match="bad dimensions"):  # position past the cache
-        native.layer_step(np.zeros(64, np.float32), layer, table, table, cache, cache, "q8_0",
-                          8, 5, 0, 256, 1)
+
+    def step(x, *seqs):
+        return native.layer_step(x, [layer], table, table, [native.StepSeq(*s) for s in seqs])
+
+    other = np.zeros_like(cache)
+    step(np.zeros((2, 64), np.float32), (cache, cache.copy(), "q8_0", 3, 5, 0, 4, 1),
+         (other, other.copy(), "q8_0", 6, 8, 0, 7, 1))
+    with pytest.raises(ValueError, match="position"):  # position past the cache
+        step(np.zeros((1, 64), np.float32), (cache, cache.copy(), "q8_0", 8, 5, 0, 256, 1))
+    with pytest.raises(ValueError, match="x: "):  # two sequences, one row of x
+        step(np.zeros((1, 64), np.float32), (cache, cache.copy(), "q8_0", 3, 5, 0, 4, 1),
+             (other, other.copy(), "q8_0", 3, 5, 0, 4, 1))
+    with pytest.raises(ValueError, match="a cache of its own"):
+        step(np.zeros((2, 64), np.float32), (cache, other, "q8_0", 3, 5, 0, 4, 1),
+             (cache, other.copy(), "q8_0", 3, 5, 0, 4, 1))
+    with pytest.raises(ValueError, match="1 to 16 sequences"):
+        step(np.zeros((1, 64), np.float32))
+    with pytest.raises(ValueError, match="k: "):  # two layers, one layer's cache
+        native.layer_step(np.zeros((1, 64), np.float32), [layer, layer], table, table,
+                          [native.StepSeq(cache, cache.copy(), "q8_0", 3, 5, 0, 4, 1)])
+    with pytest.raises(ValueError, match="chunks outside"):
+        step(np.zeros((1, 64), np.float32), (cache, cache.copy(), "q8_0", 3, 5, 0, 4, 2))
 
 
 def test_kernels_work_in_a_forked_child():

@@ -318,8 +318,8 @@ def test_layer_step_takes_seven_matrices_of_mixed_types(bias):
     want = x + w["down"] @ (g / (1 + np.exp(-g)) * u)
 
     got = x0.copy()
-    attn_s, mat_s, step_s = native.layer_step(got, layer, cos, sin, k, v, "f32", pos, pos + 2,
-                                              0, pos + 1, 1)
+    attn_s, mat_s, step_s = native.layer_step(got[None], [layer], cos, sin,
+                                              [native.StepSeq(k, v, "f32", pos, pos + 2, 0, pos + 1, 1)])
     assert 0.0 < attn_s and 0.0 < mat_s and attn_s + mat_s <= step_s
     np.testing.assert_allclose(k[0, :, pos], kh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(v[0, :, pos], vh, rtol=1e-4, atol=1e-5)
@@ -364,10 +364,11 @@ def test_the_compiled_layer_step_checks_each_matrix_again():
 
     def call(mats, fmts):
         weights = [part for m, t in zip(mats, fmts) for part in (m, t)]
-        native._module().layer_step(np.zeros(dim, np.float32), np.ones(dim, np.float32),
-                                    np.ones(dim, np.float32), None, *weights, table, table, cache,
-                                    cache, 0, dim, H, H_kv, D, ffn, 16, 1e-5, 0.1, 8, 4 * D, 3, 5,
-                                    0, 4, 1)
+        mod = native._module()
+        layer = mod.step_layer(np.ones(dim, np.float32), np.ones(dim, np.float32), None, *weights,
+                               dim, H, H_kv, D, ffn, 16, 1e-5, 0.1)
+        mod.layer_step(np.zeros(dim, np.float32), (layer,), table, table,
+                       ((cache, cache.copy(), 0, 8, 4 * D, 3, 5, 0, 4, 1),))
 
     call(mats, [f.type_id] * 7)
     names = ["w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down"]

@@ -15,13 +15,15 @@ file does not branch on their names. Weight matrices are `Linear`s over the file
 RoPE rotates adjacent pairs; `unpermute` undoes it (on a copy of those rows, read from the file
 rather than the mapping), so q and k here are in the Hugging Face layout and RoPE rotates halves.
 
-A one-token step of a plain llama-style model over the full KV cache runs each layer in one
-compiled call (`native.layer_step`: the same kernels in the same order, so the same bits as
-the per-kernel loop in `layers`, without ~15 Python calls a layer).
+A one-token step of a plain llama-style model over the full KV cache (of one sequence, or of
+several at once) runs all its layers in one compiled call (`native.layer_step`: the same kernels
+in the same order, so the same bits as the per-kernel loop in `layers`, without ~15 Python calls
+a layer).
 """
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -412,25 +414,28 @@ class Transformer:
                     float(1.0 / np.sqrt(a.head_dim))))
         return self._step_layers or None
 
-    def layers_compiled(self, x, cache, pos: int):
-        """One token x (1, dim) at pos through every layer with native.layer_step: the same
-        kernels as `layers`, in the same order (the same bits), one call a layer. Returns what
-        `layers` returns."""
+    def layers_compiled(self, x, caches, positions):
+        """One token of each of B sequences, x (B, dim), at positions[b] of caches[b], through
+        every layer with native.layer_step: the same kernels as `layers`, in the same order (the
+        same bits, each row as alone), in one call. Returns what `layers` returns."""
         a = self.args
-        x = np.array(x[0], np.float32)  # a copy, updated in place
-        cos, sin = self.rope_tables(pos + 1)
+        x = np.array(x, np.float32)  # a copy, updated in place
+        cos, sin = self.rope_tables(max(positions) + 1)
         window = a.window(0)
-        # keys pos - left .. pos; without a window, left reaches past key 0 (as decode_cached)
-        left = pos + 2 if window is None else window - 1
-        j_base = max(0, pos - left)
-        chunk, n_chunks = split_keys(pos - j_base + 1, a.n_kv_heads)
-        attn_s = mat_s = ops_s = 0.0
-        for i, layer in enumerate(self.step_layers(cache)):
-            t_attn, t_mat, t_step = native.layer_step(x, layer, cos, sin, cache.k[i], cache.v[i],
-                                                      cache.kv_dtype, pos, left, j_base, chunk,
-                                                      n_chunks)
-            attn_s, mat_s, ops_s = attn_s + t_attn, mat_s + t_mat, ops_s + t_step - t_attn - t_mat
-        return x[None], attn_s, mat_s, ops_s
+        bands = []
+        for pos in positions:
+            # keys pos - left .. pos; without a window, left reaches past key 0 (as decode_cached)
+            left = pos + 2 if window is None else window - 1
+            j_base = max(0, pos - left)
+            bands.append((pos, left, j_base, *split_keys(pos - j_base + 1, a.n_kv_heads)))
+        seqs = [native.StepSeq(c.k, c.v, c.kv_dtype, *band) for c, band in zip(caches, bands)]
+        attn_s, mat_s, step_s = native.layer_step(x, self.step_layers(caches[0]), cos, sin, seqs)
+        return x, attn_s, mat_s, step_s - attn_s - mat_s
+
+    def keys_read(self, cache, positions: np.ndarray) -> int:
+        """(query, key) pairs per head that queries at `positions` score, over all layers."""
+        windows = Counter(self.args.window(i) for i in range(self.args.n_layers))
+        return sum(n * int(cache.keys_seen(positions, w).sum()) for w, n in windows.items())
 
     def forward(self, tokens, cache, pos: int, timings: Timings | None = None,
                 all_logits: bool = False, observe=None) -> np.ndarray:
@@ -453,15 +458,13 @@ class Transformer:
         t_start = clock()
         positions = np.arange(pos, pos + T) if not isinstance(pos, tuple) else \
             np.concatenate([np.arange(s, s + c) for s, c in pos])
-        keys = [int(cache.keys_seen(positions, a.window(i)).sum()) for i in range(a.n_layers)]
-        pairs = a.n_heads * sum(keys)
         t0 = clock()
         x = w.token_embd.rows(tokens)  # (T, dim)
         if a.embed_scale != 1.0:
             x *= np.float32(a.embed_scale)
         ops_s = clock() - t0
         if T == 1 and observe is None and self.step_layers(cache) is not None:
-            x, attn_s, mat_s, layer_ops_s = self.layers_compiled(x, cache, pos)
+            x, attn_s, mat_s, layer_ops_s = self.layers_compiled(x, [cache], [pos])
         else:
             x, attn_s, mat_s, layer_ops_s = self.layers(x, [(cache, pos, T)], observe)
         cache.commit(pos, T)
@@ -479,10 +482,11 @@ class Transformer:
             t.attention_s += attn_s
             t.matmul_s += mat_s + (t2 - t1)
             t.ops_s += ops_s + layer_ops_s + (t1 - t0) + (clock() - t2)
-            t.attention_pairs += pairs
-            t.attention_flops += 4.0 * a.head_dim * pairs
+            keys = self.keys_read(cache, positions)
+            t.attention_pairs += a.n_heads * keys
+            t.attention_flops += 4.0 * a.head_dim * a.n_heads * keys
             if T == 1:  # each cached key and value read once per kv head
-                t.kv_bytes += sum(keys) * a.n_kv_heads * 2 * formats.BY_NAME[cache.kv_dtype].row_bytes(
+                t.kv_bytes += keys * a.n_kv_heads * 2 * formats.BY_NAME[cache.kv_dtype].row_bytes(
                     a.head_dim)
             head_rows = T if all_logits else 1
             t.matmul_flops += 2.0 * (T * self._layer_params + head_rows * w.output.shape[0]
@@ -495,8 +499,10 @@ class Transformer:
         """One new token for each of B sequences: tokens (B,), caches[b] the b-th one's cache, the
         token going at its next position. The weight matmuls take the B rows at once, so each
         weight is read once per step for all of them; RoPE and attention run per sequence on its
-        own cache. Returns logits (B, vocab); each row is what `forward` of that token alone on
-        that cache gives, up to the matmuls' summation order."""
+        own cache (a plain llama-style model: every layer in one compiled call, as a one-token
+        step).
+        Returns logits (B, vocab); row b is what `forward` of that token alone on that cache
+        gives, bit for bit."""
         a, w = self.args, self.weights
         tokens = np.asarray(tokens)
         B = tokens.shape[0]
@@ -515,7 +521,10 @@ class Transformer:
         if a.embed_scale != 1.0:
             x *= np.float32(a.embed_scale)
         segments = [(c, c.length, 1) for c in caches]
-        x, attn_s, mat_s, _ = self.layers(x, segments)
+        if B <= native.MAX_T and all(self.step_layers(c) is not None for c in caches):
+            x, attn_s, mat_s, _ = self.layers_compiled(x, caches, [c.length for c in caches])
+        else:
+            x, attn_s, mat_s, _ = self.layers(x, segments)
         for c, pos, _ in segments:
             c.commit(pos, 1)
         t1 = clock()
@@ -525,9 +534,8 @@ class Transformer:
             c = np.float32(a.final_softcap)
             logits = c * np.tanh(logits / c)
         if timings is not None:  # keys each sequence's one query reads, over the layers
-            keys = [sum(int(c.keys_seen(np.array([pos]), a.window(i))[0])
-                        for i in range(a.n_layers)) for c, pos, _ in segments]
             elapsed = clock() - t_start
+            keys = [self.keys_read(c, np.array([pos])) for c, pos, _ in segments]
             t = timings
             t.forward_s += elapsed
             t.attention_s += attn_s

@@ -15,7 +15,8 @@ level in use. Each kernel releases the GIL while it runs, on its own small threa
   cache and multiplied by a register-blocked kernel (gemm.c); no float32 copy of W, no BLAS.
 - `PackedMatrix.dequantize(r0, r1)`, `PackedMatrix.rows_f32(index)`: stored rows to float32,
   bit for bit what gguf's dequantize gives (embedding lookups; the reference for the tests).
-- `StepLayer`, `layer_step(...)`: one token through one llama-style layer in one C call.
+- `StepLayer`, `StepSeq`, `layer_step(...)`: one token of each of B sequences through one
+  llama-style layer in one C call.
 - `flash_attention(...)`: the prefill kernel (blocked online softmax over a float32 or compact
   KV cache), with the contract of the numba + BLAS kernel in attention/flash.py (which stays as
   the fallback, and for masks and float64).
@@ -50,8 +51,9 @@ KV_CODES = {f.name: f.type_id for f in formats.FORMATS if f.kv}
 # (every kernel), prefill in column blocks, decode without a spilled accumulator;
 # 5: every weight type read in place, prompts through gemm.c instead of BLAS over float32 copies;
 # 6: one copy of the kernels per instruction-set level (a calibration also names its level);
-# 7: a 512-bit Q6_K row loop for one token
-KERNELS_REVISION = 7
+# 7: a 512-bit Q6_K row loop for one token; 8: AVX-512 rows of q4/q8/float weights in 16-lane
+# blocks, a decode step's layers in one C call
+KERNELS_REVISION = 8
 # the extension's limits (kernels.h), restated only where it was not built: rows of x per matmul
 # call, head dims of the attention kernels, G*T rows of a decode call
 MAX_T, MAX_DIM, MAX_ROWS = 16, 256, 256
@@ -324,25 +326,42 @@ class StepLayer:
 
         b = None if b_qkv is None else vector(b_qkv, q_dim + 2 * kv_dim, "b_qkv")
         self.mats = (q, k, v, o, gate, up, down)
-        self._weights = (vector(attn_norm, dim, "attn_norm"), vector(ffn_norm, dim, "ffn_norm"), b,
-                         *(part for m in self.mats for part in (m.data, m.fmt)))
-        self._sizes = (dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_half, float(eps),
-                       float(scale))
+        # the C struct, built and checked once (it holds the arrays while it lives)
+        self._c = _module().step_layer(
+            vector(attn_norm, dim, "attn_norm"), vector(ffn_norm, dim, "ffn_norm"), b,
+            *(part for m in self.mats for part in (m.data, m.fmt)), dim, n_heads, n_kv_heads,
+            head_dim, ffn_dim, rope_half, float(eps), float(scale))
 
 
-def layer_step(x: np.ndarray, layer: StepLayer, cos: np.ndarray, sin: np.ndarray, k: np.ndarray,
-               v: np.ndarray, kv_fmt: str, pos: int, left: int, j_base: int, chunk: int,
-               n_chunks: int) -> tuple[float, float, float]:
-    """One token through one llama layer (step.c), x (dim,) float32 updated in place; writes the
-    token's K/V at pos of this layer's cache k, v (1, H_kv, S_max, row) and attends over 0..pos
-    (keys from pos - left on; j_base, chunk, n_chunks: attention.decode.split_keys); cos, sin
-    (positions > pos, rope_half). Returns seconds: (attention with the cache write, the weight
-    matmuls, the whole step)."""
+class StepSeq:
+    """One sequence's part of native.layer_step: its cache, k and v (n_layers, 1, H_kv, S_max,
+    row), or one layer's (1, H_kv, S_max, row), in kv_fmt; and where its token goes: at pos,
+    attending keys from pos - left on (j_base, chunk, n_chunks: attention.decode.split_keys).
+    Checked again in C."""
+
+    __slots__ = ("_args",)
+
+    def __init__(self, k: np.ndarray, v: np.ndarray, kv_fmt: str, pos: int, left: int,
+                 j_base: int, chunk: int, n_chunks: int):
+        if k.ndim not in (4, 5) or k.shape != v.shape or k.dtype != v.dtype or k.shape[-4] != 1:
+            raise ValueError(f"StepSeq: k and v must be a cache's (n_layers, 1, H_kv, S_max, row), "
+                             f"got {k.shape} and {v.shape}")
+        self._args = (k, v, KV_CODES[kv_fmt], k.shape[-2], k.shape[-1] * k.itemsize, pos, left,
+                      j_base, chunk, n_chunks)
+
+
+def layer_step(x: np.ndarray, layers: "list[StepLayer]", cos: np.ndarray, sin: np.ndarray,
+               seqs: "list[StepSeq]") -> tuple[float, float, float]:
+    """One token of each of B = len(seqs) sequences through `layers` in turn (step.c), layer i
+    on layer i of each sequence's cache, in one call (the GIL released throughout): x (B, dim)
+    float32 updated in place; each token writes its K/V into its cache and attends over it;
+    cos, sin (positions > every pos, rope_half). Each row is the bits it gets with B = 1 (the
+    matmuls read each weight once for all rows; see sa_matvecs). Returns seconds, summed over
+    the layers: (attention with the cache writes, the weight matmuls, the whole step)."""
     mod = _module()
     with _lock:
-        return mod.layer_step(x, *layer._weights, cos, sin, k, v, KV_CODES[kv_fmt], *layer._sizes,
-                              k.shape[2], k.shape[3] * k.itemsize, pos, left, j_base, chunk,
-                              n_chunks)
+        return mod.layer_step(x, tuple(L._c for L in layers), cos, sin,
+                              tuple(s._args for s in seqs))
 
 
 def touch_pages(buf, readers: int = 4) -> bool:

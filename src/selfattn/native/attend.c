@@ -399,38 +399,10 @@ DEFINE_DEC_TASK(dec_f16, SA_F16)
 DEFINE_DEC_TASK(dec_q8_0, SA_Q8_0)
 DEFINE_DEC_TASK(dec_q4_0, SA_Q4_0)
 
-/* Returns 0, -1 when the shapes are outside what this kernel handles (the caller falls back
- * to the numba kernel before ever calling with them), -2 when out of memory. out (B, H, T, Dv),
- * lse (B, H, T). */
-int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
-                        int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
-                        int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
-                        int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
-                        float *out, float *lse) {
-    if (D % 8 || Dv % 8 || D > SA_MAX_DIM || Dv > SA_MAX_DIM || R > SA_MAX_ROWS || R % T || T < 1 ||
-        S < 1 || S > S_max || chunk < 1 || C < 1)
-        return -1;
-    if (fmt != SA_F32 && (D % 32 || Dv != D)) return -1;
-    if (fmt != SA_F32 && fmt != SA_F16 && fmt != SA_Q8_0 && fmt != SA_Q4_0) return -1;
-    /* a stored row must hold D (K) and Dv (V) values of the format: never read past a row */
-    if (k_row < sa_row_bytes(fmt, D) || v_row < sa_row_bytes(fmt, Dv)) return -1;
-    /* each task's online-softmax state: acc (tasks, R, Dv), m and l (tasks, R) */
-    const int64_t tasks = B * H_kv * C;
-    float *acc = malloc((size_t)(tasks * R * (Dv + 2)) * sizeof(float));
-    if (!acc) return -2;
-    float *m = acc + tasks * R * Dv, *l = m + tasks * R;
-    _Atomic int failed = 0;
-    dec_args A = {q, k, v, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C,
-                  left, right, softcap, acc, m, l, &failed};
-    sa_task_fn fn = fmt == SA_F32 ? dec_f32 : fmt == SA_F16 ? dec_f16 : fmt == SA_Q8_0 ? dec_q8_0
-                  : dec_q4_0;
-    sa_pool_run(fn, &A, B * H_kv * C);
-    if (atomic_load(&failed)) {
-        free(acc);
-        return -2;
-    }
-
-    const int64_t G = R / T;
+/* one call's (out, lse): per row, its chunks' partial results merged by log-sum-exp */
+static void merge_chunks(const dec_args *A, float *out, float *lse) {
+    const int64_t B = A->B, H_kv = A->H_kv, R = A->R, C = A->C, T = A->T, Dv = A->Dv, G = R / T;
+    const float *m = A->m, *l = A->l, *acc = A->acc;
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < H_kv; g++)
             for (int64_t r = 0; r < R; r++) {
@@ -466,6 +438,83 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
                 for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
                 *ls = M + logf((float)total);
             }
-    free(acc);
-    return 0;
+}
+
+/* several calls' tasks in one pool run: task t belongs to the call whose range holds it */
+typedef struct {
+    int64_t n, first[SA_MAX_T + 1];
+    const dec_args *A;
+    sa_task_fn fn[SA_MAX_T];
+} dec_calls;
+
+static void calls_task(const void *ctx, int64_t t) {
+    const dec_calls *D = ctx;
+    int64_t i = 0;
+    while (t >= D->first[i + 1]) i++;
+    D->fn[i](&D->A[i], t - D->first[i]);
+}
+
+/* a call's arguments, outside what this kernel handles? */
+static int dec_refused(const sa_dec_call *c) {
+    if (c->D % 8 || c->Dv % 8 || c->D > SA_MAX_DIM || c->Dv > SA_MAX_DIM || c->R > SA_MAX_ROWS ||
+        c->T < 1 || c->R % c->T || c->S < 1 || c->S > c->S_max || c->chunk < 1 || c->C < 1 || c->B < 1 ||
+        c->H_kv < 1)
+        return 1;
+    if (c->fmt != SA_F32 && (c->D % 32 || c->Dv != c->D)) return 1;
+    if (c->fmt != SA_F32 && c->fmt != SA_F16 && c->fmt != SA_Q8_0 && c->fmt != SA_Q4_0) return 1;
+    /* a stored row must hold D (K) and Dv (V) values of the format: never read past a row */
+    return c->k_row < sa_row_bytes(c->fmt, c->D) || c->v_row < sa_row_bytes(c->fmt, c->Dv);
+}
+
+/* n (1 .. SA_MAX_T) calls of sa_decode_attention, their tasks in one pool run: several
+ * sequences' decode steps, each on its own cache, pay for one wake-up of the pool instead of
+ * one each (at a few hundred keys a call's work is a few microseconds). Returns what
+ * sa_decode_attention returns, for the first call refused or all. */
+int sa_decode_attentions(const sa_dec_call *calls, int64_t n) {
+    if (n < 1 || n > SA_MAX_T) return -1;
+    dec_args A[SA_MAX_T];
+    dec_calls all = {.n = n, .A = A};
+    int64_t floats = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const sa_dec_call *c = &calls[i];
+        if (dec_refused(c)) return -1;
+        const int64_t tasks = c->B * c->H_kv * c->C;
+        all.first[i + 1] = all.first[i] + tasks;
+        floats += tasks * c->R * (c->Dv + 2);
+        all.fn[i] = c->fmt == SA_F32 ? dec_f32 : c->fmt == SA_F16 ? dec_f16 : c->fmt == SA_Q8_0 ? dec_q8_0
+                  : dec_q4_0;
+    }
+    /* each task's online-softmax state: acc (tasks, R, Dv), m and l (tasks, R) */
+    float *scratch = malloc((size_t)floats * sizeof(float));
+    if (!scratch) return -2;
+    _Atomic int failed = 0;
+    float *at = scratch;
+    for (int64_t i = 0; i < n; i++) {
+        const sa_dec_call *c = &calls[i];
+        const int64_t tasks = all.first[i + 1] - all.first[i];
+        float *acc = at, *m = acc + tasks * c->R * c->Dv, *l = m + tasks * c->R;
+        at = l + tasks * c->R;
+        A[i] = (dec_args){c->q, c->k, c->v, c->fmt, c->B, c->H_kv, c->R, c->D, c->Dv, c->S_max, c->k_row,
+                          c->v_row, c->S, c->T, c->j_base, c->chunk, c->C, c->left, c->right, c->softcap,
+                          acc, m, l, &failed};
+    }
+    if (n == 1) sa_pool_run(all.fn[0], &A[0], all.first[1]);
+    else sa_pool_run(calls_task, &all, all.first[n]);
+    if (!atomic_load(&failed))
+        for (int64_t i = 0; i < n; i++) merge_chunks(&A[i], calls[i].out, calls[i].lse);
+    free(scratch);
+    return atomic_load(&failed) ? -2 : 0;
+}
+
+/* Returns 0, -1 when the shapes are outside what this kernel handles (the caller falls back
+ * to the numba kernel before ever calling with them), -2 when out of memory. out (B, H, T, Dv),
+ * lse (B, H, T). */
+int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
+                        int64_t H_kv, int64_t R, int64_t D, int64_t Dv, int64_t S_max,
+                        int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
+                        int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
+                        float *out, float *lse) {
+    const sa_dec_call c = {q, k, v, fmt, B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk,
+                           C, left, right, softcap, out, lse};
+    return sa_decode_attentions(&c, 1);
 }

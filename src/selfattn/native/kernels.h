@@ -21,6 +21,7 @@
 #define sa_dequant_range SA_CAT(sa_dequant_range, SA_ISA)
 #define sa_row_decoder SA_CAT(sa_row_decoder, SA_ISA)
 #define sa_decode_attention SA_CAT(sa_decode_attention, SA_ISA)
+#define sa_decode_attentions SA_CAT(sa_decode_attentions, SA_ISA)
 #define sa_flash_attention SA_CAT(sa_flash_attention, SA_ISA)
 #define sa_quantize_rows SA_CAT(sa_quantize_rows, SA_ISA)
 #define sa_fma_loop SA_CAT(sa_fma_loop, SA_ISA)
@@ -28,6 +29,7 @@
 #define sa_rmsnorm SA_CAT(sa_rmsnorm, SA_ISA)
 #define sa_rope SA_CAT(sa_rope, SA_ISA)
 #define sa_swiglu SA_CAT(sa_swiglu, SA_ISA)
+#define sa_swiglu_rows SA_CAT(sa_swiglu_rows, SA_ISA)
 #define sa_layer_step SA_CAT(sa_layer_step, SA_ISA)
 #endif
 
@@ -96,6 +98,17 @@ int sa_decode_attention(const float *q, const uint8_t *k, const uint8_t *v, int 
                         int64_t k_row, int64_t v_row, int64_t S, int64_t T, int64_t j_base,
                         int64_t chunk, int64_t C, int64_t left, int64_t right, float softcap,
                         float *out, float *lse);
+/* one sa_decode_attention call's arguments, by name, for sa_decode_attentions: several calls
+ * (several sequences' steps, each on its own cache) in one pool run */
+typedef struct {
+    const float *q;
+    const uint8_t *k, *v;
+    int fmt;
+    int64_t B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C, left, right;
+    float softcap;
+    float *out, *lse;
+} sa_dec_call;
+int sa_decode_attentions(const sa_dec_call *calls, int64_t n);
 int sa_flash_attention(const float *q, const uint8_t *k, const uint8_t *v, int fmt, int64_t B,
                        int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t Dv, int64_t S_max,
                        int64_t k_row, int64_t v_row, int64_t S, int64_t left, int64_t right,
@@ -111,8 +124,10 @@ void sa_rmsnorm(const float *x, const float *w, float eps, int64_t T, int64_t n,
 void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half, const float *cos_t,
              const float *sin_t, int64_t pos);
 void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out);
+void sa_swiglu_rows(const float *gate, const float *up, int64_t T, int64_t ffn, float *out);
 
-/* sa_layer_step's arguments (step.c): one layer's weights and cache, and where the token is */
+/* sa_layer_step's arguments (step.c): one layer's weights, and per sequence its cache and where
+ * its token is */
 typedef struct {
     const uint8_t *w; /* GGUF blocks, (rows, row_bytes) */
     int fmt;
@@ -125,14 +140,18 @@ typedef struct {
     const float *attn_norm, *ffn_norm, *b_qkv; /* b_qkv (q_dim + 2 kv_dim) may be NULL */
     /* q (H*D, dim), k and v (H_kv*D, dim), o (dim, H*D), gate and up (ffn, dim), down (dim, ffn) */
     sa_mat q, k_proj, v_proj, o, gate, up, down;
-    const float *cos, *sin; /* RoPE tables (positions > pos, rope_half) */
-    uint8_t *k, *v;         /* this layer's cache, (H_kv, S_max, row_bytes) each */
+    const float *cos, *sin; /* RoPE tables (positions > every sequence's pos, rope_half) */
+} sa_layer;
+
+typedef struct {
+    uint8_t *k, *v; /* this layer's cache of the sequence, (H_kv, S_max, row_bytes) each */
     int kv_fmt;
     int64_t S_max, row_bytes;
     int64_t pos, left, j_base, chunk, n_chunks; /* the token's position; attention's band and split */
-} sa_layer;
+} sa_seq;
 
-int sa_layer_step(const sa_layer *L, float *x, double t[3]);
+/* one token of each of B sequences (x (B, dim), in place) through one layer */
+int sa_layer_step(const sa_layer *L, const sa_seq *seqs, int64_t B, float *x, double t[3]);
 
 /* one level's entry points (isa.c); module.c calls the kernels only through the chosen table */
 typedef struct {

@@ -283,65 +283,159 @@ static int matrix(Py_buffer *b, int fmt, long long rows, long long cols, const c
     return 1;
 }
 
-static PyObject *py_layer_step(PyObject *self, PyObject *args) {
-    NEED_K;
-    Py_buffer x, an, fn, wq, wk, wv, wo, wg, wu, wd, cs, sn, k, v, bias = {0};
-    PyObject *bias_obj;
-    int f_q, f_k, f_v, f_o, f_g, f_u, f_d, kv_fmt;
-    long long dim, H, H_kv, D, ffn, half, S_max, row_bytes, pos, left, j_base, chunk, C;
+/* A layer as the compiled step takes it (step_layer: built once per layer, kept by StepLayer):
+ * the sa_layer struct and the buffers its pointers point into, held until the capsule goes. */
+#define STEP_BUFS 10
+typedef struct {
+    sa_layer L;
+    Py_buffer bufs[STEP_BUFS];
+} step_layer;
+
+static void step_layer_free(PyObject *capsule) {
+    step_layer *S = PyCapsule_GetPointer(capsule, "selfattn.step_layer");
+    if (!S) return;
+    for (int i = 0; i < STEP_BUFS; i++)
+        if (S->bufs[i].obj) PyBuffer_Release(&S->bufs[i]);
+    PyMem_Free(S);
+}
+
+/* step_layer(attn_norm, ffn_norm, b_qkv or None, w_q, f_q, ... w_down, f_down, dim, H, H_kv, D,
+ * ffn, rope_half, eps, scale) -> a capsule: every size checked here, once */
+static PyObject *py_step_layer(PyObject *self, PyObject *args) {
+    step_layer *S = PyMem_Calloc(1, sizeof *S);
+    if (!S) return PyErr_NoMemory();
+    Py_buffer *b = S->bufs; /* attn_norm, ffn_norm, the 7 matrices, b_qkv */
+    PyObject *bias_obj, *capsule = NULL;
+    int f[7];
+    long long dim, H, H_kv, D, ffn, half;
     float eps, scale;
-    if (!PyArg_ParseTuple(args, "w*y*y*Oy*iy*iy*iy*iy*iy*iy*iy*y*w*w*iLLLLLLffLLLLLLL", &x, &an, &fn,
-                          &bias_obj, &wq, &f_q, &wk, &f_k, &wv, &f_v, &wo, &f_o, &wg, &f_g, &wu, &f_u,
-                          &wd, &f_d, &cs, &sn, &k, &v, &kv_fmt, &dim, &H, &H_kv, &D, &ffn, &half, &eps,
-                          &scale, &S_max, &row_bytes, &pos, &left, &j_base, &chunk, &C))
-        return NULL;
-    sa_layer L = {dim, H, H_kv, D, ffn, half, eps, scale, an.buf, fn.buf, NULL};
-    const int kv_type = kv_fmt == SA_F32 || kv_fmt == SA_F16 || kv_fmt == SA_Q8_0 || kv_fmt == SA_Q4_0;
-    long long q_dim = H * D, kv_dim = H_kv * D, kv_row = kv_type ? sa_row_bytes(kv_fmt, D) : 0;
-    int ok = bias_obj == Py_None || !PyObject_GetBuffer(bias_obj, &bias, PyBUF_SIMPLE);
-    double t[3] = {0.0, 0.0, 0.0};
-    int rc = -1;
-    if (!ok) goto done;
-    if (dim < 1 || H < 1 || H_kv < 1 || H % H_kv || D < 8 || D % 8 || ffn < 1 || half < 0 ||
-        2 * half > D || pos < 0 || pos >= S_max || row_bytes != kv_row || kv_row == 0) {
-        PyErr_SetString(PyExc_ValueError, "layer_step: bad dimensions");
-        goto done;
+    if (!PyArg_ParseTuple(args, "y*y*Oy*iy*iy*iy*iy*iy*iy*iLLLLLLff", &b[0], &b[1], &bias_obj, &b[2],
+                          &f[0], &b[3], &f[1], &b[4], &f[2], &b[5], &f[3], &b[6], &f[4], &b[7], &f[5],
+                          &b[8], &f[6], &dim, &H, &H_kv, &D, &ffn, &half, &eps, &scale))
+        goto fail;
+    if (bias_obj != Py_None && PyObject_GetBuffer(bias_obj, &b[9], PyBUF_SIMPLE)) goto fail;
+    sa_layer *L = &S->L;
+    *L = (sa_layer){dim, H, H_kv, D, ffn, half, eps, scale, b[0].buf, b[1].buf, b[9].obj ? b[9].buf : NULL};
+    const long long q_dim = H * D, kv_dim = H_kv * D;
+    if (dim < 1 || H < 1 || H_kv < 1 || H % H_kv || D < 8 || D % 8 || D > SA_MAX_DIM ||
+        H / H_kv > SA_MAX_ROWS || ffn < 1 || half < 0 || 2 * half > D) {
+        PyErr_SetString(PyExc_ValueError, "step_layer: bad dimensions");
+        goto fail;
     }
-    if (!(big_enough(&x, dim * 4, "x") && big_enough(&an, dim * 4, "attn_norm") &&
-          big_enough(&fn, dim * 4, "ffn_norm") &&
-          (!bias.buf || big_enough(&bias, (q_dim + 2 * kv_dim) * 4, "bias")) &&
-          big_enough(&cs, (pos + 1) * half * 4, "cos") && big_enough(&sn, (pos + 1) * half * 4, "sin") &&
-          big_enough(&k, H_kv * S_max * row_bytes, "k") && big_enough(&v, H_kv * S_max * row_bytes, "v") &&
-          matrix(&wq, f_q, q_dim, dim, "w_q", &L.q) && matrix(&wk, f_k, kv_dim, dim, "w_k", &L.k_proj) &&
-          matrix(&wv, f_v, kv_dim, dim, "w_v", &L.v_proj) && matrix(&wo, f_o, dim, q_dim, "w_o", &L.o) &&
-          matrix(&wg, f_g, ffn, dim, "w_gate", &L.gate) && matrix(&wu, f_u, ffn, dim, "w_up", &L.up) &&
-          matrix(&wd, f_d, dim, ffn, "w_down", &L.down)))
-        goto done;
+    if (!(big_enough(&b[0], dim * 4, "attn_norm") && big_enough(&b[1], dim * 4, "ffn_norm") &&
+          (!b[9].obj || big_enough(&b[9], (q_dim + 2 * kv_dim) * 4, "bias")) &&
+          matrix(&b[2], f[0], q_dim, dim, "w_q", &L->q) && matrix(&b[3], f[1], kv_dim, dim, "w_k", &L->k_proj) &&
+          matrix(&b[4], f[2], kv_dim, dim, "w_v", &L->v_proj) && matrix(&b[5], f[3], dim, q_dim, "w_o", &L->o) &&
+          matrix(&b[6], f[4], ffn, dim, "w_gate", &L->gate) && matrix(&b[7], f[5], ffn, dim, "w_up", &L->up) &&
+          matrix(&b[8], f[6], dim, ffn, "w_down", &L->down)))
+        goto fail;
+    capsule = PyCapsule_New(S, "selfattn.step_layer", step_layer_free);
+    if (capsule) return capsule;
+fail:
+    for (int i = 0; i < STEP_BUFS; i++)
+        if (S->bufs[i].obj) PyBuffer_Release(&S->bufs[i]);
+    PyMem_Free(S);
+    return NULL;
+}
+
+/* one sequence's part of a step: its cache (k, v, kv_fmt, S_max, row_bytes: all layers' caches,
+ * (n_layers, 1, H_kv, S_max, row) or one layer's) and where its token goes (pos, left, j_base,
+ * chunk, n_chunks), checked against the first layer's sizes for `layers` layers */
+static int step_seq(PyObject *item, const sa_layer *L, long long layers, Py_buffer *k, Py_buffer *v,
+                    sa_seq *S) {
+    long long S_max, row_bytes, pos, left, j_base, chunk, C;
+    if (!PyArg_ParseTuple(item, "w*w*iLLLLLLL;layer_step: a sequence is (k, v, kv_fmt, S_max, "
+                          "row_bytes, pos, left, j_base, chunk, n_chunks)", k, v, &S->kv_fmt, &S_max,
+                          &row_bytes, &pos, &left, &j_base, &chunk, &C))
+        return 0;
+    const int f = S->kv_fmt, kv_type = f == SA_F32 || f == SA_F16 || f == SA_Q8_0 || f == SA_Q4_0;
+    if (!kv_type || pos < 0 || pos >= S_max || !row_bytes || row_bytes != sa_row_bytes(f, L->D)) {
+        PyErr_SetString(PyExc_ValueError, "layer_step: bad cache layout or position");
+        return 0;
+    }
+    const long long layer_bytes = L->H_kv * S_max * row_bytes;
+    if (!big_enough(k, layers * layer_bytes, "k") || !big_enough(v, layers * layer_bytes, "v")) return 0;
     if (j_base < 0 || chunk < 1 || C < 1 || j_base + (C - 1) * chunk > pos) {
         PyErr_SetString(PyExc_ValueError, "layer_step: chunks outside the keys");
+        return 0;
+    }
+    *S = (sa_seq){k->buf, v->buf, f, S_max, row_bytes, pos, left, j_base, chunk, C};
+    return 1;
+}
+
+/* layer_step(x (B, dim), layers (step_layer capsules), cos, sin, seqs): one token of each of B
+ * sequences through the layers in turn, layer i on part i of each sequence's cache, the GIL
+ * released once for all of them (a server's other threads take it between steps, not between
+ * layers). Returns seconds (attention, matmuls, the whole step), summed over the layers. */
+static PyObject *py_layer_step(PyObject *self, PyObject *args) {
+    NEED_K;
+    Py_buffer x, cs, sn, ks[SA_MAX_T] = {{0}}, vs[SA_MAX_T] = {{0}};
+    sa_seq seqs[SA_MAX_T];
+    PyObject *layer_obj, *seq_obj;
+    long long B = 0, max_pos = 0;
+    if (!PyArg_ParseTuple(args, "w*O!y*y*O!", &x, &PyTuple_Type, &layer_obj, &cs, &sn, &PyTuple_Type, &seq_obj))
+        return NULL;
+    const Py_ssize_t n_layers = PyTuple_GET_SIZE(layer_obj);
+    const sa_layer **layers = PyMem_Calloc(n_layers ? n_layers : 1, sizeof *layers);
+    double t[3] = {0.0, 0.0, 0.0};
+    int rc = -1;
+    if (!layers) {
+        PyErr_NoMemory();
         goto done;
     }
-    L.b_qkv = bias.buf;
-    L.cos = cs.buf;
-    L.sin = sn.buf;
-    L.k = k.buf;
-    L.v = v.buf;
-    L.kv_fmt = kv_fmt;
-    L.S_max = S_max;
-    L.row_bytes = row_bytes;
-    L.pos = pos;
-    L.left = left;
-    L.j_base = j_base;
-    L.chunk = chunk;
-    L.n_chunks = C;
+    for (Py_ssize_t i = 0; i < n_layers; i++) {
+        const step_layer *S = PyCapsule_GetPointer(PyTuple_GET_ITEM(layer_obj, i), "selfattn.step_layer");
+        if (!S) goto done;
+        layers[i] = &S->L;
+        if (S->L.dim != layers[0]->dim || S->L.H_kv != layers[0]->H_kv || S->L.D != layers[0]->D ||
+            S->L.rope_half != layers[0]->rope_half) {
+            PyErr_SetString(PyExc_ValueError, "layer_step: the layers differ in their sizes");
+            goto done;
+        }
+    }
+    if (n_layers < 1 || PyTuple_GET_SIZE(seq_obj) < 1 || PyTuple_GET_SIZE(seq_obj) > SA_MAX_T) {
+        PyErr_Format(PyExc_ValueError, "layer_step: 1 or more layers and 1 to %d sequences, got %zd "
+                     "and %zd", SA_MAX_T, n_layers, PyTuple_GET_SIZE(seq_obj));
+        goto done;
+    }
+    for (; B < PyTuple_GET_SIZE(seq_obj); B++) {
+        if (!step_seq(PyTuple_GET_ITEM(seq_obj, B), layers[0], n_layers, &ks[B], &vs[B], &seqs[B])) goto done;
+        if (seqs[B].pos > max_pos) max_pos = seqs[B].pos;
+        for (long long b = 0; b < B; b++)
+            if (seqs[b].k == seqs[B].k || seqs[b].v == seqs[B].v) {
+                PyErr_SetString(PyExc_ValueError, "layer_step: each sequence needs a cache of its own");
+                goto done;
+            }
+    }
+    const long long half = layers[0]->rope_half;
+    if (!(big_enough(&x, B * layers[0]->dim * 4, "x") && big_enough(&cs, (max_pos + 1) * half * 4, "cos") &&
+          big_enough(&sn, (max_pos + 1) * half * 4, "sin")))
+        goto done;
     Py_BEGIN_ALLOW_THREADS
-    rc = K->layer_step(&L, x.buf, t);
+    rc = 0;
+    for (Py_ssize_t i = 0; i < n_layers && !rc; i++) {
+        sa_layer L = *layers[i];
+        L.cos = cs.buf;
+        L.sin = sn.buf;
+        double ti[3];
+        rc = K->layer_step(&L, seqs, B, x.buf, ti);
+        for (int j = 0; j < 3; j++) t[j] += ti[j];
+        for (long long b = 0; b < B; b++) { /* the next layer's part of each cache */
+            const int64_t layer_bytes = L.H_kv * seqs[b].S_max * seqs[b].row_bytes;
+            seqs[b].k += layer_bytes;
+            seqs[b].v += layer_bytes;
+        }
+    }
     Py_END_ALLOW_THREADS
     if (rc == -2) PyErr_NoMemory();
     else if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);
 done:
-    if (bias.buf) PyBuffer_Release(&bias);
-    RELEASE(&x, &an, &fn, &wq, &wk, &wv, &wo, &wg, &wu, &wd, &cs, &sn, &k, &v);
+    PyMem_Free(layers);
+    for (long long b = 0; b < SA_MAX_T; b++) {
+        if (ks[b].obj) PyBuffer_Release(&ks[b]);
+        if (vs[b].obj) PyBuffer_Release(&vs[b]);
+    }
+    RELEASE(&x, &cs, &sn);
     return rc ? NULL : Py_BuildValue("(ddd)", t[0], t[1], t[2]);
 }
 
@@ -443,7 +537,8 @@ static PyMethodDef methods[] = {
     {"rope", py_rope, METH_VARARGS, "rotate-half RoPE in place"},
     {"swiglu", py_swiglu, METH_VARARGS, "silu(gate) * up"},
     {"quantize_rows", py_quantize_rows, METH_VARARGS, "new K/V rows -> f16/q8_0/q4_0 cache rows"},
-    {"layer_step", py_layer_step, METH_VARARGS, "one token through one llama layer"},
+    {"step_layer", py_step_layer, METH_VARARGS, "a llama layer's weights, checked, for layer_step"},
+    {"layer_step", py_layer_step, METH_VARARGS, "one token of each of B sequences through the layers"},
     {"fma_loop", py_fma_loop, METH_VARARGS, "iters x 12 FMAs of lanes() lanes per task, on the pool"},
     {"read_sum", py_read_sum, METH_VARARGS, "read an array once on the pool: the bandwidth roof"},
     {"touch_pages", py_touch_pages, METH_VARARGS, "fault a mapping's pages in from several threads"},

@@ -32,22 +32,27 @@ void sa_rope(float *x, int64_t T, int64_t heads, int64_t D, int64_t half,
     }
 }
 
-/* gu (T, 2*ffn): gate then up -> out (T, ffn) = silu(gate) * up */
-void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out) {
+/* gate, up (T, ffn) -> out (T, ffn) = silu(gate) * up */
+void sa_swiglu_rows(const float *gate, const float *up, int64_t T, int64_t ffn, float *out) {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    for (int64_t t = 0; t < T; t++, gu += 2 * ffn, out += ffn) {
+    for (int64_t t = 0; t < T; t++, gate += ffn, up += ffn, out += ffn) {
         int64_t i = 0;
         for (; i + 8 <= ffn; i += 8) {
-            __m256 g = _mm256_loadu_ps(gu + i);
+            __m256 g = _mm256_loadu_ps(gate + i);
             __m256 e = sa_exp_neg(_mm256_or_ps(g, sign)); /* exp(-|g|) <= 1 */
             __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
             __m256 neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
             __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), neg); /* sigmoid(g) */
-            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + ffn + i)));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
         }
         for (; i < ffn; i++) {
-            float g = gu[i];
-            out[i] = g / (1.0f + expf(-g)) * gu[ffn + i];
+            float g = gate[i];
+            out[i] = g / (1.0f + expf(-g)) * up[i];
         }
     }
+}
+
+/* gu (T, 2*ffn): gate then up -> out (T, ffn) = silu(gate) * up */
+void sa_swiglu(const float *gu, int64_t T, int64_t ffn, float *out) {
+    for (int64_t t = 0; t < T; t++) sa_swiglu_rows(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, 1, ffn, out + t * ffn);
 }
