@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 PROMPT ?= Explain in two sentences why attention is quadratic in the sequence length.
 
-.PHONY: run demo test bench distributed clean
+.PHONY: run demo test bench distributed portable-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard src/selfattn/native/*.c src/selfattn/native/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 	# again without the compiled kernels: the NumPy and numba fallback passes the same suite
 	SELFATTN_NATIVE=0 $(PY) -m pytest -q
+
+# the portable kernels against avx2, bit for bit, on x86 and on aarch64 under qemu-user (needs
+# Debian's gcc-aarch64-linux-gnu and qemu-user; `make test` runs it too, in tests/test_portable.py)
+portable-check:
+	bash tests/c/portable_check.sh
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/attention.py

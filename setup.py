@@ -7,6 +7,7 @@ level's -m flags and SA_ISA set, so that every entry point and the table of them
 suffix (kernels.h). module.c picks one table at import from cpuid and the OS's enabled state."""
 
 import os
+import platform
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -16,16 +17,20 @@ NATIVE = "src/selfattn/native"
 COMMON = ["module", "pool", "pages"]
 # compiled once per level (isa.c: that level's table of entry points)
 KERNELS = ["matvec", "attend", "ops", "quant", "dequant", "gemm", "step", "prefill", "peak", "isa"]
-# level -> its flags; module.c's ISA table lists the same names
+# level -> its flags; module.c's ISA table lists the same names. The portable level is the same
+# sources over portable.h's plain-C intrinsics (SA_PORTABLE): on x86 beside the others, chosen
+# only by SELFATTN_ISA=portable; on any other CPU (aarch64: NEON, by the compiler) the one level.
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 LEVELS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-}
+    "portable": ["-DSA_PORTABLE", "-Wno-psabi"],
+} if X86 else {"portable": ["-DSA_PORTABLE", "-Wno-psabi"]}
 # -fno-wrapv undoes the -fwrapv that Python's own CFLAGS bring (signed overflow defined to wrap,
 # which CPython needs and these kernels do not): with it gcc gave up loop optimizations that made
 # the decode kernel 10-25% and the prefill kernel 2-6% slower here
 FLAGS = ["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off", "-fno-wrapv"]
-HEADERS = [f"{NATIVE}/{h}.h" for h in ("simd", "vec", "kernels", "unpack")]
+HEADERS = [f"{NATIVE}/{h}.h" for h in ("simd", "vec", "kernels", "unpack", "portable")]
 
 
 class BuildLevels(build_ext):

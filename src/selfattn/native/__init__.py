@@ -1,9 +1,11 @@
 """selfattn's compiled kernels: C with x86 SIMD intrinsics (src/selfattn/native/*.c), built at
 install time by setup.py as the extension module `_kernels`, once per instruction-set level
-(`avx2`: AVX2 + FMA + F16C; `avx512`: AVX-512 F/BW/VL/DQ as well). The widest level this CPU and
-its OS run is chosen at import (cpuid and XCR0); SELFATTN_ISA=avx2|avx512 forces one, and
-SELFATTN_ISA=generic (or SELFATTN_NATIVE=0) runs without compiled kernels. `isa()` names the
-level in use. Each kernel releases the GIL while it runs, on its own small thread pool (pool.c).
+(`avx2`: AVX2 + FMA + F16C; `avx512`: AVX-512 F/BW/VL/DQ as well; `portable`: the same sources
+over plain-C intrinsics (portable.h), the one level on a CPU other than x86, NEON on aarch64).
+The widest level this CPU and its OS run is chosen at import (cpuid and XCR0; on x86 never the
+portable one); SELFATTN_ISA=avx2|avx512|portable forces one, and SELFATTN_ISA=generic (or
+SELFATTN_NATIVE=0) runs without compiled kernels. `isa()` names the level in use. Each kernel
+releases the GIL while it runs, on its own small thread pool (pool.c).
 
 - `matmul(x, w)`: x @ Wᵀ for a few rows of x, with W kept in its GGUF type (`PackedMatrix`:
   every type selfattn.formats marks `kernels`, f32 / f16 / bf16, the 32-value block types and
@@ -26,9 +28,9 @@ level in use. Each kernel releases the GIL while it runs, on its own small threa
 - `rmsnorm`, `rope`, `swiglu`: a decode step's small operations, whose NumPy versions (in
   model/transformer.py, used without them) cost more in call overhead than in arithmetic.
 
-`available()` is False when the extension was not built (no C compiler at install time), the CPU
-lacks AVX2/FMA/F16C, SELFATTN_ISA=generic or SELFATTN_NATIVE=0; callers then use the NumPy and
-numba paths.
+`available()` is False when the extension was not built (no C compiler at install time), an x86
+CPU lacks AVX2/FMA/F16C (unless SELFATTN_ISA=portable), SELFATTN_ISA=generic or
+SELFATTN_NATIVE=0; callers then use the NumPy and numba paths.
 """
 
 import contextlib
@@ -59,7 +61,7 @@ KERNELS_REVISION = 8
 MAX_T, MAX_DIM, MAX_ROWS = 16, 256, 256
 # setup.py's levels, widest first, and the float32 lanes of each one's widest vectors; "generic"
 # is the name of running without compiled kernels
-LEVELS = {"avx512": 16, "avx2": 8}
+LEVELS = {"avx512": 16, "avx2": 8, "portable": 8}
 
 _lock = threading.Lock()  # the pool runs one kernel at a time
 _mod = None
@@ -80,13 +82,15 @@ def _load():
                 from . import _kernels
             except ImportError:
                 _kernels = None
-            if _kernels is not None and _kernels.cpu_ok():
-                if want and want not in _kernels.isas():
+            if _kernels is not None and want:
+                if want not in _kernels.isas():
                     raise ValueError(f"SELFATTN_ISA={want}: this CPU runs "
                                      f"{', '.join(_kernels.isas())} kernels")
-                if want:
-                    _kernels.set_isa(want)
+                _kernels.set_isa(want)
                 mod = _kernels
+            elif _kernels is not None and _kernels.cpu_ok():
+                mod = _kernels
+            if mod:
                 MAX_T, MAX_DIM, MAX_ROWS = _kernels.MAX_T, _kernels.MAX_DIM, _kernels.MAX_ROWS
         _mod = mod
     return _mod or None

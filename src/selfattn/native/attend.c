@@ -196,7 +196,7 @@ SA_INLINE float hmax(__m256 v) {
 SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, float softcap,
                              float *m, float *l) {
     if (softcap > 0.0f)
-        for (int64_t j = lo; j < hi; j++) row[j] = softcap * tanhf(row[j] / softcap);
+        for (int64_t j = lo; j < hi; j++) row[j] = softcap * sa_tanhf(row[j] / softcap);
     int bad = 0; /* a NaN or +inf logit the row sees: the row is NaN (reference.py) */
     for (int64_t j = lo; j < hi; j++) bad |= !(row[j] < INFINITY);
     for (int64_t j = 0; j < lo; j++) row[j] = -INFINITY;

@@ -6,15 +6,17 @@
 #include <Python.h>
 #include <stdint.h>
 
-#include <cpuid.h>
 #include <string.h>
 
 #include "kernels.h"
 
-/* Every level's table (isa.c, compiled once per level), widest first. */
-extern const sa_kernels sa_table_avx512, sa_table_avx2;
-static const sa_kernels *const LEVELS[] = {&sa_table_avx512, &sa_table_avx2};
-#define N_LEVELS (int)(sizeof LEVELS / sizeof *LEVELS)
+/* Every level's table (isa.c, compiled once per level), widest first; the portable level (plain
+ * C, any CPU) last, and on a CPU other than x86 alone. */
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+extern const sa_kernels sa_table_avx512, sa_table_avx2, sa_table_portable;
+static const sa_kernels *const LEVELS[] = {&sa_table_avx512, &sa_table_avx2, &sa_table_portable};
 
 /* the OS's enabled register state (XCR0): the CPU may have instructions whose registers the OS
  * does not save, and then they must not run */
@@ -26,6 +28,7 @@ static uint64_t xcr0(void) {
 
 /* whether this CPU and OS run a level's kernels: cpuid's feature bits, then XCR0 */
 static int level_runs(const sa_kernels *t) {
+    if (!strcmp(t->name, "portable")) return 1;
     unsigned a, b, c, d, b7 = 0, c7, d7;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const int fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
@@ -39,13 +42,23 @@ static int level_runs(const sa_kernels *t) {
                (x & 0xE6) == 0xE6;
     return 0;
 }
+#else
+extern const sa_kernels sa_table_portable;
+static const sa_kernels *const LEVELS[] = {&sa_table_portable};
+static int level_runs(const sa_kernels *t) { return !strcmp(t->name, "portable"); }
+#endif
+#define N_LEVELS (int)(sizeof LEVELS / sizeof *LEVELS)
 
 /* the level the kernels run at: the widest this CPU runs, until set_isa; NULL: none runs */
 static const sa_kernels *K;
 
+/* On x86 the portable level is never the default: on a CPU without AVX2 and FMA its fused
+ * multiply-adds are library calls, so selfattn keeps its NumPy and numba paths there, and
+ * SELFATTN_ISA=portable asks for it. Elsewhere it is the only level. */
 static const sa_kernels *widest(void) {
     for (int i = 0; i < N_LEVELS; i++)
-        if (level_runs(LEVELS[i])) return LEVELS[i];
+        if (level_runs(LEVELS[i]) && (N_LEVELS == 1 || strcmp(LEVELS[i]->name, "portable")))
+            return LEVELS[i];
     return NULL;
 }
 

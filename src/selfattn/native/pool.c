@@ -9,17 +9,30 @@
  * when every worker has left the job. Called from one Python thread at a time (a lock in Python).
  */
 #define _GNU_SOURCE
-#include <linux/futex.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#else
+#include <sched.h>
+#endif
 
 #include "kernels.h"
 
 #define MAX_THREADS 256
+
+/* a spinning thread's hint to the core */
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ volatile("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 #define SPIN_NS 300000 /* how long an idle worker stays awake: 0.3 ms */
 
 static struct {
@@ -36,9 +49,19 @@ static struct {
     pthread_t threads[MAX_THREADS];
 } P = {.want = 1};
 
+#ifdef __linux__
 static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
     return syscall(SYS_futex, (uint32_t *)addr, op, val, NULL, NULL, 0);
 }
+#else /* no futex: a sleeping worker yields its core and looks again */
+#define FUTEX_WAIT_PRIVATE 0
+#define FUTEX_WAKE_PRIVATE 1
+static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
+    (void)addr, (void)val;
+    if (op == FUTEX_WAIT_PRIVATE) sched_yield();
+    return 0;
+}
+#endif
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -61,7 +84,7 @@ static void *worker(void *arg) {
         int64_t t0 = now_ns();
         int spins = 0;
         while (atomic_load(&P.gen) == seen) {
-            __builtin_ia32_pause();
+            CPU_RELAX();
             if (++spins % 256 == 0 && now_ns() - t0 > SPIN_NS) {
                 atomic_fetch_add(&P.sleepers, 1);
                 while (atomic_load(&P.gen) == seen) futex(&P.gen, FUTEX_WAIT_PRIVATE, seen);
@@ -122,5 +145,5 @@ void sa_pool_run(sa_task_fn fn, const void *ctx, int64_t n) {
     atomic_fetch_add(&P.gen, 1); /* seq_cst: pairs with the workers' sleepers / gen checks */
     if (atomic_load(&P.sleepers) > 0) futex(&P.gen, FUTEX_WAKE_PRIVATE, MAX_THREADS);
     work();
-    while (atomic_load(&P.busy) > 0) __builtin_ia32_pause();
+    while (atomic_load(&P.busy) > 0) CPU_RELAX();
 }

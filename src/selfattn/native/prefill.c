@@ -132,7 +132,7 @@ SA_INLINE void softmax_tile(float *st, int64_t nk, int64_t nv, int band, int64_t
         for (int64_t j = 0; j < nk; j++)
             for (int64_t c = 0; c < SA_W * nv; c++) {
                 float *x = st + (c / QB) * BN * QB + j * QB + c % QB;
-                *x = softcap * tanhf(*x / softcap);
+                *x = softcap * sa_tanhf(*x / softcap);
             }
     const sa_vf ninf = vf_set1(-INFINITY), inf = vf_set1(INFINITY);
     for (int64_t cv = 0; cv < nv; cv++) {

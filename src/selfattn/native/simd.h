@@ -1,15 +1,18 @@
 /* AVX2 + FMA + F16C helpers shared by the kernels: block decoders (ggml's layouts), horizontal
  * sums, and (vec.h) the vector-width layer and exp. Only the kernel sources include it: setup.py
- * compiles them once per instruction-set level with that level's -m flags (AVX2 at least), and
- * module.c calls a level's copy only on a CPU and OS that run it. */
+ * compiles them once per instruction-set level with that level's -m flags (AVX2 at least), or
+ * at the portable level with SA_PORTABLE and portable.h's plain-C intrinsics, and module.c calls
+ * a level's copy only on a CPU and OS that run it. */
 #ifndef SELFATTN_SIMD_H
 #define SELFATTN_SIMD_H
 
-#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
-#error "the kernel sources are compiled with AVX2, FMA and F16C at least (setup.py: LEVELS)"
-#endif
-
+#if defined(SA_PORTABLE)
+#include "portable.h" /* the same intrinsics in plain C, for any CPU */
+#elif !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the x86 levels are compiled with AVX2, FMA and F16C at least (setup.py: LEVELS)"
+#else
 #include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 

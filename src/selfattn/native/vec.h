@@ -6,8 +6,9 @@
 #ifndef SELFATTN_VEC_H
 #define SELFATTN_VEC_H
 
-#include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define SA_W 16
@@ -102,6 +103,47 @@ SA_INLINE sa_vf vf_exp_neg(sa_vf x) {
     y = vf_fmadd(y, vf_mul(x, x), vf_add(x, vf_set1(1.0f)));
     y = vf_mul(y, vf_pow2i(vf_cvt_i32(n)));
     return vf_select(under, vf_zero(), y);
+}
+
+/* the same e^x for one float (x <= 0), step for step: fmaf for the fused steps, so the same bits
+ * as a lane of vf_exp_neg */
+SA_INLINE float sa_expf_neg(float x) {
+    if (x < -87.3365f) return 0.0f; /* -inf too */
+    const float n = __builtin_roundevenf(x * 1.44269504088896341f);
+    x = __builtin_fmaf(-n, 0.693359375f, x);
+    x = __builtin_fmaf(-n, -2.12194440e-4f, x);
+    float y = 1.9875691500E-4f;
+    y = __builtin_fmaf(y, x, 1.3981999507E-3f);
+    y = __builtin_fmaf(y, x, 8.3334519073E-3f);
+    y = __builtin_fmaf(y, x, 4.1665795894E-2f);
+    y = __builtin_fmaf(y, x, 1.6666665459E-1f);
+    y = __builtin_fmaf(y, x, 5.0000001201E-1f);
+    y = __builtin_fmaf(y, x * x, x + 1.0f);
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float p;
+    memcpy(&p, &bits, 4);
+    return y * p;
+}
+
+/* tanh(x) for the soft-cap, in float32 operations alone (Cephes' tanhf: an odd polynomial below
+ * 0.625, (1 - e^-2|x|) / (1 + e^-2|x|) above), so that every CPU gives the same bits: the C
+ * library's tanhf differs in the last bit between x86-64 and aarch64. ~2 ulp. */
+SA_INLINE float sa_tanhf(float x) {
+    const float a = fabsf(x);
+    float r;
+    if (a >= 0.625f) {
+        const float t = sa_expf_neg(-2.0f * a);
+        r = (1.0f - t) / (1.0f + t);
+    } else {
+        const float z = a * a;
+        float p = -5.70498872745E-3f;
+        p = p * z + 2.06390887954E-2f;
+        p = p * z - 5.37397155531E-2f;
+        p = p * z + 1.33314422036E-1f;
+        p = p * z - 3.33332819422E-1f;
+        r = a + a * z * p;
+    }
+    return copysignf(r, x);
 }
 
 /* the same e^x on 8 lanes, for the 256-bit kernels (decode, ops) at either level: at AVX-512 the
