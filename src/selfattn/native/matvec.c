@@ -11,6 +11,9 @@
  *    over the integers and scaled once, sum_g s_g * (q_g . x_g) - sum_g m_g * sum(x_g), with the
  *    sums of x per group formed once per call (x is shared by every row); for several rows of x
  *    the block's float32 values are formed once and used for each.
+ * Several rows of x that must each get the bits they get alone (sa_matvecs: several sequences'
+ * decode steps) take the one-row loops DOT_ROWS rows a pass, each block's values formed once for
+ * all of them (the first family, q4_k, and q6_k at AVX-512; the other types row by row).
  * Rows are cut into about TASKS_PER_THREAD contiguous tasks per pool thread (at least
  * MIN_TASK_ROWS rows each): long runs of consecutive rows keep each core's stream sequential
  * (16-row tasks handed out in turn cost ~20% in misses on two cores).
@@ -288,60 +291,77 @@ SA_INLINE __m256 dot32(__m256i q, const float *x, const int UNSIGNED) {
 }
 
 #if SA_W == 16
-/* q4_k, one row of x, AVX-512: two 32-byte chunks (128 values) a step, chunk c in lanes 0-7 and
+/* q4_k, N rows of x (ld apart; their sums of groups lds apart), AVX-512, each block's values
+ * formed once for all of them: two 32-byte chunks (128 values) a step, chunk c in lanes 0-7 and
  * chunk c + 1 in lanes 8-15, widened as below; x comes in q4k_wide's order (a 16-float load: a
  * part of chunk c's sub-block, then the same part of chunk c + 1's). A nibble becomes its float
  * by one lookup, and the sub-blocks' scales are looked up too (broadcasts and inserts of them
  * took a quarter of the loop's time). The sums go in another order than the avx2 loop's, so the
  * two levels differ in the last bits (each within a float32 dot product's bound). */
-SA_INLINE float q4_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
+SA_INLINE void q4_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t ld, const float *xs,
+                         int64_t lds, float *y, const int N) {
     /* a nibble to its float by a lookup: vpermps reads the low 4 bits of each lane's index, so
      * one instruction stands for the mask and the conversion */
     const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i step2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
     const __m512i one = _mm512_set1_epi32(1);
     sa_unpacked u;
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m256 macc = _mm256_setzero_ps();
+    __m512 acc[4][2];
+    __m256 macc[4];
+    for (int t = 0; t < N; t++) {
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        macc[t] = _mm256_setzero_ps();
+    }
     for (int64_t b = 0; b < nu; b++, p += 144, x += 256) {
         for (int o = 0; o < 144; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
         k_scales_mins(p, &u);
         const __m512 s8 = _mm512_castps256_ps512(_mm256_load_ps(u.s));
         for (int c = 0; c < 4; c += 2) {
             const __m512i v = _mm512_loadu_si512((const void *)(p + 16 + 32 * c));
-            const float *xl = x + 64 * c, *xh = xl + 64;
-            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, nib), _mm512_load_ps(xl));
-            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), nib), _mm512_load_ps(xh));
-            for (int k = 1; k < 4; k++) {
-                lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k), nib),
-                                     _mm512_load_ps(xl + 16 * k), lo);
-                hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k + 4), nib),
-                                     _mm512_load_ps(xh + 16 * k), hi);
+            __m512 n[8]; /* the chunk pair's values: n[2k] low nibbles, n[2k + 1] high, for every row */
+            for (int k = 0; k < 4; k++) {
+                n[2 * k] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k), nib);
+                n[2 * k + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * k + 4), nib);
             }
             /* the sub-blocks' scales: 2c in lanes 0-7 and 2c + 2 in 8-15 (lo), 2c + 1 and 2c + 3 (hi) */
             const __m512i il = _mm512_add_epi32(_mm512_set1_epi32(2 * c), step2);
-            acc[0] = _mm512_fmadd_ps(lo, _mm512_permutexvar_ps(il, s8), acc[0]);
-            acc[1] = _mm512_fmadd_ps(hi, _mm512_permutexvar_ps(_mm512_add_epi32(il, one), s8), acc[1]);
+            const __m512 sl = _mm512_permutexvar_ps(il, s8), sh = _mm512_permutexvar_ps(_mm512_add_epi32(il, one), s8);
+            for (int t = 0; t < N; t++) {
+                const float *xl = x + t * ld + 64 * c, *xh = xl + 64;
+                __m512 lo = _mm512_mul_ps(n[0], _mm512_load_ps(xl));
+                __m512 hi = _mm512_mul_ps(n[1], _mm512_load_ps(xh));
+                for (int k = 1; k < 4; k++) {
+                    lo = _mm512_fmadd_ps(n[2 * k], _mm512_load_ps(xl + 16 * k), lo);
+                    hi = _mm512_fmadd_ps(n[2 * k + 1], _mm512_load_ps(xh + 16 * k), hi);
+                }
+                acc[t][0] = _mm512_fmadd_ps(lo, sl, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(hi, sh, acc[t][1]);
+            }
         }
-        macc = _mm256_fmadd_ps(_mm256_load_ps(u.m), _mm256_loadu_ps(xs + b * 8), macc);
+        for (int t = 0; t < N; t++)
+            macc[t] = _mm256_fmadd_ps(_mm256_load_ps(u.m), _mm256_loadu_ps(xs + t * lds + b * 8), macc[t]);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - sa_hsum(macc);
+    for (int t = 0; t < N; t++)
+        y[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - sa_hsum(macc[t]);
 }
 
-/* q6_k, one row of x, AVX-512: per half h of the block, its 64 bytes of low bits and 32 of high
+/* q6_k, N rows of x (ld apart; their sums of groups lds apart), AVX-512, each block's integers
+ * formed once for all of them: per half h of the block, its 64 bytes of low bits and 32 of high
  * bits give the 6-bit integers u = q + 32 of values 128h + p: lane l of a 16-lane vector holds
  * those of p = 4l .. 4l + 3 (p < 64: low nibbles) or 64 + 4l .. (high nibbles), one a byte, the
  * high bits put in place by one shift per half (lanes 8-15 read the next 2 bits of the same
  * bytes). Byte k of every lane is widened in place, so x comes in q6k_wide's order. Groups of 16
  * are runs of 4 lanes: their scales are looked up; the -32 is taken out once a block, as
  * 32 sum_g s_g xs_g. Sums in another order than the avx2 loop's (within the same bound). */
-SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
+SA_INLINE void q6_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t ld, const float *xs,
+                         int64_t lds, float *y, const int N) {
     const __m512i low4 = _mm512_set1_epi32(0x0F0F0F0F), bits45 = _mm512_set1_epi32(0x30303030);
     const __m512i ff = _mm512_set1_epi32(0xFF);
     const __m512i up_lo = _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2);
     const __m512i down_hi = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
     const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, moff = _mm512_setzero_ps();
+    __m512 acc[4][2], moff[4];
+    for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = moff[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nu; b++, p += 210, x += 256) {
         for (int o = 0; o < 210; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
         const __m512 s16 = _mm512_mul_ps(_mm512_set1_ps(sa_half(p + 208)),
@@ -354,20 +374,24 @@ SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const fl
                 _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v, 4), low4),
                                 _mm512_and_si512(_mm512_srlv_epi32(hb, down_hi), bits45))};
             for (int half = 0; half < 2; half++) {
-                const float *xq = x + 128 * h + 64 * half;
-                __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(u[half], ff)), _mm512_load_ps(xq));
-                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[half], 8), ff)),
-                                    _mm512_load_ps(xq + 16), d);
-                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(u[half], 16), ff)),
-                                    _mm512_load_ps(xq + 32), d);
-                d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u[half], 24)), _mm512_load_ps(xq + 48), d);
+                __m512 w[4]; /* byte k of every lane, for every row */
+                for (int k = 0; k < 3; k++)
+                    w[k] = _mm512_cvtepi32_ps(_mm512_and_si512(k ? _mm512_srli_epi32(u[half], 8 * k) : u[half], ff));
+                w[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(u[half], 24));
                 const __m512i g = _mm512_add_epi32(quarter, _mm512_set1_epi32(8 * h + 4 * half));
-                acc[half] = _mm512_fmadd_ps(d, _mm512_permutexvar_ps(g, s16), acc[half]);
+                const __m512 sg = _mm512_permutexvar_ps(g, s16);
+                for (int t = 0; t < N; t++) {
+                    const float *xq = x + t * ld + 128 * h + 64 * half;
+                    __m512 d = _mm512_mul_ps(w[0], _mm512_load_ps(xq));
+                    for (int k = 1; k < 4; k++) d = _mm512_fmadd_ps(w[k], _mm512_load_ps(xq + 16 * k), d);
+                    acc[t][half] = _mm512_fmadd_ps(d, sg, acc[t][half]);
+                }
             }
         }
-        moff = _mm512_fmadd_ps(s16, _mm512_loadu_ps(xs + 16 * b), moff);
+        for (int t = 0; t < N; t++) moff[t] = _mm512_fmadd_ps(s16, _mm512_loadu_ps(xs + t * lds + 16 * b), moff[t]);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) - 32.0f * _mm512_reduce_add_ps(moff);
+    for (int t = 0; t < N; t++)
+        y[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1])) - 32.0f * _mm512_reduce_add_ps(moff[t]);
 }
 
 /* where value i of x goes for the loop above: within each run of 64, k * 16 + l holds 4l + k */
@@ -386,39 +410,42 @@ static int64_t q4k_wide(int64_t i) {
     return blk * 256 + at / 32 * 32 + LANE_ORDER[at % 32];
 }
 #else
-/* q4_k, one row of x: the nibbles go straight from the block's bytes into 32-bit lanes (value
+/* q4_k, N rows of x (ld apart; their sums of groups lds apart), each chunk's values formed once
+ * for all of them: the nibbles go straight from the block's bytes into 32-bit lanes (value
  * 8b + 4h of a lane is nibble h of its byte b), without first splitting them into bytes: 14
  * integer operations for 64 values instead of 17, and no unpacked copy of the block. */
-SA_INLINE float q4_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
+SA_INLINE void q4_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t ld, const float *xs,
+                         int64_t lds, float *y, const int N) {
     const __m256i f = _mm256_set1_epi32(0x0F);
     sa_unpacked u;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, macc = _mm256_setzero_ps();
+    __m256 acc[4][2], macc[4];
+    for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = macc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nu; b++, p += 144, x += 256) {
         for (int o = 0; o < 144; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
         k_scales_mins(p, &u);
         for (int c = 0; c < 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
-            const float *xl = x + 64 * c, *xh = xl + 32;
-            __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, f)), _mm256_load_ps(xl));
-            __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4), f)),
-                                      _mm256_load_ps(xh));
-            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 8), f)),
-                                 _mm256_load_ps(xl + 8), lo);
-            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 12), f)),
-                                 _mm256_load_ps(xh + 8), hi);
-            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 16), f)),
-                                 _mm256_load_ps(xl + 16), lo);
-            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 20), f)),
-                                 _mm256_load_ps(xh + 16), hi);
-            lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 24), f)),
-                                 _mm256_load_ps(xl + 24), lo);
-            hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), _mm256_load_ps(xh + 24), hi);
-            acc[0] = _mm256_fmadd_ps(lo, _mm256_set1_ps(u.s[2 * c]), acc[0]);
-            acc[1] = _mm256_fmadd_ps(hi, _mm256_set1_ps(u.s[2 * c + 1]), acc[1]);
+            __m256 n[8]; /* nibble k of each lane's 32 bits, for every row */
+            for (int k = 0; k < 7; k++)
+                n[k] = _mm256_cvtepi32_ps(_mm256_and_si256(k ? _mm256_srli_epi32(v, 4 * k) : v, f));
+            n[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+            const __m256 sl = _mm256_set1_ps(u.s[2 * c]), sh = _mm256_set1_ps(u.s[2 * c + 1]);
+            for (int t = 0; t < N; t++) {
+                const float *xl = x + t * ld + 64 * c, *xh = xl + 32;
+                __m256 lo = _mm256_mul_ps(n[0], _mm256_load_ps(xl));
+                __m256 hi = _mm256_mul_ps(n[1], _mm256_load_ps(xh));
+                for (int k = 1; k < 4; k++) {
+                    lo = _mm256_fmadd_ps(n[2 * k], _mm256_load_ps(xl + 8 * k), lo);
+                    hi = _mm256_fmadd_ps(n[2 * k + 1], _mm256_load_ps(xh + 8 * k), hi);
+                }
+                acc[t][0] = _mm256_fmadd_ps(lo, sl, acc[t][0]);
+                acc[t][1] = _mm256_fmadd_ps(hi, sh, acc[t][1]);
+            }
         }
-        macc = _mm256_fmadd_ps(_mm256_load_ps(u.m), _mm256_loadu_ps(xs + b * 8), macc);
+        for (int t = 0; t < N; t++)
+            macc[t] = _mm256_fmadd_ps(_mm256_load_ps(u.m), _mm256_loadu_ps(xs + t * lds + b * 8), macc[t]);
     }
-    return sa_hsum(_mm256_add_ps(acc[0], acc[1])) - sa_hsum(macc);
+    for (int t = 0; t < N; t++) y[t] = sa_hsum(_mm256_add_ps(acc[t][0], acc[t][1])) - sa_hsum(macc[t]);
 }
 #endif
 
@@ -482,13 +509,32 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
 }
 
 #if SA_W == 16
-#define Q6_K_WIDE 1 /* q6_k rows of one token take q6_k_dot1, with x in q6k_wide's order */
+#define Q6_K_WIDE 1 /* q6_k rows of one token take q6_k_dotN, with x in q6k_wide's order */
 #else
 #define Q6_K_WIDE 0
-SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const float *xs) {
-    return unit_dot1(p, SA_Q6_K, nu, x, xs);
+SA_INLINE void q6_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t ld, const float *xs,
+                         int64_t lds, float *y, const int N) {
+    for (int t = 0; t < N; t++) y[t] = unit_dot1(p, SA_Q6_K, nu, x + t * ld, xs + t * lds);
 }
 #endif
+
+/* n rows of x (ld apart, their sums of groups lds apart) through q4_k's or q6_k's N-row loop,
+ * DOT_ROWS at a time: y[t] is the bits row t alone gets */
+#define K_DOT(N) (FMT == SA_Q4_K ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N) : q6_k_dotN(p, nu, x, ld, xs, lds, y, N))
+SA_INLINE void k_rows(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
+                      const float *xs, int64_t lds, float *y, int64_t n) {
+    for (; n > 0; x += DOT_ROWS * ld, xs += DOT_ROWS * lds, y += DOT_ROWS, n -= DOT_ROWS) {
+        switch (n < DOT_ROWS ? n : DOT_ROWS) {
+        case 1: K_DOT(1); break;
+#if DOT_ROWS > 2
+        case 3: K_DOT(3); break;
+        case 4: K_DOT(4); break;
+#endif
+        default: K_DOT(2); break;
+        }
+    }
+}
+#undef K_DOT
 
 #define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
     static void NAME(const void *ctx, int64_t task) {                                            \
@@ -503,13 +549,14 @@ SA_INLINE float q6_k_dot1(const uint8_t *p, int64_t nu, const float *x, const fl
                 unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                 \
                 continue;                                                                        \
             }                                                                                    \
-            for (int64_t t = 0; t < A->T; t++) {                                                 \
-                const float *x = A->x + t * A->cols, *xs = A->xs + t * n_xs;                     \
-                float *y = A->y + t * A->rows + r;                                               \
-                if (FMT == SA_Q4_K) *y = q4_k_dot1(row, nu, x, xs);                              \
-                else if (FMT == SA_Q6_K) *y = q6_k_dot1(row, nu, x, xs);                         \
-                else *y = unit_dot1(row, FMT, nu, x, xs);                                        \
+            if (FMT == SA_Q4_K || FMT == SA_Q6_K) {                                              \
+                float ys[SA_MAX_T];                                                              \
+                k_rows(row, FMT, nu, A->x, A->cols, A->xs, n_xs, ys, A->T);                      \
+                for (int64_t t = 0; t < A->T; t++) A->y[t * A->rows + r] = ys[t];                \
+                continue;                                                                        \
             }                                                                                    \
+            for (int64_t t = 0; t < A->T; t++)                                                   \
+                A->y[t * A->rows + r] = unit_dot1(row, FMT, nu, A->x + t * A->cols, A->xs + t * n_xs); \
         }                                                                                        \
     }
 
