@@ -13,7 +13,7 @@
  *    the block's float32 values are formed once and used for each.
  * Several rows of x that must each get the bits they get alone (sa_matvecs: several sequences'
  * decode steps) take the one-row loops DOT_ROWS rows a pass, each block's values formed once for
- * all of them (the first family, q4_k, and q6_k at AVX-512; the other types row by row).
+ * all of them.
  * Rows are cut into about TASKS_PER_THREAD contiguous tasks per pool thread (at least
  * MIN_TASK_ROWS rows each): long runs of consecutive rows keep each core's stream sequential
  * (16-row tasks handed out in turn cost ~20% in misses on two cores).
@@ -270,8 +270,8 @@ DEFINE_MV_TASK(mv_f32, SA_F32)
 static const int LANE_ORDER[32] = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29,
                                    2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
 
-/* 32 integers . 32 permuted x values, 8 partial sums */
-SA_INLINE __m256 dot32(__m256i q, const float *x, const int UNSIGNED) {
+/* 32 integers (permuted as LANE_ORDER) widened to 4 float vectors */
+SA_INLINE void widen32(__m256i q, __m256 w[4], const int UNSIGNED) {
     __m256i e[4];
     if (UNSIGNED) {
         const __m256i ff = _mm256_set1_epi32(0xFF);
@@ -285,8 +285,13 @@ SA_INLINE __m256 dot32(__m256i q, const float *x, const int UNSIGNED) {
         e[2] = _mm256_srai_epi32(_mm256_slli_epi32(q, 8), 24);
         e[3] = _mm256_srai_epi32(q, 24);
     }
-    __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(e[0]), _mm256_load_ps(x));
-    for (int b = 1; b < 4; b++) s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e[b]), _mm256_load_ps(x + 8 * b), s);
+    for (int b = 0; b < 4; b++) w[b] = _mm256_cvtepi32_ps(e[b]);
+}
+
+/* 32 widened integers . 32 permuted x values, 8 partial sums */
+SA_INLINE __m256 dot32(const __m256 w[4], const float *x) {
+    __m256 s = _mm256_mul_ps(w[0], _mm256_load_ps(x));
+    for (int b = 1; b < 4; b++) s = _mm256_fmadd_ps(w[b], _mm256_load_ps(x + 8 * b), s);
     return s;
 }
 
@@ -449,35 +454,46 @@ SA_INLINE void q4_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t l
 }
 #endif
 
-/* the second family, one row of x: per group, the integers' dot product with x, scaled once
- * (groups of 16: lanes 0-3 by one scale, 4-7 by the next); the offsets' share, sum_g m_g * xs_g,
- * subtracted at the end. Two accumulators, so consecutive groups do not wait on each other. */
-SA_INLINE float unit_dot1(const uint8_t *p, const int FMT, int64_t nu, const float *x,
-                          const float *xs) {
+/* the second family, N rows of x (ld apart; their sums of groups lds apart): per group, the
+ * integers' dot product with x, scaled once (groups of 16: lanes 0-3 by one scale, 4-7 by the
+ * next); the offsets' share, sum_g m_g * xs_g, subtracted at the end. Two accumulators a row, so
+ * consecutive groups do not wait on each other. A block is unpacked and its integers widened
+ * once for all N rows; row t's operations are those of a pass with it alone. */
+SA_INLINE void unit_dotN(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
+                         const float *xs, int64_t lds, float *y, const int N) {
     const int unit = (int)sa_block_values(FMT), bytes = (int)sa_block_bytes(FMT);
     const int sub = sa_sub(FMT), groups = unit / sub;
     sa_unpacked u;
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, macc = _mm256_setzero_ps();
-    float mlast = 0.0f;
+    __m256 acc[4][2], macc[4], w[4];
+    float mlast[4];
+    for (int t = 0; t < N; t++) {
+        acc[t][0] = acc[t][1] = macc[t] = _mm256_setzero_ps();
+        mlast[t] = 0.0f;
+    }
     for (int64_t b = 0; b < nu; b++, p += bytes, x += unit) {
         for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
         sa_unpack(p, FMT, &u);
         for (int i = 0; i < unit / 32; i++) {
-            __m256 d = dot32(u.q[i], x + 32 * i, sa_unsigned_q(FMT));
-            __m256 sc = sub == 32 ? _mm256_set1_ps(u.s[i])
-                                  : _mm256_set_m128(_mm_set1_ps(u.s[2 * i + 1]), _mm_set1_ps(u.s[2 * i]));
-            acc[i & 1] = _mm256_fmadd_ps(d, sc, acc[i & 1]);
+            widen32(u.q[i], w, sa_unsigned_q(FMT));
+            const __m256 sc = sub == 32 ? _mm256_set1_ps(u.s[i])
+                                        : _mm256_set_m128(_mm_set1_ps(u.s[2 * i + 1]), _mm_set1_ps(u.s[2 * i]));
+            for (int t = 0; t < N; t++)
+                acc[t][i & 1] = _mm256_fmadd_ps(dot32(w, x + t * ld + 32 * i), sc, acc[t][i & 1]);
         }
-        if (sa_has_min(FMT)) {
-            if (groups >= 8)
-                for (int g = 0; g < groups; g += 8)
-                    macc = _mm256_fmadd_ps(_mm256_load_ps(u.m + g), _mm256_loadu_ps(xs + b * groups + g), macc);
-            else
-                mlast += u.m[0] * xs[b];
-        }
+        if (sa_has_min(FMT))
+            for (int t = 0; t < N; t++) {
+                if (groups >= 8)
+                    for (int g = 0; g < groups; g += 8)
+                        macc[t] = _mm256_fmadd_ps(_mm256_load_ps(u.m + g),
+                                                  _mm256_loadu_ps(xs + t * lds + b * groups + g), macc[t]);
+                else
+                    mlast[t] += u.m[0] * xs[t * lds + b];
+            }
     }
-    float y = sa_hsum(_mm256_add_ps(acc[0], acc[1]));
-    return sa_has_min(FMT) ? y - (sa_hsum(macc) + mlast) : y;
+    for (int t = 0; t < N; t++) {
+        const float v = sa_hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+        y[t] = sa_has_min(FMT) ? v - (sa_hsum(macc[t]) + mlast[t]) : v;
+    }
 }
 
 /* the second family, T rows of x: the unit's float32 values (exact), then a dot for each row */
@@ -512,29 +528,33 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
 #define Q6_K_WIDE 1 /* q6_k rows of one token take q6_k_dotN, with x in q6k_wide's order */
 #else
 #define Q6_K_WIDE 0
-SA_INLINE void q6_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t ld, const float *xs,
-                         int64_t lds, float *y, const int N) {
-    for (int t = 0; t < N; t++) y[t] = unit_dot1(p, SA_Q6_K, nu, x + t * ld, xs + t * lds);
-}
 #endif
 
-/* n rows of x (ld apart, their sums of groups lds apart) through q4_k's or q6_k's N-row loop,
+/* n rows of x (ld apart, their sums of groups lds apart) through their type's N-row loop,
  * DOT_ROWS at a time: y[t] is the bits row t alone gets */
-#define K_DOT(N) (FMT == SA_Q4_K ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N) : q6_k_dotN(p, nu, x, ld, xs, lds, y, N))
-SA_INLINE void k_rows(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
-                      const float *xs, int64_t lds, float *y, int64_t n) {
+#if SA_W == 16
+#define UNIT_DOT(N)                                                                              \
+    (FMT == SA_Q4_K   ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N)                                    \
+     : FMT == SA_Q6_K ? q6_k_dotN(p, nu, x, ld, xs, lds, y, N)                                    \
+                      : unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N))
+#else
+#define UNIT_DOT(N)                                                                              \
+    (FMT == SA_Q4_K ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N) : unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N))
+#endif
+SA_INLINE void unit_rows(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
+                         const float *xs, int64_t lds, float *y, int64_t n) {
     for (; n > 0; x += DOT_ROWS * ld, xs += DOT_ROWS * lds, y += DOT_ROWS, n -= DOT_ROWS) {
         switch (n < DOT_ROWS ? n : DOT_ROWS) {
-        case 1: K_DOT(1); break;
+        case 1: UNIT_DOT(1); break;
 #if DOT_ROWS > 2
-        case 3: K_DOT(3); break;
-        case 4: K_DOT(4); break;
+        case 3: UNIT_DOT(3); break;
+        case 4: UNIT_DOT(4); break;
 #endif
-        default: K_DOT(2); break;
+        default: UNIT_DOT(2); break;
         }
     }
 }
-#undef K_DOT
+#undef UNIT_DOT
 
 #define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
     static void NAME(const void *ctx, int64_t task) {                                            \
@@ -549,14 +569,9 @@ SA_INLINE void k_rows(const uint8_t *p, const int FMT, int64_t nu, const float *
                 unit_dotT(row, FMT, nu, A->x, A->T, A->cols, A->y + r, A->rows);                 \
                 continue;                                                                        \
             }                                                                                    \
-            if (FMT == SA_Q4_K || FMT == SA_Q6_K) {                                              \
-                float ys[SA_MAX_T];                                                              \
-                k_rows(row, FMT, nu, A->x, A->cols, A->xs, n_xs, ys, A->T);                      \
-                for (int64_t t = 0; t < A->T; t++) A->y[t * A->rows + r] = ys[t];                \
-                continue;                                                                        \
-            }                                                                                    \
-            for (int64_t t = 0; t < A->T; t++)                                                   \
-                A->y[t * A->rows + r] = unit_dot1(row, FMT, nu, A->x + t * A->cols, A->xs + t * n_xs); \
+            float ys[SA_MAX_T];                                                                  \
+            unit_rows(row, FMT, nu, A->x, A->cols, A->xs, n_xs, ys, A->T);                       \
+            for (int64_t t = 0; t < A->T; t++) A->y[t * A->rows + r] = ys[t];                    \
         }                                                                                        \
     }
 
