@@ -6,7 +6,9 @@
   wall time, and by the server's decode timings), and each stream's text against what it got
   alone, --reps times;
 - generate: one stream through the server against `selfattn generate` on the same prompt
-  (TTFT and decode tokens/s), both in their own processes.
+  (TTFT and decode tokens/s), both in their own processes;
+- steps: the decode step of one stream against that of --streams streams, in this process
+  without the server (what the streams' figure would be without HTTP and sampling).
 
     python benchmarks/serve.py [--model PATH] [--history 2000] [--streams 4] [--gen 64]
                                [--reps 3] [--ctx 4096] [--json out.json]
@@ -155,6 +157,42 @@ def streams(url, args):
                 identical=same)
 
 
+def steps(args):
+    """The decode step alone, in this process, no server: one stream's step (forward) against
+    --streams streams' (forward_batch), caches at 100 tokens each, alternating for 60 steps
+    (each cache rewound after its step, so every step is at the same depth)."""
+    import numpy as np
+
+    from selfattn.cache import KVCache
+    from selfattn.model import Transformer, default_model_path
+
+    m = Transformer.load(args.model or default_model_path())
+    a, depth = m.args, 100
+    prompt = np.arange(depth) % 1000 + 100
+
+    def filled():
+        c = KVCache.for_model(a, depth + 1)
+        m.forward(prompt, c, 0)
+        return c
+
+    one, many = filled(), [filled() for _ in range(args.streams)]
+    t1, tb = [], []
+    for _ in range(60):
+        for c in [one, *many]:
+            c.length = depth
+        t0 = time.perf_counter()
+        m.forward(np.array([5]), one, depth)
+        t1.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        m.forward_batch(np.full(args.streams, 5), many)
+        tb.append(time.perf_counter() - t0)
+    one_ms, many_ms = 1e3 * statistics.median(t1), 1e3 * statistics.median(tb)
+    print(f"steps in-process: one stream {one_ms:.2f} ms, {args.streams} streams {many_ms:.2f} ms "
+          f"(medians of 60): {args.streams * one_ms / many_ms:.2f}x the tokens/s", flush=True)
+    return dict(one_ms=one_ms, many_ms=many_ms, ratio=args.streams * one_ms / many_ms,
+                one_samples_ms=[1e3 * t for t in t1], many_samples_ms=[1e3 * t for t in tb])
+
+
 def versus_generate(url, args):
     """A plain completion, not streamed (a client woken for every token would take a core from
     the server's two here), whose first token no earlier request had, so that nothing is reused
@@ -210,6 +248,7 @@ def main():
         out["generate"] = versus_generate(url, args)
     finally:
         stop_server(p)
+    out["steps"] = steps(args)  # last: the model in this process could compete with the server
     r = [t["ratio"] for t in out["turns"]]
     print(f"follow-up TTFT / first TTFT: median {100 * statistics.median(r):.1f}% "
           f"(target <= 15%)")
@@ -218,6 +257,7 @@ def main():
           f"{statistics.median(x['ratio'] for x in st):.2f}x by request wall, "
           f"{statistics.median(x['decode_ratio'] for x in st):.2f}x decode only (target >= 2.5x); "
           f"identical to alone in every run: {all(all(x['identical']) for x in st)}")
+    print(f"the step alone, in-process: {out['steps']['ratio']:.2f}x")
     g = out["generate"]
     print(f"server vs generate: TTFT {statistics.median(x['server_ttft_ms'] for x in g):.1f} / "
           f"{statistics.median(x['generate_ttft_ms'] for x in g):.1f} ms, tok/s "
