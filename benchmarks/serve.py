@@ -11,7 +11,12 @@
   without the server (what the streams' figure would be without HTTP and sampling).
 
     python benchmarks/serve.py [--model PATH] [--history 2000] [--streams 4] [--gen 64]
-                               [--reps 3] [--ctx 4096] [--json out.json]
+                               [--reps 3] [--ctx 4096] [--json out.json] [--peer-python PY]
+
+With --peer-python (an interpreter with llama-cpp-python[server]), llama.cpp's OpenAI server from
+that binding runs on the same file after selfattn's, and both are measured the same way from the
+client's side: the follow-up turn's TTFT against the first's, and several whole chats at once
+against one at a time.
 
 TTFT here is the server's own (`timings.ttft_ms`: arrival to first token); the client's (to the
 first content chunk over HTTP) is recorded beside it.
@@ -223,6 +228,98 @@ def versus_generate(url, args):
     return rows
 
 
+def start_peer(args, path):
+    """llama-cpp-python's OpenAI server (llama.cpp underneath) on the same file, --peer-python's
+    interpreter, as many threads as selfattn's, its prompt cache on, a request arriving while
+    another runs queued (its default would interrupt the running one); ready when /v1/models
+    answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = str(os.cpu_count())
+    cmd = [args.peer_python, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", str(args.ctx), "--n_threads", threads,
+           "--n_threads_batch", threads, "--cache", "true", "--interrupt_requests", "false"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            if CLIENT.get(url + "/models").status_code == 200:
+                return p, url
+        except httpx.HTTPError:
+            pass
+        if p.poll() is not None:
+            raise SystemExit(f"the peer server exited: {' '.join(cmd)}")
+        time.sleep(0.1)
+    p.kill()
+    raise SystemExit("the peer server did not answer within 60 s")
+
+
+def client_ttft(url, messages, max_tokens):
+    """One streamed greedy chat as any OpenAI client sees it -> (text, TTFT s to the first
+    content chunk); no server timings needed."""
+    t0 = time.perf_counter()
+    ttft, text = None, []
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with CLIENT.stream("POST", url + "/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:]).get("choices", []):
+                    if c.get("delta", {}).get("content"):
+                        ttft = ttft or time.perf_counter() - t0
+                        text.append(c["delta"]["content"])
+    return "".join(text), ttft
+
+
+def whole_chat(url, messages, max_tokens):
+    """One greedy chat, not streamed -> (completion tokens, wall s)."""
+    t0 = time.perf_counter()
+    r = CLIENT.post(url + "/chat/completions", json={"messages": messages, "max_tokens": max_tokens,
+                                                     "temperature": 0})
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"], time.perf_counter() - t0
+
+
+def as_a_client(url, tok, args):
+    """The same measurements for any OpenAI server, from the client's side alone: the follow-up
+    turn's TTFT against the first's (streamed), and --streams whole chats at once against one
+    at a time (tokens from usage over wall time)."""
+    turns = []
+    for rep in range(args.reps):
+        messages = history(tok, args.history, 3000 * rep + 1500)  # not a conversation seen before
+        text, first = client_ttft(url, messages, 32)
+        messages += [{"role": "assistant", "content": text},
+                     {"role": "user", "content": "Now say it in five words."}]
+        _, follow = client_ttft(url, messages, 32)
+        turns.append(dict(first_ms=1e3 * first, follow_ms=1e3 * follow, ratio=follow / first))
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:args.streams]]
+    runs = []
+    for rep in range(args.reps):
+        alone = [whole_chat(url, m, args.gen) for m in prompts]
+        results = [None] * len(prompts)
+
+        def run(i):
+            results[i] = whole_chat(url, prompts[i], args.gen)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+        one = statistics.median(n / w for n, w in alone)
+        runs.append(dict(one_tps=one, aggregate_tps=sum(n for n, _ in results) / wall,
+                         ratio=sum(n for n, _ in results) / wall / one))
+    out = dict(turns=turns, streams=runs,
+               follow_ratio=statistics.median(t["ratio"] for t in turns),
+               streams_ratio=statistics.median(r["ratio"] for r in runs))
+    print(f"  follow-up TTFT / first (client): median {100 * out['follow_ratio']:.1f}% "
+          f"(firsts {statistics.median(t['first_ms'] for t in turns):.0f} ms); {args.streams} whole "
+          f"chats at once / one: median {out['streams_ratio']:.2f}x", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
@@ -232,6 +329,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--json")
+    ap.add_argument("--peer-python", help="a Python with llama-cpp-python[server]: its OpenAI "
+                    "server on the same file, measured from the client side as selfattn's is")
     args = ap.parse_args()
     if not 1 <= args.streams <= len(PROMPTS):
         raise SystemExit(f"--streams must be 1 .. {len(PROMPTS)}")
@@ -246,8 +345,21 @@ def main():
         out["turns"] = turns(url, tok, args)
         out["streams"] = [streams(url, args) for _ in range(args.reps)]
         out["generate"] = versus_generate(url, args)
+        if args.peer_python:
+            print("selfattn serve, from the client side:", flush=True)
+            out["client_side"] = {"selfattn": as_a_client(url, tok, args)}
     finally:
         stop_server(p)
+    if args.peer_python:
+        version = subprocess.run([args.peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                                 capture_output=True, text=True).stdout.strip()
+        print(f"llama-cpp-python {version} server, the same file, from the client side:", flush=True)
+        q, peer_url = start_peer(args, path)
+        try:
+            out["client_side"][f"llama-cpp-python {version}"] = as_a_client(peer_url, tok, args)
+        finally:
+            q.terminate()
+            q.wait(60)
     out["steps"] = steps(args)  # last: the model in this process could compete with the server
     r = [t["ratio"] for t in out["turns"]]
     print(f"follow-up TTFT / first TTFT: median {100 * statistics.median(r):.1f}% "
