@@ -123,6 +123,22 @@ PROMPTS = ["Write a short poem about the sea.", "List five uses of a paperclip."
            "Describe the moon to someone who has never seen it.", "Plan a day in a small town."]
 
 
+def at_once(fn, items):
+    """fn(item) for every item, each on its own thread, all started together -> (results in
+    order, wall seconds until the last ended)."""
+    results = [None] * len(items)
+
+    def run(i):
+        results[i] = fn(items[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results, time.perf_counter() - t0
+
+
 def streams(url, args):
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:args.streams]]
     alone = []
@@ -131,20 +147,12 @@ def streams(url, args):
         text, _, t, u = chat(url, m, args.gen)
         alone.append(dict(text=text, tokens=u["completion_tokens"], wall_s=time.perf_counter() - t0,
                           tps=t["predicted_per_second"]))
-    results = [None] * len(prompts)
-
-    def run(i):
+    def run(m):
         t0 = time.perf_counter()
-        text, _, t, u = chat(url, prompts[i], args.gen)
-        results[i] = dict(text=text, tokens=u["completion_tokens"], end=time.perf_counter(),
-                          start=t0, tps=t["predicted_per_second"], ttft_ms=t["ttft_ms"])
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = max(r["end"] for r in results) - t0
+        text, _, t, u = chat(url, m, args.gen)
+        return dict(text=text, tokens=u["completion_tokens"], end=time.perf_counter(), start=t0,
+                    tps=t["predicted_per_second"], ttft_ms=t["ttft_ms"])
+    results, wall = at_once(run, prompts)
     one = statistics.median(a["tokens"] / a["wall_s"] for a in alone)
     together = sum(r["tokens"] for r in results) / wall
     # the same from the server's own decode timings (first token to last, per stream): prompts
@@ -297,17 +305,7 @@ def as_a_client(url, tok, args):
     runs = []
     for rep in range(args.reps):
         alone = [whole_chat(url, m, args.gen) for m in prompts]
-        results = [None] * len(prompts)
-
-        def run(i):
-            results[i] = whole_chat(url, prompts[i], args.gen)
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
+        results, wall = at_once(lambda m: whole_chat(url, m, args.gen), prompts)
         one = statistics.median(n / w for n, w in alone)
         runs.append(dict(one_tps=one, aggregate_tps=sum(n for n, _ in results) / wall,
                          ratio=sum(n for n, _ in results) / wall / one))

@@ -33,11 +33,7 @@
 #define PF_KEYS 32
 
 typedef struct {
-    const float *q;
-    const uint8_t *k, *v;
-    int fmt;
-    int64_t B, H_kv, R, D, Dv, S_max, k_row, v_row, S, T, j_base, chunk, C, left, right;
-    float softcap;
+    sa_dec_call c; /* the call's arguments (kernels.h) */
     float *acc, *m, *l;
     _Atomic int *failed; /* set by a task that could not allocate its scratch */
 } dec_args;
@@ -274,9 +270,9 @@ SA_INLINE void accum_group(float *acc, int64_t Dv, const float *al, const uint8_
 static int tile_rows(const dec_args *A, int64_t j0, int64_t nk, int64_t *lo, int64_t *hi,
                      unsigned char *seen) {
     int any = 0;
-    for (int64_t r = 0; r < A->R; r++) {
-        int64_t p = A->S - A->T + r % A->T;
-        int64_t a = p - A->left - j0, z = p + A->right - j0 + 1;
+    for (int64_t r = 0; r < A->c.R; r++) {
+        int64_t p = A->c.S - A->c.T + r % A->c.T;
+        int64_t a = p - A->c.left - j0, z = p + A->c.right - j0 + 1;
         lo[r] = a < 0 ? 0 : a > nk ? nk : a;
         hi[r] = z > nk ? nk : z < lo[r] ? lo[r] : z;
         seen[r] = hi[r] > lo[r];
@@ -350,13 +346,13 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
  * constant in each instance below, so the row decoding inlines per format. */
 SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     const dec_args *A = ctx;
-    const int64_t R = A->R, D = A->D, Dv = A->Dv, S = A->S;
-    const int64_t b = task / (A->H_kv * A->C), g = (task / A->C) % A->H_kv, c = task % A->C;
-    const int64_t j_start = A->j_base + c * A->chunk;
-    const int64_t j_end = j_start + A->chunk < S ? j_start + A->chunk : S;
-    const int64_t head = b * A->H_kv + g, k_row = A->k_row, v_row = A->v_row;
-    const uint8_t *kh = A->k + head * A->S_max * k_row, *vh = A->v + head * A->S_max * v_row;
-    const float *q = A->q + head * R * D;
+    const int64_t R = A->c.R, D = A->c.D, Dv = A->c.Dv, S = A->c.S;
+    const int64_t b = task / (A->c.H_kv * A->c.C), g = (task / A->c.C) % A->c.H_kv, c = task % A->c.C;
+    const int64_t j_start = A->c.j_base + c * A->c.chunk;
+    const int64_t j_end = j_start + A->c.chunk < S ? j_start + A->c.chunk : S;
+    const int64_t head = b * A->c.H_kv + g, k_row = A->c.k_row, v_row = A->c.v_row;
+    const uint8_t *kh = A->c.k + head * A->c.S_max * k_row, *vh = A->c.v + head * A->c.S_max * v_row;
+    const float *q = A->c.q + head * R * D;
     float *acc = A->acc + task * R * Dv, *mm = A->m + task * R, *ll = A->l + task * R;
     /* the tile's scores: R rows of ts (the chunk's keys, rounded up to 8, at most TILE) */
     const int64_t span = j_end - j_start, ts = span < TILE ? (span + 7) / 8 * 8 : TILE;
@@ -384,7 +380,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
         const int64_t n8 = (nk + 7) / 8 * 8;
         for (int64_t r = 0; r < R; r++) {
             alpha[r] = 1.0f;
-            if (seen[r]) alpha[r] = softmax_tile(s + r * ts, n8, lo[r], hi[r], A->softcap, mm + r, ll + r);
+            if (seen[r]) alpha[r] = softmax_tile(s + r * ts, n8, lo[r], hi[r], A->c.softcap, mm + r, ll + r);
             else memset(s + r * ts, 0, (size_t)n8 * 4);
         }
         accumulate_tile(acc, R, Dv, alpha, seen, vh + j0 * v_row, v_row, nk, s, ts, FMT);
@@ -400,8 +396,9 @@ DEFINE_DEC_TASK(dec_q8_0, SA_Q8_0)
 DEFINE_DEC_TASK(dec_q4_0, SA_Q4_0)
 
 /* one call's (out, lse): per row, its chunks' partial results merged by log-sum-exp */
-static void merge_chunks(const dec_args *A, float *out, float *lse) {
-    const int64_t B = A->B, H_kv = A->H_kv, R = A->R, C = A->C, T = A->T, Dv = A->Dv, G = R / T;
+static void merge_chunks(const dec_args *A) {
+    const int64_t B = A->c.B, H_kv = A->c.H_kv, R = A->c.R, C = A->c.C, T = A->c.T, Dv = A->c.Dv, G = R / T;
+    float *out = A->c.out, *lse = A->c.lse;
     const float *m = A->m, *l = A->l, *acc = A->acc;
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < H_kv; g++)
@@ -494,14 +491,12 @@ int sa_decode_attentions(const sa_dec_call *calls, int64_t n) {
         const int64_t tasks = all.first[i + 1] - all.first[i];
         float *acc = at, *m = acc + tasks * c->R * c->Dv, *l = m + tasks * c->R;
         at = l + tasks * c->R;
-        A[i] = (dec_args){c->q, c->k, c->v, c->fmt, c->B, c->H_kv, c->R, c->D, c->Dv, c->S_max, c->k_row,
-                          c->v_row, c->S, c->T, c->j_base, c->chunk, c->C, c->left, c->right, c->softcap,
-                          acc, m, l, &failed};
+        A[i] = (dec_args){*c, acc, m, l, &failed};
     }
     if (n == 1) sa_pool_run(all.fn[0], &A[0], all.first[1]);
     else sa_pool_run(calls_task, &all, all.first[n]);
     if (!atomic_load(&failed))
-        for (int64_t i = 0; i < n; i++) merge_chunks(&A[i], calls[i].out, calls[i].lse);
+        for (int64_t i = 0; i < n; i++) merge_chunks(&A[i]);
     free(scratch);
     return atomic_load(&failed) ? -2 : 0;
 }
