@@ -349,9 +349,11 @@ def main():
     finally:
         stop_server(p)
     if args.peer_python:
-        version = subprocess.run([args.peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                                 capture_output=True, text=True).stdout.strip()
-        print(f"llama-cpp-python {version} server, the same file, from the client side:", flush=True)
+        version = subprocess.run(
+            [args.peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+            capture_output=True, text=True).stdout.strip()
+        print(f"llama-cpp-python {version} server, the same file, from the client side:",
+              flush=True)
         q, peer_url = start_peer(args, path)
         try:
             out["client_side"][f"llama-cpp-python {version}"] = as_a_client(peer_url, tok, args)

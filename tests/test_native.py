@@ -301,8 +301,8 @@ def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, 
 
 @pytest.mark.parametrize("kv", ["f32", "q8_0"])
 def test_batched_compiled_step_gives_each_sequence_its_bits(tmp_path, kv):
-    """forward_batch on a plain llama model (one C call a layer for all B sequences) gives each
-    sequence, at its own depth, the logits and cache rows it gets stepping alone, bit for bit."""
+    """forward_batch on a plain llama model (one C call for every layer and all B sequences) gives
+    each sequence, at its own depth, the logits and cache rows it gets stepping alone, bit for bit."""
     from selfattn.cache import KVCache
     from selfattn.model.transformer import Transformer
     from .tiny_gguf import make_weights, write_gguf

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_portable_level_matches_avx2_on_x86_and_aarch64():
     missing = [t for t in ("gcc", "aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(t)]
     if missing:
-        msg = f"{', '.join(missing)} missing: Debian's gcc-aarch64-linux-gnu and qemu-user (.ci/run installs them)"
+        msg = (f"{', '.join(missing)} missing: Debian's gcc-aarch64-linux-gnu and qemu-user "
+               "(.ci/run installs them)")
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)

@@ -17,8 +17,8 @@ releases the GIL while it runs, on its own small thread pool (pool.c).
   cache and multiplied by a register-blocked kernel (gemm.c); no float32 copy of W, no BLAS.
 - `PackedMatrix.dequantize(r0, r1)`, `PackedMatrix.rows_f32(index)`: stored rows to float32,
   bit for bit what gguf's dequantize gives (embedding lookups; the reference for the tests).
-- `StepLayer`, `StepSeq`, `layer_step(...)`: one token of each of B sequences through one
-  llama-style layer in one C call.
+- `StepLayer`, `StepSeq`, `layer_step(...)`: one token of each of B sequences through a model's
+  llama-style layers, all of them in one C call.
 - `flash_attention(...)`: the prefill kernel (blocked online softmax over a float32 or compact
   KV cache), with the contract of the numba + BLAS kernel in attention/flash.py (which stays as
   the fallback, and for masks and float64).
