@@ -7,6 +7,7 @@ being computed, not only in the final wait. Waits poll with a short spin, then s
 rank oversubscribed on a core gives that core back to the others.
 """
 
+import sys
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from ..errors import DistributedError
 
 TIMEOUT_S = 120.0  # a wait on the other ranks longer than this is an error, not a hang
+ABORT_GRACE_S = 0.5  # what a failing rank wrote reaches mpiexec before MPI_Abort ends the launch
 _SPIN_S = 1e-3
 
 
@@ -135,7 +137,16 @@ class Comm:
         self.wait([self.comm.Ibarrier()], what)
 
     def abort(self, code: int = 2):
-        """End every rank of the launch (after an error that leaves the others waiting)."""
+        """End every rank of the launch (after an error that leaves the others waiting). What this
+        rank wrote is flushed first and mpiexec given a moment to pass it on: MPI_Abort ends the
+        launch at once, and on a loaded host lines still in mpiexec's pipes were lost (a
+        traceback cut after its first line)."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
