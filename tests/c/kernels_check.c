@@ -200,7 +200,8 @@ static void check_ops(const sa_kernels *K) {
     free(x), free(w), free(out), free(r), free(cs), free(sn), free(gu), free(a);
 }
 
-/* one layer step, three sequences at different depths, q8_0 / q4_k / q6_k matrices, f16 caches */
+/* a step through two layers, three sequences at different depths, q8_0 / q4_k / q6_k matrices,
+ * f16 caches */
 static void check_layer_step(const sa_kernels *K) {
     const int64_t dim = 256, H = 4, H_kv = 2, D = 64, ffn = 512, half = 32, S_max = 64, B = 3;
     const int64_t q_dim = H * D, kv_dim = H_kv * D;
@@ -212,20 +213,21 @@ static void check_layer_step(const sa_kernels *K) {
         m[i] = (sa_mat){weights(fmts[i], shape[i][0], shape[i][1]), fmts[i], sa_row_bytes(fmts[i], shape[i][1])};
     float *an = floats(dim), *fn = floats(dim), *bias = floats(q_dim + 2 * kv_dim);
     float *cs = floats(S_max * half), *sn = floats(S_max * half), *x = floats(B * dim);
-    sa_layer L = {dim, H, H_kv, D, ffn, half, 1e-5f, 0.125f, an, fn, bias,
-                  m[0], m[1], m[2], m[3], m[4], m[5], m[6], cs, sn};
-    const int64_t row = sa_row_bytes(SA_F16, D), pos[3] = {5, 40, 0};
-    uint8_t *cache = malloc((size_t)(2 * B * H_kv * S_max * row));
-    for (int64_t i = 0; i < 2 * B * H_kv * S_max * row; i += 2) put_half(cache + i, 1);
+    const sa_layer L = {dim, H, H_kv, D, ffn, half, 1e-5f, 0.125f, an, fn, bias,
+                        m[0], m[1], m[2], m[3], m[4], m[5], m[6]};
+    const sa_layer *layers[2] = {&L, &L}; /* two layers (the same weights), so each cache has two parts */
+    const int64_t row = sa_row_bytes(SA_F16, D), pos[3] = {5, 40, 0}, part = H_kv * S_max * row;
+    const int64_t bytes = 4 * B * part; /* per sequence: K of both layers, then V of both */
+    uint8_t *cache = malloc((size_t)bytes);
+    for (int64_t i = 0; i < bytes; i += 2) put_half(cache + i, 1);
     sa_seq seqs[3];
     for (int64_t b = 0; b < B; b++) {
-        uint8_t *kb = cache + 2 * b * H_kv * S_max * row;
-        seqs[b] = (sa_seq){kb, kb + H_kv * S_max * row, SA_F16, S_max, row, pos[b], pos[b] + 2, 0,
-                           pos[b] + 1, 1};
+        uint8_t *kb = cache + 4 * b * part;
+        seqs[b] = (sa_seq){kb, kb + 2 * part, SA_F16, S_max, row, pos[b], pos[b] + 2, 0, pos[b] + 1, 1};
     }
     double t[3];
-    int rc = K->layer_step(&L, seqs, B, x, t);
-    report("layer_step", rc, x, (size_t)(B * dim * 4), cache, (size_t)(2 * B * H_kv * S_max * row));
+    int rc = K->layer_step(layers, 2, cs, sn, seqs, B, x, t);
+    report("layer_step", rc, x, (size_t)(B * dim * 4), cache, (size_t)bytes);
     for (int i = 0; i < 7; i++) free((void *)m[i].w);
     free(an), free(fn), free(bias), free(cs), free(sn), free(x), free(cache);
 }

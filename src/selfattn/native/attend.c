@@ -493,8 +493,7 @@ int sa_decode_attentions(const sa_dec_call *calls, int64_t n) {
         at = l + tasks * c->R;
         A[i] = (dec_args){*c, acc, m, l, &failed};
     }
-    if (n == 1) sa_pool_run(all.fn[0], &A[0], all.first[1]);
-    else sa_pool_run(calls_task, &all, all.first[n]);
+    sa_pool_run(calls_task, &all, all.first[n]);
     if (!atomic_load(&failed))
         for (int64_t i = 0; i < n; i++) merge_chunks(&A[i]);
     free(scratch);

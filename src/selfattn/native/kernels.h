@@ -140,18 +140,20 @@ typedef struct {
     const float *attn_norm, *ffn_norm, *b_qkv; /* b_qkv (q_dim + 2 kv_dim) may be NULL */
     /* q (H*D, dim), k and v (H_kv*D, dim), o (dim, H*D), gate and up (ffn, dim), down (dim, ffn) */
     sa_mat q, k_proj, v_proj, o, gate, up, down;
-    const float *cos, *sin; /* RoPE tables (positions > every sequence's pos, rope_half) */
 } sa_layer;
 
 typedef struct {
-    uint8_t *k, *v; /* this layer's cache of the sequence, (H_kv, S_max, row_bytes) each */
+    uint8_t *k, *v; /* the first layer's cache of the sequence, (H_kv, S_max, row_bytes) each; the
+                       next layers' follow, H_kv * S_max * row_bytes apart */
     int kv_fmt;
     int64_t S_max, row_bytes;
     int64_t pos, left, j_base, chunk, n_chunks; /* the token's position; attention's band and split */
 } sa_seq;
 
-/* one token of each of B sequences (x (B, dim), in place) through one layer */
-int sa_layer_step(const sa_layer *L, const sa_seq *seqs, int64_t B, float *x, double t[3]);
+/* one token of each of B sequences (x (B, dim), in place) through n layers in turn, layer i on
+ * part i of each sequence's cache; cos, sin: RoPE tables (positions > every pos, rope_half) */
+int sa_layer_step(const sa_layer *const *layers, int64_t n, const float *cos, const float *sin,
+                  const sa_seq *seqs, int64_t B, float *x, double t[3]);
 
 /* one level's entry points (isa.c); module.c calls the kernels only through the chosen table */
 typedef struct {

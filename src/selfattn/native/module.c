@@ -425,20 +425,7 @@ static PyObject *py_layer_step(PyObject *self, PyObject *args) {
           big_enough(&sn, (max_pos + 1) * half * 4, "sin")))
         goto done;
     Py_BEGIN_ALLOW_THREADS
-    rc = 0;
-    for (Py_ssize_t i = 0; i < n_layers && !rc; i++) {
-        sa_layer L = *layers[i];
-        L.cos = cs.buf;
-        L.sin = sn.buf;
-        double ti[3];
-        rc = K->layer_step(&L, seqs, B, x.buf, ti);
-        for (int j = 0; j < 3; j++) t[j] += ti[j];
-        for (long long b = 0; b < B; b++) { /* the next layer's part of each cache */
-            const int64_t layer_bytes = L.H_kv * seqs[b].S_max * seqs[b].row_bytes;
-            seqs[b].k += layer_bytes;
-            seqs[b].v += layer_bytes;
-        }
-    }
+    rc = K->layer_step(layers, n_layers, cs.buf, sn.buf, seqs, B, x.buf, t);
     Py_END_ALLOW_THREADS
     if (rc == -2) PyErr_NoMemory();
     else if (rc) PyErr_Format(PyExc_ValueError, "layer_step: a kernel refused its arguments (%d)", rc);

@@ -53,27 +53,23 @@ static int write_kv(const sa_layer *L, const sa_seq *S, const float *k_new, cons
     return 0;
 }
 
-/* Returns 0, or a kernel's error code; x (B, dim) is updated in place. Where the time went,
- * seconds: t[0] attention (the cache writes included, as the Python path times them), t[1] the
- * weight matmuls, t[2] the whole step (the rest of it: norms, RoPE, SwiGLU, residual adds). */
-int sa_layer_step(const sa_layer *L, const sa_seq *seqs, int64_t B, float *x, double t[3]) {
-    const double t_start = seconds();
-    double *mat_s = &t[1];
-    t[0] = t[1] = 0.0;
+/* one layer for the B sequences (seqs' caches: this layer's part); buf: layer_floats of scratch;
+ * t[0] attention (the cache writes included, as the Python path times them) and t[1] the weight
+ * matmuls, added to */
+static int one_layer(const sa_layer *L, const float *cos, const float *sin, const sa_seq *seqs,
+                     int64_t B, float *x, float *buf, double t[2]) {
     const int64_t dim = L->dim, D = L->D, q_dim = L->H * D, kv_dim = L->H_kv * D, ffn = L->ffn;
-    if (B < 1 || B > SA_MAX_T) return -1;
-    float *buf = malloc((size_t)(B * (2 * dim + 3 * q_dim + 2 * kv_dim + 3 * ffn + L->H)) * sizeof(float));
-    if (!buf) return -2;
+    double *mat_s = &t[1];
     float *h = buf, *y = h + B * dim, *q = y + B * dim, *k = q + B * q_dim, *v = k + B * kv_dim;
     float *o = v + B * kv_dim, *gate = o + B * q_dim, *up = gate + B * ffn, *act = up + B * ffn;
     float *qs = act + B * ffn, *lse = qs + B * q_dim;
     sa_dec_call calls[SA_MAX_T];
-    int rc = 0;
+    int rc;
 
     sa_rmsnorm(x, L->attn_norm, L->eps, B, dim, h);
     if ((rc = mat(&L->q, q_dim, dim, h, B, q, mat_s)) || (rc = mat(&L->k_proj, kv_dim, dim, h, B, k, mat_s)) ||
         (rc = mat(&L->v_proj, kv_dim, dim, h, B, v, mat_s)))
-        goto out;
+        return rc;
     for (int64_t b = 0; b < B; b++) {
         const sa_seq *S = &seqs[b];
         float *qb = q + b * q_dim, *kb = k + b * kv_dim, *vb = v + b * kv_dim, *qsb = qs + b * q_dim;
@@ -82,13 +78,13 @@ int sa_layer_step(const sa_layer *L, const sa_seq *seqs, int64_t B, float *x, do
             for (int64_t i = 0; i < kv_dim; i++) kb[i] += L->b_qkv[q_dim + i];
             for (int64_t i = 0; i < kv_dim; i++) vb[i] += L->b_qkv[q_dim + kv_dim + i];
         }
-        sa_rope(qb, 1, L->H, D, L->rope_half, L->cos, L->sin, S->pos);
-        sa_rope(kb, 1, L->H_kv, D, L->rope_half, L->cos, L->sin, S->pos);
+        sa_rope(qb, 1, L->H, D, L->rope_half, cos, sin, S->pos);
+        sa_rope(kb, 1, L->H_kv, D, L->rope_half, cos, sin, S->pos);
         for (int64_t i = 0; i < q_dim; i++) qsb[i] = qb[i] * L->scale;
         const double t0 = seconds();
         rc = write_kv(L, S, kb, vb);
         t[0] += seconds() - t0;
-        if (rc) goto out;
+        if (rc) return rc;
         calls[b] = (sa_dec_call){qsb, S->k, S->v, S->kv_fmt, 1, L->H_kv, L->H / L->H_kv, D, D, S->S_max,
                                  S->row_bytes, S->row_bytes, S->pos + 1, 1, S->j_base, S->chunk,
                                  S->n_chunks, S->left, 0, 0.0f, o + b * q_dim, lse + b * L->H};
@@ -96,17 +92,49 @@ int sa_layer_step(const sa_layer *L, const sa_seq *seqs, int64_t B, float *x, do
     const double t0 = seconds();
     rc = sa_decode_attentions(calls, B); /* every sequence's tasks in one pool run */
     t[0] += seconds() - t0;
-    if (rc) goto out;
+    if (rc) return rc;
 
-    if ((rc = mat(&L->o, dim, q_dim, o, B, y, mat_s))) goto out;
+    if ((rc = mat(&L->o, dim, q_dim, o, B, y, mat_s))) return rc;
     for (int64_t i = 0; i < B * dim; i++) x[i] += y[i];
     sa_rmsnorm(x, L->ffn_norm, L->eps, B, dim, h);
     if ((rc = mat(&L->gate, ffn, dim, h, B, gate, mat_s)) || (rc = mat(&L->up, ffn, dim, h, B, up, mat_s)))
-        goto out;
+        return rc;
     sa_swiglu_rows(gate, up, B, ffn, act);
-    if ((rc = mat(&L->down, dim, ffn, act, B, y, mat_s))) goto out;
+    if ((rc = mat(&L->down, dim, ffn, act, B, y, mat_s))) return rc;
     for (int64_t i = 0; i < B * dim; i++) x[i] += y[i];
-out:
+    return 0;
+}
+
+/* floats of one_layer's scratch for B sequences */
+static int64_t layer_floats(const sa_layer *L, int64_t B) {
+    return B * (2 * L->dim + 3 * L->H * L->D + 2 * L->H_kv * L->D + 3 * L->ffn + L->H);
+}
+
+/* Returns 0, or a kernel's error code; x (B, dim) is updated in place. The scratch is allocated
+ * once for the step, not once a layer. Where the time went, seconds, over the layers: t[0]
+ * attention (with the cache writes), t[1] the weight matmuls, t[2] the whole step (the rest of
+ * it: norms, RoPE, SwiGLU, residual adds). */
+int sa_layer_step(const sa_layer *const *layers, int64_t n, const float *cos, const float *sin,
+                  const sa_seq *seqs, int64_t B, float *x, double t[3]) {
+    const double t_start = seconds();
+    t[0] = t[1] = 0.0;
+    if (B < 1 || B > SA_MAX_T || n < 1) return -1;
+    int64_t floats = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (layer_floats(layers[i], B) > floats) floats = layer_floats(layers[i], B);
+    float *buf = malloc((size_t)floats * sizeof(float));
+    if (!buf) return -2;
+    sa_seq here[SA_MAX_T]; /* each sequence with its cache moved to the layer's part */
+    memcpy(here, seqs, (size_t)B * sizeof *here);
+    int rc = 0;
+    for (int64_t i = 0; i < n && !rc; i++) {
+        rc = one_layer(layers[i], cos, sin, here, B, x, buf, t);
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t part = layers[i]->H_kv * here[b].S_max * here[b].row_bytes;
+            here[b].k += part;
+            here[b].v += part;
+        }
+    }
     free(buf);
     t[2] = seconds() - t_start;
     return rc;
