@@ -1,4 +1,5 @@
-/* Split-K decode attention over a float32 or compact KV cache (flash-decoding), AVX2.
+/* Split-K decode attention over a float32 or compact KV cache (flash-decoding), AVX2 (float
+ * rows at AVX-512: 16 lanes, the same bits, below).
  *
  * The same contract as selfattn.attention.decode.decode_chunks (the numba kernel beside it, and
  * the reference in reference.py, are what the tests hold it to): q (B, H_kv, R, D) pre-scaled,
@@ -66,6 +67,20 @@ SA_INLINE __m256 ld_chunk(const uint8_t *row, int64_t c, const int FMT) {
     return _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_set1_ps(8.0f));
 }
 
+/* the dot products of four keys from their 8-lane partial sums a0..a3: s[0..3] */
+SA_INLINE void sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float *s) {
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+}
+
+/* ... of two keys, in another order (score2x4's): s[0..1] */
+SA_INLINE void sum2(__m256 a0, __m256 a1, float *s) {
+    __m256 u = _mm256_hadd_ps(a0, a1); /* per lane half: k0 k0 k1 k1 */
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
+    _mm_storel_pi((__m64 *)s, v);
+}
+
 /* float rows (f32, f16): s[r*ts + j] = q_r . k_j for NR (<= 3) rows and the four keys
  * kp[0..3]; pf_row: the bytes of a row to prefetch PF_KEYS rows ahead (0: none) */
 SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float *s, int64_t ts,
@@ -80,10 +95,7 @@ SA_INLINE void score4(const float *q, int64_t D, const uint8_t *const *kp, float
             for (int r = 0; r < NR; r++)
                 a[j][r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + 8 * c), w, a[j][r]);
         }
-    for (int r = 0; r < NR; r++) {
-        __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0][r], a[1][r]), _mm256_hadd_ps(a[2][r], a[3][r]));
-        _mm_storeu_ps(s + r * ts, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
-    }
+    for (int r = 0; r < NR; r++) sum4(a[0][r], a[1][r], a[2][r], a[3][r], s + r * ts);
 }
 
 /* float rows: the same for four rows and the two keys kp[0..1]: a group of four rows (GQA with
@@ -103,12 +115,7 @@ SA_INLINE void score2x4(const float *q, int64_t D, const uint8_t *const *kp, flo
             a[1][r] = _mm256_fmadd_ps(qv, w1, a[1][r]);
         }
     }
-    for (int r = 0; r < 4; r++) {
-        __m256 u = _mm256_hadd_ps(a[0][r], a[1][r]); /* per lane half: k0 k0 k1 k1 */
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-        v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
-        _mm_storel_pi((__m64 *)(s + r * ts), v);
-    }
+    for (int r = 0; r < 4; r++) sum2(a[0][r], a[1][r], s + r * ts);
 }
 
 /* compact rows (q8_0, q4_0): the same for the two keys kp[0..1], each block's dot product taken
@@ -136,12 +143,7 @@ SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp
             for (int r = 0; r < NR; r++) t[j][r] = _mm256_fmadd_ps(a[j][r], d, t[j][r]);
         }
     }
-    for (int r = 0; r < NR; r++) {
-        __m256 u = _mm256_hadd_ps(t[0][r], t[1][r]); /* per lane half: k0 k0 k1 k1 */
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
-        v = _mm_hadd_ps(v, v); /* k0 k1 k0 k1 */
-        _mm_storel_pi((__m64 *)(s + r * ts), v);
-    }
+    for (int r = 0; r < NR; r++) sum2(t[0][r], t[1][r], s + r * ts);
 }
 
 /* acc_r[chunks c0 .. c0+NC) = alpha_r * acc_r + sum over keys j < nk of pw[r*ts + j] * v_j,
@@ -180,6 +182,115 @@ SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t
         for (int i = 0; i < NC; i++) _mm256_storeu_ps(acc + r * Dv + 8 * (c0 + i), o[r][i]);
 }
 
+#if SA_W == 16
+/* Float rows at AVX-512: the same FMAs in the same order, two 8-value chunks to a register, so
+ * the bits are the 8-lane code's. Scores: eight keys a step, two to a register (one in each
+ * half, against a query chunk broadcast to both), each lane's chain and the sums after as
+ * score4's (NR <= 3) or score2x4's (NR = 4). Values: 16 values of d to a register (lanes are
+ * independent there). */
+
+/* chunk c (values 8c .. 8c+7) of the stored float rows r0 (low half) and r1 (high half) */
+SA_INLINE __m512 ld_pair(const uint8_t *r0, const uint8_t *r1, int64_t c, const int FMT) {
+    if (FMT == SA_F32)
+        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps((const float *)r0 + 8 * c)),
+                                  _mm256_loadu_ps((const float *)r1 + 8 * c), 1);
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(r0 + 16 * c))),
+        _mm_loadu_si128((const __m128i *)(r1 + 16 * c)), 1));
+}
+
+/* values 16c .. 16c+15 of a stored float row */
+SA_INLINE __m512 ld16(const uint8_t *row, int64_t c, const int FMT) {
+    if (FMT == SA_F32) return _mm512_loadu_ps((const float *)row + 16 * c);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * c)));
+}
+
+/* s[r*ts + j] = q_r . k_j for NR (<= 4) rows and the eight keys kp[0..7] */
+SA_INLINE void score8(const float *q, int64_t D, const uint8_t *const *kp, float *s, int64_t ts,
+                      int64_t pf_row, const int NR, const int FMT) {
+    __m512 a[4][4];
+    for (int j = 0; j < 8; j++) prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
+    for (int p = 0; p < 4; p++)
+        for (int r = 0; r < NR; r++) a[p][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D / 8; c++) {
+        __m512 w[4];
+        for (int p = 0; p < 4; p++) w[p] = ld_pair(kp[2 * p], kp[2 * p + 1], c, FMT);
+        for (int r = 0; r < NR; r++) {
+            const __m512 qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + r * D + 8 * c));
+            for (int p = 0; p < 4; p++) a[p][r] = _mm512_fmadd_ps(qv, w[p], a[p][r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        __m256 h[8];
+        for (int p = 0; p < 4; p++) {
+            h[2 * p] = _mm512_castps512_ps256(a[p][r]);
+            h[2 * p + 1] = _mm512_extractf32x8_ps(a[p][r], 1);
+        }
+        if (NR == 4)
+            for (int j = 0; j < 8; j += 2) sum2(h[j], h[j + 1], s + r * ts + j);
+        else
+            for (int j = 0; j < 8; j += 4) sum4(h[j], h[j + 1], h[j + 2], h[j + 3], s + r * ts + j);
+    }
+}
+
+/* accum_v with 16 values a register: NC (<= 4) of them from 16*c0, for NR (<= 4) rows */
+SA_INLINE void accum16(float *acc, int64_t Dv, const float *alpha, const uint8_t *vt, int64_t v_row,
+                       int64_t nk, const float *pw, int64_t ts, int64_t c0, int64_t pf_row,
+                       const int NR, const int NC, const int FMT) {
+    __m512 o[4][4];
+    for (int r = 0; r < NR; r++) {
+        const __m512 al = _mm512_set1_ps(alpha[r]);
+        for (int i = 0; i < NC; i++) o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dv + 16 * (c0 + i)), al);
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        const uint8_t *row = vt + j * v_row;
+        prefetch_row(row + PF_KEYS * pf_row, pf_row);
+        __m512 w[4];
+        for (int i = 0; i < NC; i++) w[i] = ld16(row, c0 + i, FMT);
+        for (int r = 0; r < NR; r++) {
+            const __m512 p = _mm512_set1_ps(pw[r * ts + j]);
+            for (int i = 0; i < NC; i++) o[r][i] = _mm512_fmadd_ps(p, w[i], o[r][i]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int i = 0; i < NC; i++) _mm512_storeu_ps(acc + r * Dv + 16 * (c0 + i), o[r][i]);
+}
+
+SA_INLINE void score_group16(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+                             int64_t ts, int64_t pf, int64_t nr, const int FMT) {
+    switch (nr) {
+    case 1: score8(q, D, kp, s, ts, pf, 1, FMT); break;
+    case 2: score8(q, D, kp, s, ts, pf, 2, FMT); break;
+    case 3: score8(q, D, kp, s, ts, pf, 3, FMT); break;
+    default: score8(q, D, kp, s, ts, pf, 4, FMT); break;
+    }
+}
+
+/* accum16 for NR rows and nc chunks of 16 */
+SA_INLINE void accum_chunks16(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
+                              int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
+                              int64_t pf, const int NR, int64_t nc, const int FMT) {
+    switch (nc) {
+    case 1: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 1, FMT); break;
+    case 2: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT); break;
+    case 3: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT); break;
+    default: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 4, FMT); break;
+    }
+}
+
+/* ... for nr (1 .. 4) rows */
+SA_INLINE void accum_group16(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
+                             int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
+                             int64_t pf, int64_t nr, int64_t nc, const int FMT) {
+    switch (nr) {
+    case 1: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 1, nc, FMT); break;
+    case 2: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 2, nc, FMT); break;
+    case 3: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 3, nc, FMT); break;
+    default: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 4, nc, FMT); break;
+    }
+}
+#endif
+
 SA_INLINE float hmax(__m256 v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -203,7 +314,16 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
     float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
     *m = m_new;
     __m256 mv = _mm256_set1_ps(m_new), sum = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j += 8) {
+    int64_t j = 0;
+#if SA_W == 16 /* 16 exponentials at once, summed as two vectors of 8 in order: the same bits */
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = vf_exp_neg(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(m_new)));
+        _mm512_storeu_ps(row + j, e);
+        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+        sum = _mm256_add_ps(sum, _mm512_extractf32x8_ps(e, 1));
+    }
+#endif
+    for (; j < n; j += 8) {
         __m256 e = sa_exp_neg(_mm256_sub_ps(_mm256_load_ps(row + j), mv));
         _mm256_store_ps(row + j, e);
         sum = _mm256_add_ps(sum, e);
@@ -218,10 +338,19 @@ SA_INLINE int64_t row_group(int64_t R, const int FMT) {
     return !COMPACT(FMT) && R % 3 && R % 4 == 0 ? 4 : 3;
 }
 
-/* scores of nr (1 .. 4) rows from q against the keys kp[0 ..] (four for float rows in groups of
- * up to three, two otherwise), each case its own register block */
+/* keys a scoring step: two compact rows, four float rows (eight at AVX-512) */
+SA_INLINE int64_t key_step(const int FMT) { return COMPACT(FMT) ? 2 : SA_W == 16 ? 8 : 4; }
+
+/* scores of nr (1 .. 4) rows from q against the key_step keys kp[0 ..], each case its own
+ * register block */
 SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, float *s,
                            int64_t ts, int64_t pf, int64_t nr, const int FMT) {
+#if SA_W == 16
+    if (!COMPACT(FMT)) {
+        score_group16(q, D, kp, s, ts, pf, nr, FMT);
+        return;
+    }
+#endif
     if (nr == 4) {
         score2x4(q, D, kp, s, ts, pf, FMT);
         score2x4(q, D, kp + 2, s + 2, ts, pf, FMT);
@@ -265,6 +394,7 @@ SA_INLINE void accum_group(float *acc, int64_t Dv, const float *al, const uint8_
     }
 }
 
+
 /* which rows see a key of the tile j0 .. j0+nk-1, and which of its keys (lo[r] .. hi[r]-1);
  * returns whether any row does */
 static int tile_rows(const dec_args *A, int64_t j0, int64_t nk, int64_t *lo, int64_t *hi,
@@ -287,7 +417,7 @@ SA_INLINE void score_tile(const float *q, int64_t R, int64_t D, const uint8_t *c
                           int64_t nk, float *s, int64_t ts, const unsigned char *seen,
                           int64_t k_row, const int FMT) {
     const int64_t gr = row_group(R, FMT);
-    for (int64_t j = 0; j < nk; j += COMPACT(FMT) ? 2 : 4)
+    for (int64_t j = 0; j < nk; j += key_step(FMT))
         for (int64_t r0 = 0; r0 < R; r0 += gr) {
             const int64_t nr = R - r0 < gr ? R - r0 : gr;
             int any_seen = 0;
@@ -305,6 +435,9 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                                int64_t nk, const float *s, int64_t ts, const int FMT) {
     const int64_t nb = Dv / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
     const int64_t gr = row_group(R, FMT);
+    /* float rows at AVX-512: 16 values of d a register (accum16), when Dv is a multiple of 16 */
+    const int wide = SA_W == 16 && !COMPACT(FMT) && Dv % 16 == 0;
+    const int64_t lanes = wide ? 16 : 8;
     const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
     float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
@@ -315,13 +448,13 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                 for (int64_t j = 0; j < VSUB; j++)
                     dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
         for (int64_t r0 = 0; r0 < R; r0 += gr) {
-            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = nr == 4 ? 3 : 4; /* chunks a pass */
+            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = !wide && nr == 4 ? 3 : 4; /* chunks a pass */
             int touch = 0;
             for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
             if (!touch) continue;
             /* the earlier state is scaled once, with the tile's first sub-block */
             const float *al = j1 ? ones : alpha + r0;
-            for (int64_t c0 = 0; c0 < Dv / 8; c0 += step) {
+            for (int64_t c0 = 0; c0 < Dv / lanes; c0 += step) {
                 const float *w = s + r0 * ts + j1;
                 int64_t wstride = ts;
                 if (COMPACT(FMT)) { /* weights times this block's scales */
@@ -333,7 +466,14 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                     w = pw;
                     wstride = VSUB;
                 }
-                const int64_t nc = Dv / 8 - c0 < step ? Dv / 8 - c0 : step;
+                const int64_t nc = Dv / lanes - c0 < step ? Dv / lanes - c0 : step;
+#if SA_W == 16
+                if (wide) {
+                    accum_group16(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0,
+                                  r0 || c0 ? 0 : v_row, nr, nc, FMT);
+                    continue;
+                }
+#endif
                 accum_group(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0,
                             r0 || c0 ? 0 : v_row, nr, nc, FMT);
             }
@@ -363,7 +503,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     }
     float alpha[SA_MAX_ROWS];
     unsigned char seen[SA_MAX_ROWS];
-    const uint8_t *kp[TILE + 4];
+    const uint8_t *kp[TILE + 8];
     int64_t lo[SA_MAX_ROWS], hi[SA_MAX_ROWS];
 
     for (int64_t r = 0; r < R; r++) {
@@ -375,7 +515,7 @@ SA_INLINE void dec_task(const void *ctx, int64_t task, const int FMT) {
     for (int64_t j0 = j_start; j0 < j_end; j0 += ts) {
         const int64_t nk = j_end - j0 < ts ? j_end - j0 : ts;
         if (!tile_rows(A, j0, nk, lo, hi, seen)) continue;
-        for (int64_t j = 0; j < ts + 4; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
+        for (int64_t j = 0; j < ts + 8; j++) kp[j] = j < nk ? kh + (j0 + j) * k_row : zero_row;
         score_tile(q, R, D, kp, nk, s, ts, seen, k_row, FMT);
         const int64_t n8 = (nk + 7) / 8 * 8;
         for (int64_t r = 0; r < R; r++) {
