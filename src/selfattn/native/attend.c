@@ -266,29 +266,6 @@ SA_INLINE void score_group16(const float *q, int64_t D, const uint8_t *const *kp
     }
 }
 
-/* accum16 for NR rows and nc chunks of 16 */
-SA_INLINE void accum_chunks16(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
-                              int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
-                              int64_t pf, const int NR, int64_t nc, const int FMT) {
-    switch (nc) {
-    case 1: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 1, FMT); break;
-    case 2: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT); break;
-    case 3: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT); break;
-    default: accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 4, FMT); break;
-    }
-}
-
-/* ... for nr (1 .. 4) rows */
-SA_INLINE void accum_group16(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
-                             int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
-                             int64_t pf, int64_t nr, int64_t nc, const int FMT) {
-    switch (nr) {
-    case 1: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 1, nc, FMT); break;
-    case 2: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 2, nc, FMT); break;
-    case 3: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 3, nc, FMT); break;
-    default: accum_chunks16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 4, nc, FMT); break;
-    }
-}
 #endif
 
 SA_INLINE float hmax(__m256 v) {
@@ -369,31 +346,45 @@ SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, 
     }
 }
 
-/* accum_v for NR rows and nc chunks: four rows take up to three chunks a pass, fewer rows
+/* one pass of NR rows and NC chunks: accum16's chunks of 16 (WIDE) or accum_v's of 8 */
+SA_INLINE void accum_pass(float *acc, int64_t Dv, const float *al, const uint8_t *vt, int64_t v_row,
+                          int64_t ns, const float *w, int64_t ws, int64_t c0, int64_t pf,
+                          const int NR, const int NC, const int FMT, const int WIDE) {
+#if SA_W == 16
+    if (WIDE) {
+        accum16(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NC, FMT);
+        return;
+    }
+#endif
+    accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NC, FMT);
+}
+
+/* ... for nc chunks: four rows take up to three chunks of 8 a pass, fewer rows (or chunks of 16)
  * four */
 SA_INLINE void accum_chunks(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
                             int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
-                            int64_t pf, const int NR, int64_t nc, const int FMT) {
+                            int64_t pf, const int NR, int64_t nc, const int FMT, const int WIDE) {
     switch (nc) {
-    case 1: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 1, FMT); break;
-    case 2: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT); break;
-    case 3: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT); break;
-    default: accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NR == 4 ? 3 : 4, FMT); break;
+    case 1: accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 1, FMT, WIDE); break;
+    case 2: accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT, WIDE); break;
+    case 3: accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT, WIDE); break;
+    default:
+        accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NR == 4 && !WIDE ? 3 : 4, FMT, WIDE);
+        break;
     }
 }
 
 /* ... for nr (1 .. 4) rows, each (rows, chunks) its own register block */
 SA_INLINE void accum_group(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
                            int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
-                           int64_t pf, int64_t nr, int64_t nc, const int FMT) {
+                           int64_t pf, int64_t nr, int64_t nc, const int FMT, const int WIDE) {
     switch (nr) {
-    case 1: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 1, nc, FMT); break;
-    case 2: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 2, nc, FMT); break;
-    case 4: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 4, nc, FMT); break;
-    default: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 3, nc, FMT); break;
+    case 1: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 1, nc, FMT, WIDE); break;
+    case 2: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 2, nc, FMT, WIDE); break;
+    case 4: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 4, nc, FMT, WIDE); break;
+    default: accum_chunks(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, 3, nc, FMT, WIDE); break;
     }
 }
-
 
 /* which rows see a key of the tile j0 .. j0+nk-1, and which of its keys (lo[r] .. hi[r]-1);
  * returns whether any row does */
@@ -467,15 +458,11 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                     wstride = VSUB;
                 }
                 const int64_t nc = Dv / lanes - c0 < step ? Dv / lanes - c0 : step;
-#if SA_W == 16
-                if (wide) {
-                    accum_group16(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0,
-                                  r0 || c0 ? 0 : v_row, nr, nc, FMT);
-                    continue;
-                }
-#endif
-                accum_group(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0,
-                            r0 || c0 ? 0 : v_row, nr, nc, FMT);
+                const int64_t pf = r0 || c0 ? 0 : v_row;
+                if (wide) /* each call its own copy, WIDE a constant in it */
+                    accum_group(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0, pf, nr, nc, FMT, 1);
+                else
+                    accum_group(acc + r0 * Dv, Dv, al, vt, v_row, ns, w, wstride, c0, pf, nr, nc, FMT, 0);
             }
         }
     }
