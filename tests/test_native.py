@@ -452,17 +452,21 @@ def test_every_level_gives_the_same_bits(fmt):
         assert (np.abs(y - x.astype(np.float64) @ w.T) <= bound).all()
 
 
+DECODE_SHAPES = [(4, 4, 1, 64), (4, 2, 1, 64), (9, 3, 1, 64), (32, 8, 1, 128), (6, 1, 1, 80),
+                 (3, 1, 1, 72), (8, 1, 2, 96), (5, 1, 3, 256), (8, 1, 1, 128)]
+
+
 @pytest.mark.skipif(len(native.isas()) < 3, reason="one compiled level runs on this CPU: nothing "
                     "to compare it with")
-@pytest.mark.parametrize("fmt", ["f32", "f16"])
-@pytest.mark.parametrize("H,H_kv,T,D", [(4, 4, 1, 64), (4, 2, 1, 64), (9, 3, 1, 64), (32, 8, 1, 128),
-                                        (6, 1, 1, 80), (3, 1, 1, 72), (8, 1, 2, 96), (5, 1, 3, 256)])
+@pytest.mark.parametrize("fmt,H,H_kv,T,D", [(f, *shape) for f in ("f32", "f16", "q8_0", "q4_0")
+                                            for shape in DECODE_SHAPES
+                                            if f in ("f32", "f16") or shape[3] % 32 == 0])
 def test_decode_gives_the_same_bits_at_every_level(fmt, H, H_kv, T, D):
-    """AVX-512's decode of float rows (two keys a register for the scores, 16 values of d for the
-    values, 16 exponentials at once) keeps each lane's operations and order: the same bits as
-    the 8-lane code, for groups of 1-4 rows and several rows' groups, head dims that are and are
-    not a multiple of 16, with a window and a soft-cap, and key counts that leave a ragged last
-    step."""
+    """AVX-512's decode keeps each lane's operations and order: the same bits as the 8-lane code,
+    for float rows (two keys a register for the scores, 16 values of d for the values, 16
+    exponentials at once) and compact rows (four query rows a group where AVX2 takes three and
+    one), for groups of 1-4 rows and several groups, head dims that are and are not a multiple
+    of 16, with a window and a soft-cap, and key counts that leave a ragged last step."""
     q, k, v = stored_inputs(5, 1, H, H_kv, T, 1037, D, D, fmt)
     results = {}
     for level in native.isas()[:-1]:

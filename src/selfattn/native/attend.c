@@ -120,16 +120,17 @@ SA_INLINE void score2x4(const float *q, int64_t D, const uint8_t *const *kp, flo
 
 /* compact rows (q8_0, q4_0): the same for the two keys kp[0..1], each block's dot product taken
  * over the unscaled integers and scaled once, sum_b d_b * (q_b . n_b): no multiply per chunk, and
- * twelve accumulators (a block's, and the running sums) for two keys */
+ * 4 NR accumulators (a block's, and the running sums) for two keys; NR <= 3 with AVX2's 16
+ * registers, 4 with AVX-512's 32 */
 SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp, float *s,
                              int64_t ts, int64_t pf_row, const int NR, const int FMT) {
-    __m256 t[2][3];
+    __m256 t[2][4];
     for (int j = 0; j < 2; j++) {
         prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
-        for (int r = 0; r < 3; r++) t[j][r] = _mm256_setzero_ps();
+        for (int r = 0; r < NR; r++) t[j][r] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < D / 32; b++) {
-        __m256 a[2][3];
+        __m256 a[2][4];
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 2; j++) {
                 __m256 w = ld_chunk(kp[j], 4 * b + i, FMT);
@@ -309,10 +310,11 @@ SA_INLINE float softmax_tile(float *row, int64_t n, int64_t lo, int64_t hi, floa
     return alpha;
 }
 
-/* rows go in groups of three, or of four (float rows only, when R is a multiple of 4 and not of
- * 3: GQA with 4 or 8 query heads a kv head); a group is scored and accumulated in one pass */
+/* rows go in groups of three, or of four when R is a multiple of 4 and not of 3 (GQA with 4 or 8
+ * query heads a kv head; compact rows at AVX-512 only, which has the registers for them); a
+ * group is scored and accumulated in one pass, each of its K and V rows decoded once */
 SA_INLINE int64_t row_group(int64_t R, const int FMT) {
-    return !COMPACT(FMT) && R % 3 && R % 4 == 0 ? 4 : 3;
+    return (SA_W == 16 || !COMPACT(FMT)) && R % 3 && R % 4 == 0 ? 4 : 3;
 }
 
 /* keys a scoring step: two compact rows, four float rows (eight at AVX-512) */
@@ -328,15 +330,16 @@ SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, 
         return;
     }
 #endif
-    if (nr == 4) {
-        score2x4(q, D, kp, s, ts, pf, FMT);
-        score2x4(q, D, kp + 2, s + 2, ts, pf, FMT);
-    } else if (COMPACT(FMT)) {
+    if (COMPACT(FMT)) {
         switch (nr) {
         case 1: score2_blocks(q, D, kp, s, ts, pf, 1, FMT); break;
         case 2: score2_blocks(q, D, kp, s, ts, pf, 2, FMT); break;
-        default: score2_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
+        case 3: score2_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
+        default: score2_blocks(q, D, kp, s, ts, pf, 4, FMT); break;
         }
+    } else if (nr == 4) {
+        score2x4(q, D, kp, s, ts, pf, FMT);
+        score2x4(q, D, kp + 2, s + 2, ts, pf, FMT);
     } else {
         switch (nr) {
         case 1: score4(q, D, kp, s, ts, pf, 1, FMT); break;
@@ -359,7 +362,8 @@ SA_INLINE void accum_pass(float *acc, int64_t Dv, const float *al, const uint8_t
     accum_v(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NC, FMT);
 }
 
-/* ... for nc chunks: four rows take up to three chunks of 8 a pass, fewer rows (or chunks of 16)
+/* ... for nc chunks: four float rows take up to three chunks of 8 a pass; fewer rows, compact
+ * rows (a block a pass) or chunks of 16
  * four */
 SA_INLINE void accum_chunks(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
                             int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
@@ -369,7 +373,8 @@ SA_INLINE void accum_chunks(float *acc, int64_t Dv, const float *al, const uint8
     case 2: accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 2, FMT, WIDE); break;
     case 3: accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, 3, FMT, WIDE); break;
     default:
-        accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NR == 4 && !WIDE ? 3 : 4, FMT, WIDE);
+        accum_pass(acc, Dv, al, vt, v_row, ns, w, ws, c0, pf, NR, NR == 4 && !WIDE && !COMPACT(FMT) ? 3 : 4,
+                   FMT, WIDE);
         break;
     }
 }
@@ -430,7 +435,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
     const int wide = SA_W == 16 && !COMPACT(FMT) && Dv % 16 == 0;
     const int64_t lanes = wide ? 16 : 8;
     const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-    float pw[3 * VSUB] __attribute__((aligned(32))); /* compact rows: groups of three */
+    float pw[4 * VSUB] __attribute__((aligned(32))); /* compact rows: a group's weights */
     float dv[MAX_BLOCKS * VSUB] __attribute__((aligned(32)));
     for (int64_t j1 = 0; j1 < nk; j1 += VSUB, vt += VSUB * v_row) {
         const int64_t ns = nk - j1 < VSUB ? nk - j1 : VSUB;
@@ -439,7 +444,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                 for (int64_t j = 0; j < VSUB; j++)
                     dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
         for (int64_t r0 = 0; r0 < R; r0 += gr) {
-            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = !wide && nr == 4 ? 3 : 4; /* chunks a pass */
+            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = !wide && nr == 4 && !COMPACT(FMT) ? 3 : 4; /* chunks a pass: compact rows a block */
             int touch = 0;
             for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
             if (!touch) continue;
