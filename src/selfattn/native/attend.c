@@ -1,5 +1,5 @@
-/* Split-K decode attention over a float32 or compact KV cache (flash-decoding), AVX2 (float
- * rows at AVX-512: 16 lanes, the same bits, below).
+/* Split-K decode attention over a float32 or compact KV cache (flash-decoding), AVX2, with
+ * 16-lane loops at AVX-512 that give the same bits (below).
  *
  * The same contract as selfattn.attention.decode.decode_chunks (the numba kernel beside it, and
  * the reference in reference.py, are what the tests hold it to): q (B, H_kv, R, D) pre-scaled,
@@ -184,11 +184,11 @@ SA_INLINE void accum_v(float *acc, int64_t Dv, const float *alpha, const uint8_t
 }
 
 #if SA_W == 16
-/* Float rows at AVX-512: the same FMAs in the same order, two 8-value chunks to a register, so
- * the bits are the 8-lane code's. Scores: eight keys a step, two to a register (one in each
- * half, against a query chunk broadcast to both), each lane's chain and the sums after as
- * score4's (NR <= 3) or score2x4's (NR = 4). Values: 16 values of d to a register (lanes are
- * independent there). */
+/* AVX-512: the same operations in the same order, two 8-value chunks to a register, so the bits
+ * are the 8-lane code's. Scores: two keys to a register (one in each half, against a query
+ * chunk broadcast to both), eight float keys a step (each lane's chain and the sums after as
+ * score4's, NR <= 3, or score2x4's, NR = 4) or four compact ones (score2_blocks'). Values: 16
+ * values of d to a register (lanes are independent there). */
 
 /* chunk c (values 8c .. 8c+7) of the stored float rows r0 (low half) and r1 (high half) */
 SA_INLINE __m512 ld_pair(const uint8_t *r0, const uint8_t *r1, int64_t c, const int FMT) {
@@ -200,10 +200,63 @@ SA_INLINE __m512 ld_pair(const uint8_t *r0, const uint8_t *r1, int64_t c, const 
         _mm_loadu_si128((const __m128i *)(r1 + 16 * c)), 1));
 }
 
-/* values 16c .. 16c+15 of a stored float row */
+/* values 16c .. 16c+15 of a stored row, as ld_chunk gives them (compact rows: before the
+ * block's scale) */
 SA_INLINE __m512 ld16(const uint8_t *row, int64_t c, const int FMT) {
     if (FMT == SA_F32) return _mm512_loadu_ps((const float *)row + 16 * c);
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * c)));
+    if (FMT == SA_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * c)));
+    const int64_t b = c >> 1, h = c & 1;
+    if (FMT == SA_Q8_0)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 34 * b + 2 + 16 * h))));
+    /* q4_0: values 0-15 of a block are its bytes' low nibbles, 16-31 their high ones */
+    __m128i x = _mm_loadu_si128((const __m128i *)(row + 18 * b + 2));
+    if (h) x = _mm_srli_epi16(x, 4);
+    x = _mm_and_si128(x, _mm_set1_epi8(0x0F));
+    return _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), _mm512_set1_ps(8.0f));
+}
+
+/* chunk c of two stored compact rows, r0's in the low half and r1's in the high, as ld_chunk
+ * gives them */
+SA_INLINE __m512 ld_pair_blocks(const uint8_t *r0, const uint8_t *r1, int64_t c, const int FMT) {
+    const int64_t b = c >> 2, i = c & 3;
+    const int64_t o = FMT == SA_Q8_0 ? 34 * b + 2 + 8 * i : 18 * b + 2 + 8 * (i & 1);
+    __m128i x = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(r0 + o)),
+                                   _mm_loadl_epi64((const __m128i *)(r1 + o)));
+    if (FMT == SA_Q8_0) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+    if (i >= 2) x = _mm_srli_epi16(x, 4);
+    x = _mm_and_si128(x, _mm_set1_epi8(0x0F));
+    return _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x)), _mm512_set1_ps(8.0f));
+}
+
+/* score2_blocks for NR (<= 4) rows and the four keys kp[0..3], two to a register: the same
+ * operations lane for lane, and the same sums after */
+SA_INLINE void score4_blocks(const float *q, int64_t D, const uint8_t *const *kp, float *s,
+                             int64_t ts, int64_t pf_row, const int NR, const int FMT) {
+    __m512 t[2][4];
+    for (int j = 0; j < 4; j++) prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
+    for (int p = 0; p < 2; p++)
+        for (int r = 0; r < NR; r++) t[p][r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < D / 32; b++) {
+        __m512 a[2][4];
+        for (int i = 0; i < 4; i++) {
+            __m512 qv[4];
+            for (int r = 0; r < NR; r++) qv[r] = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + r * D + 32 * b + 8 * i));
+            for (int p = 0; p < 2; p++) {
+                const __m512 w = ld_pair_blocks(kp[2 * p], kp[2 * p + 1], 4 * b + i, FMT);
+                for (int r = 0; r < NR; r++)
+                    a[p][r] = i == 0 ? _mm512_mul_ps(qv[r], w) : _mm512_fmadd_ps(qv[r], w, a[p][r]);
+            }
+        }
+        const int64_t o = sa_block_bytes(FMT) * b;
+        for (int p = 0; p < 2; p++) {
+            const __m512 d = _mm512_insertf32x8(_mm512_set1_ps(sa_half(kp[2 * p] + o)),
+                                                _mm256_set1_ps(sa_half(kp[2 * p + 1] + o)), 1);
+            for (int r = 0; r < NR; r++) t[p][r] = _mm512_fmadd_ps(a[p][r], d, t[p][r]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int p = 0; p < 2; p++)
+            sum2(_mm512_castps512_ps256(t[p][r]), _mm512_extractf32x8_ps(t[p][r], 1), s + r * ts + 2 * p);
 }
 
 /* s[r*ts + j] = q_r . k_j for NR (<= 4) rows and the eight keys kp[0..7] */
@@ -259,6 +312,15 @@ SA_INLINE void accum16(float *acc, int64_t Dv, const float *alpha, const uint8_t
 
 SA_INLINE void score_group16(const float *q, int64_t D, const uint8_t *const *kp, float *s,
                              int64_t ts, int64_t pf, int64_t nr, const int FMT) {
+    if (COMPACT(FMT)) {
+        switch (nr) {
+        case 1: score4_blocks(q, D, kp, s, ts, pf, 1, FMT); break;
+        case 2: score4_blocks(q, D, kp, s, ts, pf, 2, FMT); break;
+        case 3: score4_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
+        default: score4_blocks(q, D, kp, s, ts, pf, 4, FMT); break;
+        }
+        return;
+    }
     switch (nr) {
     case 1: score8(q, D, kp, s, ts, pf, 1, FMT); break;
     case 2: score8(q, D, kp, s, ts, pf, 2, FMT); break;
@@ -317,18 +379,16 @@ SA_INLINE int64_t row_group(int64_t R, const int FMT) {
     return (SA_W == 16 || !COMPACT(FMT)) && R % 3 && R % 4 == 0 ? 4 : 3;
 }
 
-/* keys a scoring step: two compact rows, four float rows (eight at AVX-512) */
-SA_INLINE int64_t key_step(const int FMT) { return COMPACT(FMT) ? 2 : SA_W == 16 ? 8 : 4; }
+/* keys a scoring step: two compact rows, four float rows (four and eight at AVX-512) */
+SA_INLINE int64_t key_step(const int FMT) { return COMPACT(FMT) ? SA_W == 16 ? 4 : 2 : SA_W == 16 ? 8 : 4; }
 
 /* scores of nr (1 .. 4) rows from q against the key_step keys kp[0 ..], each case its own
  * register block */
 SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, float *s,
                            int64_t ts, int64_t pf, int64_t nr, const int FMT) {
 #if SA_W == 16
-    if (!COMPACT(FMT)) {
-        score_group16(q, D, kp, s, ts, pf, nr, FMT);
-        return;
-    }
+    score_group16(q, D, kp, s, ts, pf, nr, FMT);
+    return;
 #endif
     if (COMPACT(FMT)) {
         switch (nr) {
@@ -432,7 +492,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
     const int64_t nb = Dv / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
     const int64_t gr = row_group(R, FMT);
     /* float rows at AVX-512: 16 values of d a register (accum16), when Dv is a multiple of 16 */
-    const int wide = SA_W == 16 && !COMPACT(FMT) && Dv % 16 == 0;
+    const int wide = SA_W == 16 && Dv % 16 == 0;
     const int64_t lanes = wide ? 16 : 8;
     const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     float pw[4 * VSUB] __attribute__((aligned(32))); /* compact rows: a group's weights */
@@ -444,7 +504,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                 for (int64_t j = 0; j < VSUB; j++)
                     dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
         for (int64_t r0 = 0; r0 < R; r0 += gr) {
-            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = !wide && nr == 4 && !COMPACT(FMT) ? 3 : 4; /* chunks a pass: compact rows a block */
+            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = COMPACT(FMT) ? 32 / lanes : !wide && nr == 4 ? 3 : 4; /* chunks a pass: compact rows a block */
             int touch = 0;
             for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
             if (!touch) continue;
@@ -454,7 +514,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                 const float *w = s + r0 * ts + j1;
                 int64_t wstride = ts;
                 if (COMPACT(FMT)) { /* weights times this block's scales */
-                    const float *d = dv + (c0 / 4) * VSUB;
+                    const float *d = dv + (c0 * lanes / 32) * VSUB;
                     for (int64_t r = 0; r < nr; r++)
                         for (int64_t j = 0; j < ns; j += 8) /* j1 + ns rounded up <= ts */
                             _mm256_store_ps(pw + r * VSUB + j, _mm256_mul_ps(_mm256_loadu_ps(w + r * ts + j),
