@@ -207,7 +207,8 @@ SA_INLINE __m512 ld16(const uint8_t *row, int64_t c, const int FMT) {
     if (FMT == SA_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * c)));
     const int64_t b = c >> 1, h = c & 1;
     if (FMT == SA_Q8_0)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 34 * b + 2 + 16 * h))));
+        return _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 34 * b + 2 + 16 * h))));
     /* q4_0: values 0-15 of a block are its bytes' low nibbles, 16-31 their high ones */
     __m128i x = _mm_loadu_si128((const __m128i *)(row + 18 * b + 2));
     if (h) x = _mm_srli_epi16(x, 4);
@@ -240,7 +241,8 @@ SA_INLINE void score4_blocks(const float *q, int64_t D, const uint8_t *const *kp
         __m512 a[2][4];
         for (int i = 0; i < 4; i++) {
             __m512 qv[4];
-            for (int r = 0; r < NR; r++) qv[r] = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + r * D + 32 * b + 8 * i));
+            for (int r = 0; r < NR; r++)
+                qv[r] = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + r * D + 32 * b + 8 * i));
             for (int p = 0; p < 2; p++) {
                 const __m512 w = ld_pair_blocks(kp[2 * p], kp[2 * p + 1], 4 * b + i, FMT);
                 for (int r = 0; r < NR; r++)
@@ -294,7 +296,8 @@ SA_INLINE void accum16(float *acc, int64_t Dv, const float *alpha, const uint8_t
     __m512 o[4][4];
     for (int r = 0; r < NR; r++) {
         const __m512 al = _mm512_set1_ps(alpha[r]);
-        for (int i = 0; i < NC; i++) o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dv + 16 * (c0 + i)), al);
+        for (int i = 0; i < NC; i++)
+            o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dv + 16 * (c0 + i)), al);
     }
     for (int64_t j = 0; j < nk; j++) {
         const uint8_t *row = vt + j * v_row;
@@ -379,8 +382,8 @@ SA_INLINE int64_t row_group(int64_t R, const int FMT) {
     return (SA_W == 16 || !COMPACT(FMT)) && R % 3 && R % 4 == 0 ? 4 : 3;
 }
 
-/* keys a scoring step: two compact rows, four float rows (four and eight at AVX-512) */
-SA_INLINE int64_t key_step(const int FMT) { return COMPACT(FMT) ? SA_W == 16 ? 4 : 2 : SA_W == 16 ? 8 : 4; }
+/* keys a scoring step: two compact rows, four float rows (twice as many at AVX-512) */
+SA_INLINE int64_t key_step(const int FMT) { return (COMPACT(FMT) ? 2 : 4) * (SA_W / 8); }
 
 /* scores of nr (1 .. 4) rows from q against the key_step keys kp[0 ..], each case its own
  * register block */
@@ -423,8 +426,7 @@ SA_INLINE void accum_pass(float *acc, int64_t Dv, const float *al, const uint8_t
 }
 
 /* ... for nc chunks: four float rows take up to three chunks of 8 a pass; fewer rows, compact
- * rows (a block a pass) or chunks of 16
- * four */
+ * rows (a block a pass) and chunks of 16 four */
 SA_INLINE void accum_chunks(float *acc, int64_t Dv, const float *al, const uint8_t *vt,
                             int64_t v_row, int64_t ns, const float *w, int64_t ws, int64_t c0,
                             int64_t pf, const int NR, int64_t nc, const int FMT, const int WIDE) {
@@ -491,7 +493,7 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                                int64_t nk, const float *s, int64_t ts, const int FMT) {
     const int64_t nb = Dv / 32, bb = COMPACT(FMT) ? sa_block_bytes(FMT) : 0;
     const int64_t gr = row_group(R, FMT);
-    /* float rows at AVX-512: 16 values of d a register (accum16), when Dv is a multiple of 16 */
+    /* at AVX-512: 16 values of d a register (accum16), when Dv is a multiple of 16 */
     const int wide = SA_W == 16 && Dv % 16 == 0;
     const int64_t lanes = wide ? 16 : 8;
     const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
@@ -504,7 +506,9 @@ SA_INLINE void accumulate_tile(float *acc, int64_t R, int64_t Dv, const float *a
                 for (int64_t j = 0; j < VSUB; j++)
                     dv[k * VSUB + j] = j < ns ? sa_half(vt + j * v_row + bb * k) : 0.0f;
         for (int64_t r0 = 0; r0 < R; r0 += gr) {
-            const int64_t nr = R - r0 < gr ? R - r0 : gr, step = COMPACT(FMT) ? 32 / lanes : !wide && nr == 4 ? 3 : 4; /* chunks a pass: compact rows a block */
+            const int64_t nr = R - r0 < gr ? R - r0 : gr;
+            /* chunks a pass: compact rows a block (its scale folded into the weights) */
+            const int64_t step = COMPACT(FMT) ? 32 / lanes : !wide && nr == 4 ? 3 : 4;
             int touch = 0;
             for (int64_t r = r0; r < r0 + nr; r++) touch |= seen[r] || alpha[r] != 1.0f;
             if (!touch) continue;
