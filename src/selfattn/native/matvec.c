@@ -530,31 +530,30 @@ SA_INLINE void unit_dotT(const uint8_t *p, const int FMT, int64_t nu, const floa
 #define Q6_K_WIDE 0
 #endif
 
-/* n rows of x (ld apart, their sums of groups lds apart) through their type's N-row loop,
- * DOT_ROWS at a time: y[t] is the bits row t alone gets */
+/* N rows of x (ld apart, their sums of groups lds apart) through their type's N-row loop */
+SA_INLINE void unit_dot(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
+                        const float *xs, int64_t lds, float *y, const int N) {
+    if (FMT == SA_Q4_K) q4_k_dotN(p, nu, x, ld, xs, lds, y, N);
 #if SA_W == 16
-#define UNIT_DOT(N)                                                                              \
-    (FMT == SA_Q4_K   ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N)                                    \
-     : FMT == SA_Q6_K ? q6_k_dotN(p, nu, x, ld, xs, lds, y, N)                                    \
-                      : unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N))
-#else
-#define UNIT_DOT(N)                                                                              \
-    (FMT == SA_Q4_K ? q4_k_dotN(p, nu, x, ld, xs, lds, y, N) : unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N))
+    else if (FMT == SA_Q6_K) q6_k_dotN(p, nu, x, ld, xs, lds, y, N);
 #endif
+    else unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N);
+}
+
+/* n rows of x through unit_dot, DOT_ROWS at a time: y[t] is the bits row t alone gets */
 SA_INLINE void unit_rows(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
                          const float *xs, int64_t lds, float *y, int64_t n) {
     for (; n > 0; x += DOT_ROWS * ld, xs += DOT_ROWS * lds, y += DOT_ROWS, n -= DOT_ROWS) {
         switch (n < DOT_ROWS ? n : DOT_ROWS) {
-        case 1: UNIT_DOT(1); break;
+        case 1: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 1); break;
 #if DOT_ROWS > 2
-        case 3: UNIT_DOT(3); break;
-        case 4: UNIT_DOT(4); break;
+        case 3: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 3); break;
+        case 4: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 4); break;
 #endif
-        default: UNIT_DOT(2); break;
+        default: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 2); break;
         }
     }
 }
-#undef UNIT_DOT
 
 #define DEFINE_UNIT_TASK(NAME, FMT)                                                              \
     static void NAME(const void *ctx, int64_t task) {                                            \
