@@ -40,6 +40,13 @@ def assert_close_to_reference(out, lse, ref_out, ref_lse, q, k, v, scale, dtype)
         assert lerr <= lbound, f"lse error {lerr:.3g} > {lbound:.3g}"
 
 
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory):
+    """An XDG_CACHE_HOME the CLI tests share: the roofline one of them measures (about ten
+    seconds) is there for the others, which copy what they need."""
+    return tmp_path_factory.mktemp("xdg")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -88,8 +88,8 @@ def test_store_is_per_machine(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory):
-    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg")))
+def cli_env(cli_cache):
+    return dict(os.environ, XDG_CACHE_HOME=str(cli_cache))
 
 
 def run(*args, env):
