@@ -1,6 +1,6 @@
 """Attention kernels against their peers, on this machine, in one run.
 
-    python benchmarks/attention.py [--quick] [--reps 5] [--threads 2] [--json out.json]
+    python benchmarks/attention.py [--quick] [--reps 5] [--rounds 1] [--threads 2] [--json out.json]
 
 Rows: prefill (causal, T = S = n) and decode (T = 1 against S keys), for two shapes:
 SmolLM2-135M (H 9, H_kv 3, D 64) and Llama-3-8B (H 32, H_kv 8, D 128), float32.
@@ -15,8 +15,11 @@ hundreds of MB a small cache is read from it, faster than the 512 MiB roofline f
 "% of roofline" is of the FMA peak (prefill) and of the better of those two reads (decode); a
 selfattn row above 100% is listed at the end as a roofline measured low.
 The header names the instruction-set level of selfattn's kernels (SELFATTN_ISA forces one).
-Times are medians over --reps after one warm-up call (which also compiles); raw samples go to
---json. GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike. Inputs are
+Times are medians over --reps after one warm-up call (which also compiles), in each of --rounds
+processes per implementation, run in turn with the peers' (selfattn, NumPy, SDPA, selfattn, ...:
+on a shared host a slow stretch of minutes then falls on every implementation alike, not on
+whichever ran in it); the median is over all rounds' samples, and raw samples go to --json.
+GFLOP/s counts 4·n²·D·H, halved for causal, for every implementation alike. Inputs are
 allocated 64-byte aligned, as selfattn's KV cache is, and every implementation gets the same ones.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, if set, pin OpenBLAS to an older kernel; this script
@@ -171,6 +174,8 @@ def measure_limits(threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="processes per implementation, in turn with the peers'")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="n <= 2048, S <= 16384")
     ap.add_argument("--numpy-max-n", type=int, default=4096,
@@ -209,18 +214,25 @@ def main():
         for phase, sizes in (("prefill", prefill_n), ("decode", decode_s)):
             if phase not in args.phases.split(","):
                 continue
-            samples = samples_by[shape, phase] = {}
+            samples = samples_by[shape, phase] = {nm: {} for nm in names}
             steal = steal_by[shape, phase] = {}
-            for name in names:
-                todo = [n for n in sizes
-                        if not (name == "numpy" and phase == "prefill" and n > args.numpy_max_n)]
-                j0 = cpu_jiffies()
-                with ctx.Pool(1) as p, console.status(f"{phase} {shape}: {name}"):
-                    samples[name], ceiling = p.apply(worker, (name, phase, H, H_kv, D, todo,
-                                                              args.reps, args.threads))
-                if ceiling:
-                    ceiling_by[shape, phase] = ceiling
-                steal[name] = steal_share(j0, cpu_jiffies())
+            stolen_in = {nm: [] for nm in names}
+            for r in range(args.rounds):
+                for name in names:
+                    todo = [n for n in sizes
+                            if not (name == "numpy" and phase == "prefill" and n > args.numpy_max_n)]
+                    j0 = cpu_jiffies()
+                    with ctx.Pool(1) as p, console.status(f"{phase} {shape}: {name}, round {r + 1}"):
+                        got, ceiling = p.apply(worker, (name, phase, H, H_kv, D, todo,
+                                                        args.reps, args.threads))
+                    for size, times in got.items():
+                        samples[name].setdefault(size, []).extend(times)
+                    for size, gbs in ceiling.items():  # the better read over the rounds
+                        seen = ceiling_by.setdefault((shape, phase), {})
+                        seen[size] = max(seen.get(size, 0.0), gbs)
+                    stolen_in[name].append(steal_share(j0, cpu_jiffies()))
+            for name, shares in stolen_in.items():
+                steal[name] = None if None in shares else float(np.mean(shares))
     after = measure_limits(args.threads)
     console.print("roofline, after: " + describe(*after))
     fma_peak, peak_gflops, bandwidth = (max(a, b) if a and b else a or b
@@ -235,7 +247,7 @@ def main():
             samples = samples_by[shape, phase]
             unit = "GFLOP/s" if phase == "prefill" else "GB/s"
             table = Table(title=f"{phase} · {shape} (H {H}, H_kv {H_kv}, D {D}) · float32 · "
-                                f"median of {args.reps}")
+                                f"median of {args.reps * args.rounds}")
             table.add_column("n" if phase == "prefill" else "S", justify="right")
             for name in names:
                 table.add_column(f"{name} ms", justify="right")
@@ -294,7 +306,8 @@ def main():
                       "better read of 512 MiB and of the row's own K+V bytes)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(blas=blas, torch=torch_info, threads=args.threads,
+            json.dump(dict(blas=blas, torch=torch_info, threads=args.threads, reps=args.reps,
+                           rounds=args.rounds,
                            fma_gflops=fma_peak, matmul_gflops=peak_gflops, read_gbs=bandwidth,
                            limits_before=before, limits_after=after, records=records,
                            over_roofline=over), f, indent=1)
