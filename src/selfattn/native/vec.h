@@ -29,10 +29,9 @@ SA_INLINE sa_vf vf_fnmadd(sa_vf a, sa_vf b, sa_vf c) { return _mm512_fnmadd_ps(a
 SA_INLINE sa_vf vf_round(sa_vf x) {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-SA_INLINE sa_vi vf_cvt_i32(sa_vf x) { return _mm512_cvtps_epi32(x); }
-SA_INLINE sa_vf vf_pow2i(sa_vi n) { /* 2^n for n in -126 .. 127 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
-}
+/* y * 2^n for n a whole number in -126 .. 127: one instruction (the product is exact before
+ * its one rounding, as the 8-lane multiply by 2^n's bits is) */
+SA_INLINE sa_vf vf_ldexp(sa_vf y, sa_vf n) { return _mm512_scalef_ps(y, n); }
 SA_INLINE sa_vi vi_set1(int x) { return _mm512_set1_epi32(x); }
 SA_INLINE sa_vi vi_iota(void) { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 SA_INLINE sa_vi vi_add(sa_vi a, sa_vi b) { return _mm512_add_epi32(a, b); }
@@ -63,9 +62,10 @@ SA_INLINE sa_vf vf_fnmadd(sa_vf a, sa_vf b, sa_vf c) { return _mm256_fnmadd_ps(a
 SA_INLINE sa_vf vf_round(sa_vf x) {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
-SA_INLINE sa_vi vf_cvt_i32(sa_vf x) { return _mm256_cvtps_epi32(x); }
-SA_INLINE sa_vf vf_pow2i(sa_vi n) { /* 2^n for n in -126 .. 127 */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+/* y * 2^n for n a whole number in -126 .. 127: 2^n built from its exponent bits */
+SA_INLINE sa_vf vf_ldexp(sa_vf y, sa_vf n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
 }
 SA_INLINE sa_vi vi_set1(int x) { return _mm256_set1_epi32(x); }
 SA_INLINE sa_vi vi_iota(void) { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
@@ -101,7 +101,7 @@ SA_INLINE sa_vf vf_exp_neg(sa_vf x) {
     y = vf_fmadd(y, x, vf_set1(1.6666665459E-1f));
     y = vf_fmadd(y, x, vf_set1(5.0000001201E-1f));
     y = vf_fmadd(y, vf_mul(x, x), vf_add(x, vf_set1(1.0f)));
-    y = vf_mul(y, vf_pow2i(vf_cvt_i32(n)));
+    y = vf_ldexp(y, n);
     return vf_select(under, vf_zero(), y);
 }
 
