@@ -121,16 +121,16 @@ SA_INLINE void score2x4(const float *q, int64_t D, const uint8_t *const *kp, flo
 /* compact rows (q8_0, q4_0): the same for the two keys kp[0..1], each block's dot product taken
  * over the unscaled integers and scaled once, sum_b d_b * (q_b . n_b): no multiply per chunk, and
  * 4 NR accumulators (a block's, and the running sums) for two keys; NR <= 3 with AVX2's 16
- * registers, 4 with AVX-512's 32 */
+ * registers (at AVX-512, score4_blocks takes four) */
 SA_INLINE void score2_blocks(const float *q, int64_t D, const uint8_t *const *kp, float *s,
                              int64_t ts, int64_t pf_row, const int NR, const int FMT) {
-    __m256 t[2][4];
+    __m256 t[2][3];
     for (int j = 0; j < 2; j++) {
         prefetch_row(kp[j] + PF_KEYS * pf_row, pf_row);
         for (int r = 0; r < NR; r++) t[j][r] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < D / 32; b++) {
-        __m256 a[2][4];
+        __m256 a[2][3];
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < 2; j++) {
                 __m256 w = ld_chunk(kp[j], 4 * b + i, FMT);
@@ -391,14 +391,12 @@ SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, 
                            int64_t ts, int64_t pf, int64_t nr, const int FMT) {
 #if SA_W == 16
     score_group16(q, D, kp, s, ts, pf, nr, FMT);
-    return;
-#endif
-    if (COMPACT(FMT)) {
+#else
+    if (COMPACT(FMT)) { /* groups of at most three rows here (row_group) */
         switch (nr) {
         case 1: score2_blocks(q, D, kp, s, ts, pf, 1, FMT); break;
         case 2: score2_blocks(q, D, kp, s, ts, pf, 2, FMT); break;
-        case 3: score2_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
-        default: score2_blocks(q, D, kp, s, ts, pf, 4, FMT); break;
+        default: score2_blocks(q, D, kp, s, ts, pf, 3, FMT); break;
         }
     } else if (nr == 4) {
         score2x4(q, D, kp, s, ts, pf, FMT);
@@ -410,6 +408,7 @@ SA_INLINE void score_group(const float *q, int64_t D, const uint8_t *const *kp, 
         default: score4(q, D, kp, s, ts, pf, 3, FMT); break;
         }
     }
+#endif
 }
 
 /* one pass of NR rows and NC chunks: accum16's chunks of 16 (WIDE) or accum_v's of 8 */
