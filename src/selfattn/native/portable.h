@@ -35,6 +35,7 @@ typedef uint8_t v16u8 __attribute__((vector_size(16)));
 
 #define _MM_HINT_T0 3
 #define _MM_HINT_T1 2
+#define _MM_HINT_T2 1
 #define _MM_FROUND_TO_NEAREST_INT 0x00
 #define _MM_FROUND_NO_EXC 0x08
 #define _CMP_EQ_OQ 0x00
