@@ -57,28 +57,29 @@ typedef struct {
  * a slice each, one 64-byte line every PF_EVERY columns */
 #define PF_EVERY (16 * MC / (MR * NR))
 
-/* c (MR rows, ldc) += w (MR rows, ldw) . xp ([k][NR]) over kc columns; pf: this call's slice
- * of the next panel */
+/* c (MR rows, ldc) += w (MR rows, ldw) . xp ([k][NR]) over kc columns, for the first NV (1 or
+ * 2) registers of the group's tokens (a group of at most SA_W tokens: half the FMAs; each sum
+ * takes the same steps either way); pf: this call's slice of the next panel */
 SA_INLINE void kernel(int64_t kc, const float *w, int64_t ldw, const float *xp, float *c,
-                      int64_t ldc, const float *pf) {
+                      int64_t ldc, const float *pf, const int NV) {
     sa_vf acc[MR][2];
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vf_zero();
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = vf_zero();
     for (int64_t k0 = 0; k0 < kc; k0 += PF_EVERY, pf += 16) {
         _mm_prefetch((const char *)pf, _MM_HINT_T1);
         const int64_t k1 = k0 + PF_EVERY < kc ? k0 + PF_EVERY : kc;
         for (int64_t k = k0; k < k1; k++, xp += NR) {
-            const sa_vf b0 = vf_load(xp), b1 = vf_load(xp + SA_W);
+            sa_vf b[2];
+            for (int v = 0; v < NV; v++) b[v] = vf_load(xp + SA_W * v);
             for (int i = 0; i < MR; i++) {
                 const sa_vf a = vf_set1(w[i * ldw + k]);
-                acc[i][0] = vf_fmadd(a, b0, acc[i][0]);
-                acc[i][1] = vf_fmadd(a, b1, acc[i][1]);
+                for (int v = 0; v < NV; v++) acc[i][v] = vf_fmadd(a, b[v], acc[i][v]);
             }
         }
     }
-    for (int i = 0; i < MR; i++) {
-        vf_store(c + i * ldc, vf_add(vf_load(c + i * ldc), acc[i][0]));
-        vf_store(c + i * ldc + SA_W, vf_add(vf_load(c + i * ldc + SA_W), acc[i][1]));
-    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++)
+            vf_store(c + i * ldc + SA_W * v, vf_add(vf_load(c + i * ldc + SA_W * v), acc[i][v]));
 }
 
 /* x's tokens t0 .. t0 + n_t - 1, columns of block kb -> xp, zero past n_t */
@@ -123,9 +124,13 @@ static void gemm_task(const void *ctx, int64_t task) {
                 const float *next = g + 1 < g1 ? xp + KC * NR
                                   : kb + 1 < A->n_kb ? A->xp + ((kb + 1) * A->n_tg + g0) * KC * NR
                                                      : xp;
-                for (int64_t i = 0; i < nr; i += MR)
-                    kernel(kc, tile + i * LDW, LDW, xp, c + i * TB + (g - g0) * NR, TB,
-                           next + i / MR * (KC / PF_EVERY) * 16);
+                const int half = A->n_t - g * NR <= SA_W; /* a short prompt, or the last group */
+                for (int64_t i = 0; i < nr; i += MR) {
+                    float *ci = c + i * TB + (g - g0) * NR;
+                    const float *pf = next + i / MR * (KC / PF_EVERY) * 16;
+                    if (half) kernel(kc, tile + i * LDW, LDW, xp, ci, TB, pf, 1);
+                    else kernel(kc, tile + i * LDW, LDW, xp, ci, TB, pf, 2);
+                }
             }
         }
         const int64_t t0 = g0 * NR, t1 = g1 * NR < A->n_t ? g1 * NR : A->n_t;
