@@ -40,7 +40,8 @@
 /* the cache lines that start within bytes p .. p + n - 1, FAR_BYTES on, into L2 */
 SA_INLINE void prefetch_far(const uint8_t *p, int64_t n) {
     const uint8_t *f = p + FAR_BYTES;
-    for (int64_t o = -(int64_t)((uintptr_t)f % 64) & 63; o < n; o += 64) _mm_prefetch((const char *)(f + o), _MM_HINT_T2);
+    for (int64_t o = -(int64_t)((uintptr_t)f % 64) & 63; o < n; o += 64)
+        _mm_prefetch((const char *)(f + o), _MM_HINT_T2);
 }
 
 typedef struct {
