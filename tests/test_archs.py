@@ -73,7 +73,7 @@ def test_k_quant_weights_run_in_place(tmp_path, arch):
     ref = reference_logits(held, cfg, tokens)
     _assert_logits_close(m.forward(tokens, KVCache.for_model(m.args, 12), 0, all_logits=True), ref)
     cache = KVCache.for_model(m.args, 12)
-    m.forward(tokens[:6], cache, 0)  # a prompt of more than PACKED_MAX_T rows: the tiled GEMM
+    m.forward(tokens[:6], cache, 0)  # avx512: through matvecs; avx2: the tiled GEMM
     for t in range(6, 12):
         _assert_logits_close(m.forward(tokens[t:t + 1], cache, t), ref[t])
     if native.available():

@@ -134,6 +134,25 @@ def test_matvecs_gives_each_row_the_bits_it_gets_alone(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_few_token_prompt_is_the_arithmetic_of_as_many_decode_steps(name):
+    """A Linear takes prompts of up to FEW_PASSES x dot_rows tokens through matvecs (4 a pass at
+    avx512, 2 below): each row is what that token alone gives, bit for bit; one more token takes
+    the GEMM, within float32 rounding of the same product."""
+    from selfattn.model.linear import FEW_PASSES, Linear
+
+    f = formats.by_name(name)
+    rng = np.random.default_rng([f.type_id, 7])
+    rows, cols = 37, cols_of(f, 2 if f.block == 256 else 16)
+    lin = Linear(native.PackedMatrix(random_rows(f, rows, cols, rng, huge=False), f.type_id, cols))
+    few = FEW_PASSES * native.dot_rows()
+    assert few == (8 if native.isa() == "avx512" else 4)
+    x = rng.standard_normal((few + 1, cols)).astype(np.float32)
+    alone = np.concatenate([lin(x[t:t + 1]) for t in range(few + 1)])
+    assert same_bits(lin(x[:few]), alone[:few])
+    assert same_bits(lin(x[:few + 1]), native.gemm(x[:few + 1], lin.packed))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_the_prompt_gemm_is_within_float32_rounding_of_the_exact_product(name):
     """native.gemm (tiles decoded, then a register-blocked product) over row counts that are not
     multiples of its 6-row kernel or 96-row tasks, widths with a partial 256-column tile, and

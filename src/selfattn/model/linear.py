@@ -16,11 +16,12 @@ import numpy as np
 
 from .. import native
 
-# steps of up to this many tokens multiply against the blocks row by row (native.matmul); longer
-# ones decode tiles for a register-blocked GEMM (native.gemm), which pads tokens to groups of 16
-# and so costs about as much for 5 tokens as for 16 (8B-shaped Q4_K / Q6_K matrices, 2 cores:
-# matmul 2.4 / 13.7 ms at 1 / 4 tokens, gemm 19-24 ms at 1-16)
-PACKED_MAX_T = 4
+# Steps of up to FEW_PASSES x native.dot_rows() tokens go through the one-token loops (native.
+# matvecs: dot_rows tokens a pass, each block decoded in registers once for them), longer ones
+# through the GEMM (native.gemm), whose float32 tiles cost as much for 1 token as for 16: on an
+# 8B-sized matrix matvecs took 0.2-0.9x the GEMM's time up to 8 tokens at avx512 and up to 4 at
+# avx2, and no less past that. Each row gets the bits it gets alone, as in a decode step.
+FEW_PASSES = 2
 
 
 class Linear:
@@ -45,8 +46,8 @@ class Linear:
                                    for i in range(0, x.shape[0], native.MAX_T)])
         if self.f32 is not None:
             return x @ self.f32.T
-        if x.shape[0] <= PACKED_MAX_T:
-            return native.matmul(x, self.packed)
+        if x.shape[0] <= FEW_PASSES * native.dot_rows():
+            return native.matvecs(x, self.packed)
         return native.gemm(x, self.packed)
 
     def rows(self, index: np.ndarray) -> np.ndarray:

@@ -244,6 +244,12 @@ def matvecs(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
     return _product("matvecs", x, w, MAX_T)
 
 
+def dot_rows() -> int:
+    """Rows of x the level's matvecs takes a pass, each weight block decoded once for all of them
+    (4 at avx512, 2 below)."""
+    return _module().dot_rows()
+
+
 def gemm(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
     """x (T, cols) float32, any T >= 1 -> (T, rows) = x @ Wᵀ: tiles of W decoded to float32 in
     cache and multiplied by a register-blocked kernel (gemm.c), for prompts."""

@@ -8,6 +8,7 @@
 const sa_kernels SA_CAT(sa_table, SA_ISA) = {
     .name = SA_STR(SA_ISA),
     .lanes = SA_W,
+    .dot_rows = SA_DOT_ROWS,
     .matmul = sa_matmul,
     .matvecs = sa_matvecs,
     .gemm = sa_gemm,

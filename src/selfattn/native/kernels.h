@@ -159,6 +159,7 @@ int sa_layer_step(const sa_layer *const *layers, int64_t n, const float *cos, co
 typedef struct {
     const char *name; /* the level, as setup.py's LEVELS and SELFATTN_ISA name it */
     int lanes;        /* float32 lanes of the widest vectors its kernels use (fma_loop's width) */
+    int dot_rows;     /* rows of x matvecs takes a pass, each block decoded once for them */
     __typeof__(sa_matmul) *matmul;
     __typeof__(sa_matvecs) *matvecs;
     __typeof__(sa_gemm) *gemm;

@@ -205,12 +205,8 @@ SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
 }
 
 /* rows of x a shared decode takes: N x BLOCK_VECS accumulators and the block's vectors fit the
- * registers (AVX-512's 32; AVX2's 16: 8 accumulators and the block's four) */
-#if SA_W == 16
-#define DOT_ROWS 4
-#else
-#define DOT_ROWS 2
-#endif
+ * registers (AVX-512's 32: 4; AVX2's 16: 2, 8 accumulators and the block's four) */
+#define DOT_ROWS SA_DOT_ROWS
 
 /* row_dotN for each of n rows of x, DOT_ROWS at a time, then the rest together */
 SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,

@@ -496,6 +496,10 @@ static PyObject *py_isa(PyObject *self, PyObject *noargs) {
 
 static PyObject *py_lanes(PyObject *self, PyObject *noargs) { return PyLong_FromLong(K ? K->lanes : 0); }
 
+static PyObject *py_dot_rows(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(K ? K->dot_rows : 0);
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
     PyObject *out = PyList_New(0);
     for (int i = 0; out && i < N_LEVELS; i++)
@@ -546,6 +550,7 @@ static PyMethodDef methods[] = {
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "whether this CPU and OS run any level's kernels"},
     {"isa", py_isa, METH_NOARGS, "the level the kernels run at (None: none runs here)"},
     {"lanes", py_lanes, METH_NOARGS, "float32 lanes of that level's widest vectors"},
+    {"dot_rows", py_dot_rows, METH_NOARGS, "rows of x that level's matvecs takes a pass"},
     {"isas", py_isas, METH_NOARGS, "the levels this CPU and OS run, widest first"},
     {"set_isa", py_set_isa, METH_VARARGS, "run the named level's kernels from now on"},
     {NULL, NULL, 0, NULL}};

@@ -12,6 +12,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define SA_W 16
+#define SA_DOT_ROWS 4 /* rows of x matvec.c's one-token loops take a pass (their registers) */
 typedef __m512 sa_vf;
 typedef __m512i sa_vi;
 typedef __mmask16 sa_vm;
@@ -45,6 +46,7 @@ SA_INLINE sa_vf vf_select(sa_vm m, sa_vf yes, sa_vf no) { return _mm512_mask_ble
 SA_INLINE float vf_hsum(sa_vf x) { return _mm512_reduce_add_ps(x); }
 #else
 #define SA_W 8
+#define SA_DOT_ROWS 2
 typedef __m256 sa_vf;
 typedef __m256i sa_vi;
 typedef __m256 sa_vm;
