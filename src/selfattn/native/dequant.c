@@ -57,7 +57,33 @@ DEFINE_ROW(row_q8_0, SA_Q8_0)
 DEFINE_ROW(row_iq4_nl, SA_IQ4_NL)
 DEFINE_ROW(row_q2_k, SA_Q2_K)
 DEFINE_ROW(row_q3_k, SA_Q3_K)
+#if SA_W == 16
+/* q4_k at AVX-512: 16 nibbles become their floats by one lookup (vpermps reads the low 4 bits of
+ * each lane), then s * q - m as above: the same operations on the same values, so the same bits.
+ * Against the 8-lane widening, the prompt GEMM over a 14336 x 4096 Q4_K matrix took 0.80-0.83 of
+ * the time at 9-64 tokens (the tiles' decoding is half of it there) and 0.98 at 512. */
+static void row_q4_k(const uint8_t *src, int64_t n, float *dst) {
+    const __m512 nib = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    sa_unpacked u;
+    for (int64_t b = 0; b < n / 256; b++, src += 144, dst += 256) {
+        k_scales_mins(src, &u);
+        for (int c = 0; c < 4; c++) { /* 32 bytes: values 64c .. 64c+31 low, 64c+32 .. 64c+63 high */
+            const __m512 sl = _mm512_set1_ps(u.s[2 * c]), ml = _mm512_set1_ps(u.m[2 * c]);
+            const __m512 sh = _mm512_set1_ps(u.s[2 * c + 1]), mh = _mm512_set1_ps(u.m[2 * c + 1]);
+            for (int h = 0; h < 2; h++) {
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(src + 16 + 32 * c + 16 * h));
+                const __m512i q = _mm512_cvtepu8_epi32(bytes);
+                const __m512 lo = _mm512_permutexvar_ps(q, nib);
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), nib);
+                _mm512_storeu_ps(dst + 64 * c + 16 * h, _mm512_sub_ps(_mm512_mul_ps(sl, lo), ml));
+                _mm512_storeu_ps(dst + 64 * c + 32 + 16 * h, _mm512_sub_ps(_mm512_mul_ps(sh, hi), mh));
+            }
+        }
+    }
+}
+#else
 DEFINE_ROW(row_q4_k, SA_Q4_K)
+#endif
 DEFINE_ROW(row_q5_k, SA_Q5_K)
 DEFINE_ROW(row_q6_k, SA_Q6_K)
 DEFINE_ROW(row_iq4_xs, SA_IQ4_XS)
