@@ -59,10 +59,7 @@ static const uint8_t zero_row[SA_MAX_DIM * 4] __attribute__((aligned(64)));
 SA_INLINE void prefetch_row(const uint8_t *row, int64_t row_bytes, const int FMT) {
     for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch((const char *)(row + o), _MM_HINT_T0);
 #if SA_W == 16
-    if (!COMPACT(FMT))
-        for (int64_t o = -(int64_t)((uintptr_t)(row + FAR_BYTES) % FAR_STEP) & (FAR_STEP - 1); o < row_bytes;
-             o += FAR_STEP)
-            _mm_prefetch((const char *)(row + FAR_BYTES + o), _MM_HINT_T2);
+    if (!COMPACT(FMT)) sa_prefetch_l2(row + FAR_BYTES, row_bytes, FAR_STEP);
 #endif
 }
 

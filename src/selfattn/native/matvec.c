@@ -12,8 +12,8 @@
  *    sums of x per group formed once per call (x is shared by every row); for several rows of x
  *    the block's float32 values are formed once and used for each.
  * Several rows of x that must each get the bits they get alone (sa_matvecs: several sequences'
- * decode steps) take the one-row loops DOT_ROWS rows a pass, each block's values formed once for
- * all of them.
+ * decode steps) take the one-row loops SA_DOT_ROWS rows a pass, each block's values formed once
+ * for all of them.
  * Rows are cut into about TASKS_PER_THREAD contiguous tasks per pool thread (at least
  * MIN_TASK_ROWS rows each): long runs of consecutive rows keep each core's stream sequential
  * (16-row tasks handed out in turn cost ~20% in misses on two cores).
@@ -36,13 +36,6 @@
  * avx2 level 0.97-1.01. Four rows of x are bounded by their FMAs, and there it cost 9%: not for
  * them. */
 #define FAR_BYTES 32768
-
-/* the cache lines that start within bytes p .. p + n - 1, FAR_BYTES on, into L2 */
-SA_INLINE void prefetch_far(const uint8_t *p, int64_t n) {
-    const uint8_t *f = p + FAR_BYTES;
-    for (int64_t o = -(int64_t)((uintptr_t)f % 64) & 63; o < n; o += 64)
-        _mm_prefetch((const char *)(f + o), _MM_HINT_T2);
-}
 
 typedef struct {
     const uint8_t *w;
@@ -191,7 +184,7 @@ SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
         for (int i = 0; i < BLOCK_VECS; i++) a[t][i] = bv_zero();
     for (int64_t b = 0; b < nb; b++, p += bb, x += 32) {
         _mm_prefetch((const char *)(p + PF_BYTES), _MM_HINT_T0);
-        if (N == 1) prefetch_far(p, bb);
+        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, bb, 64);
         decode_block(p, fmt, w);
         for (int t = 0; t < N; t++)
             for (int i = 0; i < BLOCK_VECS; i++)
@@ -204,19 +197,16 @@ SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
     }
 }
 
-/* rows of x a shared decode takes: N x BLOCK_VECS accumulators and the block's vectors fit the
- * registers (AVX-512's 32: 4; AVX2's 16: 2, 8 accumulators and the block's four) */
-#define DOT_ROWS SA_DOT_ROWS
 
-/* row_dotN for each of n rows of x, DOT_ROWS at a time, then the rest together */
+/* row_dotN for each of n rows of x, SA_DOT_ROWS at a time, then the rest together */
 SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,
                         int64_t ld, float *y, int64_t n) {
-    for (; n >= DOT_ROWS; n -= DOT_ROWS, x += DOT_ROWS * ld, y += DOT_ROWS)
-        row_dotN(p, fmt, bb, nb, x, ld, y, DOT_ROWS);
+    for (; n >= SA_DOT_ROWS; n -= SA_DOT_ROWS, x += SA_DOT_ROWS * ld, y += SA_DOT_ROWS)
+        row_dotN(p, fmt, bb, nb, x, ld, y, SA_DOT_ROWS);
     switch (n) {
     case 0: break;
     case 1: row_dotN(p, fmt, bb, nb, x, ld, y, 1); break; /* one token's step: nothing to share */
-#if DOT_ROWS > 3
+#if SA_DOT_ROWS > 3
     case 3: row_dotN(p, fmt, bb, nb, x, ld, y, 3); break;
 #endif
     default: row_dotN(p, fmt, bb, nb, x, ld, y, 2); break;
@@ -331,7 +321,7 @@ SA_INLINE void q4_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t l
     }
     for (int64_t b = 0; b < nu; b++, p += 144, x += 256) {
         for (int o = 0; o < 144; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
-        if (N == 1) prefetch_far(p, 144);
+        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, 144, 64);
         k_scales_mins(p, &u);
         const __m512 s8 = _mm512_castps256_ps512(_mm256_load_ps(u.s));
         for (int c = 0; c < 4; c += 2) {
@@ -382,7 +372,7 @@ SA_INLINE void q6_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t l
     for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = moff[t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nu; b++, p += 210, x += 256) {
         for (int o = 0; o < 210; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
-        if (N == 1) prefetch_far(p, 210);
+        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, 210, 64);
         const __m512 s16 = _mm512_mul_ps(_mm512_set1_ps(sa_half(p + 208)),
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192)))));
         for (int h = 0; h < 2; h++) {
@@ -441,7 +431,7 @@ SA_INLINE void q4_k_dotN(const uint8_t *p, int64_t nu, const float *x, int64_t l
     for (int t = 0; t < N; t++) acc[t][0] = acc[t][1] = macc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nu; b++, p += 144, x += 256) {
         for (int o = 0; o < 144; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
-        if (N == 1) prefetch_far(p, 144);
+        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, 144, 64);
         k_scales_mins(p, &u);
         for (int c = 0; c < 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
@@ -487,7 +477,7 @@ SA_INLINE void unit_dotN(const uint8_t *p, const int FMT, int64_t nu, const floa
     }
     for (int64_t b = 0; b < nu; b++, p += bytes, x += unit) {
         for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + PF_BYTES + o), _MM_HINT_T0);
-        if (N == 1) prefetch_far(p, bytes);
+        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, bytes, 64);
         sa_unpack(p, FMT, &u);
         for (int i = 0; i < unit / 32; i++) {
             widen32(u.q[i], w, sa_unsigned_q(FMT));
@@ -556,13 +546,14 @@ SA_INLINE void unit_dot(const uint8_t *p, const int FMT, int64_t nu, const float
     else unit_dotN(p, FMT, nu, x, ld, xs, lds, y, N);
 }
 
-/* n rows of x through unit_dot, DOT_ROWS at a time: y[t] is the bits row t alone gets */
+/* n rows of x through unit_dot, SA_DOT_ROWS at a time: y[t] is the bits row t alone gets */
 SA_INLINE void unit_rows(const uint8_t *p, const int FMT, int64_t nu, const float *x, int64_t ld,
                          const float *xs, int64_t lds, float *y, int64_t n) {
-    for (; n > 0; x += DOT_ROWS * ld, xs += DOT_ROWS * lds, y += DOT_ROWS, n -= DOT_ROWS) {
-        switch (n < DOT_ROWS ? n : DOT_ROWS) {
+    for (; n > 0; x += SA_DOT_ROWS * ld, xs += SA_DOT_ROWS * lds, y += SA_DOT_ROWS,
+                  n -= SA_DOT_ROWS) {
+        switch (n < SA_DOT_ROWS ? n : SA_DOT_ROWS) {
         case 1: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 1); break;
-#if DOT_ROWS > 2
+#if SA_DOT_ROWS > 2
         case 3: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 3); break;
         case 4: unit_dot(p, FMT, nu, x, ld, xs, lds, y, 4); break;
 #endif

@@ -20,6 +20,15 @@
 
 #define SA_INLINE static inline __attribute__((always_inline))
 
+/* the cache lines at each step-aligned address (step a power of two, 64 or more) among bytes
+ * p .. p + n - 1, into L2 only (hint T2): a stream's lines fetched far ahead of the L1 prefetches
+ * that follow them, so those find them in L2 (attend.c, matvec.c: a core's fill buffers, not its
+ * arithmetic, bounded their loops) */
+SA_INLINE void sa_prefetch_l2(const uint8_t *p, int64_t n, int64_t step) {
+    for (int64_t o = -(int64_t)((uintptr_t)p & (step - 1)) & (step - 1); o < n; o += step)
+        _mm_prefetch((const char *)(p + o), _MM_HINT_T2);
+}
+
 SA_INLINE float sa_half(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);

@@ -12,7 +12,9 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define SA_W 16
-#define SA_DOT_ROWS 4 /* rows of x matvec.c's one-token loops take a pass (their registers) */
+/* rows of x matvec.c's one-token loops take a pass: N x BLOCK_VECS accumulators and a block's
+ * vectors fit the registers (AVX-512's 32: 4; AVX2's 16: 2, 8 accumulators and the block's 4) */
+#define SA_DOT_ROWS 4
 typedef __m512 sa_vf;
 typedef __m512i sa_vi;
 typedef __mmask16 sa_vm;
