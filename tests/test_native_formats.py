@@ -128,7 +128,7 @@ def test_matvecs_gives_each_row_the_bits_it_gets_alone(name):
     rows, cols = 70, cols_of(f, 16 if f.block == 256 else 64)
     pm = native.PackedMatrix(random_rows(f, rows, cols, rng, huge=False), f.type_id, cols)
     x = rng.standard_normal((native.MAX_T, cols)).astype(np.float32)
-    for T in (1, 2, 5, native.MAX_T):
+    for T in (1, 2, 3, 5, 7, native.MAX_T):  # groups of dot_rows rows, and every remainder
         y = native.matvecs(x[:T], pm)
         assert all(same_bits(y[t], native.matmul(x[t:t + 1], pm)[0]) for t in range(T)), T
 

@@ -178,22 +178,61 @@ SA_INLINE float float_at(const uint8_t *row, int fmt, int64_t i) {
     return f;
 }
 
-/* one block-decoding pass over a row for N rows of x (ld apart): each block decoded once, and
- * each row of x gets BLOCK_VECS accumulators (one per vector of the block), so consecutive
- * blocks do not wait on each other's FMA. Row t's FMAs are the same, in the same order, for
- * every N: y[t] has the bits a pass with that row alone gives. */
-SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,
-                        int64_t ld, float *y, const int N) {
+/* Where value i of row t of x (T rows of cols values) goes in the copy the first family's
+ * several-row loops read: rows in groups as row_dots takes them (SA_DOT_ROWS at a time, then
+ * the rest together), and within a group of N rows block by block, each block's 32 values of
+ * row 0, then of row 1, ...; then each row's tail past its last whole 32 values. So a block's
+ * N x 32 values are one run, read with one pointer and constant offsets (rows `cols` apart
+ * took indexed loads: four rows over SmolLM2's Q4_1 matrices ran in 0.92 of the time this way,
+ * benchmarks/ab_kernels.py). For one row it is the identity. */
+SA_INLINE int64_t x_at(int64_t t, int64_t i, int64_t T, int64_t cols) {
+    const int64_t g0 = t / SA_DOT_ROWS * SA_DOT_ROWS, N = T - g0 < SA_DOT_ROWS ? T - g0 : SA_DOT_ROWS;
+    const int64_t whole = cols / 32 * 32, base = g0 * cols, u = t - g0;
+    return i < whole ? base + i / 32 * 32 * N + u * 32 + i % 32
+                     : base + N * whole + u * (cols - whole) + (i - whole);
+}
+
+/* x (T, cols) -> xp in x_at's order, each block's values permuted by order (if not NULL) */
+static void pack_rows(const float *x, int64_t T, int64_t cols, const int *order, float *xp) {
+    const int64_t nb = cols / 32, whole = nb * 32, tl = cols - whole;
+    for (int64_t g0 = 0; g0 < T; g0 += SA_DOT_ROWS) {
+        const int64_t N = T - g0 < SA_DOT_ROWS ? T - g0 : SA_DOT_ROWS;
+        float *out = xp + g0 * cols;
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t u = 0; u < N; u++, out += 32) {
+                const float *in = x + (g0 + u) * cols + 32 * b;
+                for (int j = 0; j < 32; j++) out[j] = in[order ? order[j] : j];
+            }
+        for (int64_t u = 0; u < N; u++, out += tl) memcpy(out, x + (g0 + u) * cols + whole, (size_t)tl * 4);
+    }
+}
+
+SA_INLINE void prefetch_block(const uint8_t *p, int bb, const int N) {
+    _mm_prefetch((const char *)(p + PF_BYTES), _MM_HINT_T0);
+    if (N == 1) sa_prefetch_l2(p + FAR_BYTES, bb, 64);
+}
+
+/* a[t][i] += w[i] * (row t's part of a block of x in x_at's order), for the N rows */
+SA_INLINE void fma_rows(const blk_vec w[BLOCK_VECS], const float *x, blk_vec a[][BLOCK_VECS],
+                        const int N) {
+    for (int t = 0; t < N; t++)
+        for (int i = 0; i < BLOCK_VECS; i++)
+            a[t][i] = bv_fmadd(w[i], bv_loadu(x + 32 * t + BV_LANES * i), a[t][i]);
+}
+
+/* one block-decoding pass over a row for the N rows of x of a group (x_at's order): each block
+ * decoded once, and each row of x gets BLOCK_VECS accumulators (one per vector of the block), so
+ * consecutive blocks do not wait on each other's FMA. Row t's FMAs are the same, in the same
+ * order, for every N: y[t] has the bits a pass with that row alone gives. */
+SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x, float *y,
+                        const int N) {
     blk_vec a[4][BLOCK_VECS], w[BLOCK_VECS];
     for (int t = 0; t < N; t++)
         for (int i = 0; i < BLOCK_VECS; i++) a[t][i] = bv_zero();
-    for (int64_t b = 0; b < nb; b++, p += bb, x += 32) {
-        _mm_prefetch((const char *)(p + PF_BYTES), _MM_HINT_T0);
-        if (N == 1) sa_prefetch_l2(p + FAR_BYTES, bb, 64);
+    for (int64_t b = 0; b < nb; b++, p += bb, x += 32 * N) {
+        prefetch_block(p, bb, N);
         decode_block(p, fmt, w);
-        for (int t = 0; t < N; t++)
-            for (int i = 0; i < BLOCK_VECS; i++)
-                a[t][i] = bv_fmadd(w[i], bv_loadu(x + t * ld + BV_LANES * i), a[t][i]);
+        fma_rows(w, x, a, N);
     }
     for (int t = 0; t < N; t++) {
         blk_vec s = bv_add(a[t][0], a[t][1]);
@@ -203,18 +242,19 @@ SA_INLINE void row_dotN(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
 }
 
 
-/* row_dotN for each of n rows of x, SA_DOT_ROWS at a time, then the rest together */
+/* row_dotN for each of n rows of x (x_at's order), SA_DOT_ROWS at a time, then the rest
+ * together; x advances cols values a row */
 SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const float *x,
-                        int64_t ld, float *y, int64_t n) {
-    for (; n >= SA_DOT_ROWS; n -= SA_DOT_ROWS, x += SA_DOT_ROWS * ld, y += SA_DOT_ROWS)
-        row_dotN(p, fmt, bb, nb, x, ld, y, SA_DOT_ROWS);
+                        int64_t cols, float *y, int64_t n) {
+    for (; n >= SA_DOT_ROWS; n -= SA_DOT_ROWS, x += SA_DOT_ROWS * cols, y += SA_DOT_ROWS)
+        row_dotN(p, fmt, bb, nb, x, y, SA_DOT_ROWS);
     switch (n) {
     case 0: break;
-    case 1: row_dotN(p, fmt, bb, nb, x, ld, y, 1); break; /* one token's step: nothing to share */
+    case 1: row_dotN(p, fmt, bb, nb, x, y, 1); break; /* one token's step: nothing to share */
 #if SA_DOT_ROWS > 3
-    case 3: row_dotN(p, fmt, bb, nb, x, ld, y, 3); break;
+    case 3: row_dotN(p, fmt, bb, nb, x, y, 3); break;
 #endif
-    default: row_dotN(p, fmt, bb, nb, x, ld, y, 2); break;
+    default: row_dotN(p, fmt, bb, nb, x, y, 2); break;
     }
 }
 
@@ -234,9 +274,9 @@ SA_INLINE void row_dots(const uint8_t *p, int fmt, int bb, int64_t nb, const flo
                 float ys[SA_MAX_T];                                                              \
                 row_dots(row, FMT, bb, nb, A->x, A->cols, ys, A->T);                             \
                 for (int64_t t = 0; t < A->T; t++) {                                             \
-                    const float *x = A->x + t * A->cols;                                         \
                     float y = ys[t];                                                             \
-                    for (int64_t i = tail; i < A->cols; i++) y += float_at(row, FMT, i) * x[i];  \
+                    for (int64_t i = tail; i < A->cols; i++)                                     \
+                        y += float_at(row, FMT, i) * A->x[x_at(t, i, A->T, A->cols)];            \
                     A->y[t * A->rows + r] = y;                                                   \
                 }                                                                                \
                 continue;                                                                        \
@@ -644,6 +684,9 @@ static int mv_run(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[i / cols * cols + q6k_wide(i % cols)];
     else
 #endif
+    if (first && each && T > 1)
+        pack_rows(x, T, cols, order, xp);
+    else
         for (int64_t i = 0; i < n_x; i++) xp[i] = x[order ? i / 32 * 32 + order[i % 32] : i];
     float *xs = xp + n_x;
     for (int64_t g = 0; g < n_xs; g++) {
