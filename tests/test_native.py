@@ -268,12 +268,18 @@ def test_a_block_quantized_model_decodes_on_the_file_blocks(tmp_path, qtype):
         np.testing.assert_allclose(m.forward(tokens[i:i + 1], cache, i), ref[i], atol=2e-4)
 
 
-@pytest.mark.parametrize("arch,window", [("llama", None), ("qwen2", None), ("llama", 6)])
+# a layer's matrices in several types (as a Q4_K_M file's Q4_K and Q6_K)
+MIXED = {"attn_k": Q.Q4_0, "attn_v": Q.F16, "ffn_up": Q.Q4_1, "ffn_gate": Q.F16}
+
+
+@pytest.mark.parametrize("arch,window,mixed", [("llama", None, False), ("qwen2", None, False),
+                                               ("llama", 6, False), ("llama", None, True)])
 @pytest.mark.parametrize("kv", ["f32", "f16", "q8_0", "q4_0"])
-def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, window, kv):
+def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, window, mixed, kv):
     """A decode step through native.layer_step (one C call a layer) against the same step with
     every kernel called from Python (an observer forces that path): the logits and the cache
-    are the same bits, with qkv biases (qwen2), a sliding window, and every KV type."""
+    are the same bits, with qkv biases (qwen2), a sliding window, every KV type, and a layer's
+    matrices in several types."""
     import dataclasses
 
     from selfattn.cache import KVCache
@@ -282,8 +288,12 @@ def test_compiled_layer_step_is_the_per_kernel_path_bit_for_bit(tmp_path, arch, 
 
     w, cfg = make_weights(np.random.default_rng(8), arch=arch, n_layers=2, dim=128, ffn=96)
     path = tmp_path / "step.gguf"
-    write_gguf(path, w, cfg, quant={n: Q.Q8_0 for n in w if not n.endswith(("norm", ".bias"))})
+    quant = {n: Q.Q8_0 for n in w if not n.endswith(("norm", ".bias"))}
+    if mixed:
+        quant.update({n: MIXED[n.split(".")[-1]] for n in quant if n.split(".")[-1] in MIXED})
+    write_gguf(path, w, cfg, quant=quant)
     m = Transformer.load(path, kv)
+    assert len({lin.packed.fmt for lin in m.weights.layers[0].linears}) == (4 if mixed else 1)
     m.args = dataclasses.replace(m.args, sliding_window=window)
     m._step_layers = None
     caches = [KVCache.for_model(m.args, 40, kv) for _ in range(2)]
