@@ -89,11 +89,12 @@ def chat(url, messages, max_tokens, prompt=None):
 
 def history(tok, n_tokens, offset):
     """A conversation of about n_tokens: a long user message from the corpus, an answer, and a
-    question; offset picks another part of the corpus for each repetition."""
+    question; offset picks another part of the corpus for each repetition (wrapping around its
+    end)."""
     from _corpus import english_text
 
-    text = english_text()
-    ids = tok.encode(text)
+    ids = tok.encode(english_text())
+    offset %= max(1, len(ids) - n_tokens)
     body = tok.decode(ids[offset:offset + n_tokens])
     return [{"role": "user", "content": "Read this and summarise it in one sentence.\n\n" + body}]
 
@@ -209,21 +210,33 @@ def steps(args):
 def versus_generate(url, args):
     """A plain completion, not streamed (a client woken for every token would take a core from
     the server's two here), whose first token no earlier request had, so that nothing is reused
-    (cache_n says so), against `generate --raw --json` of the same text. The client's wall time
-    beyond the server's TTFT and decode time is the HTTP overhead."""
+    (cache_n says so), against `generate --raw --json` of the same text, the two in turn (which
+    goes first alternates by repetition: a slow stretch of the host falls on both). The client's
+    wall time beyond the server's TTFT and decode time is the HTTP overhead."""
     rows = []
     for rep in range(args.reps):
         prompt = f"{rep}. Once upon a time, in a small village by the sea,"
-        t0 = time.perf_counter()
-        r = CLIENT.post(url + "/completions", json={
-            "prompt": prompt, "max_tokens": args.gen, "temperature": 0})
-        wall_ms = 1e3 * (time.perf_counter() - t0)
-        r.raise_for_status()
-        t = r.json()["timings"]
         cmd = [sys.executable, "-m", "selfattn.cli", "generate", prompt, "--raw", "--json",
                "--max-tokens", str(args.gen), "--ctx", str(args.ctx)] + (
                    ["--model", args.model] if args.model else [])
-        g = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+        def server():
+            t0 = time.perf_counter()
+            r = CLIENT.post(url + "/completions", json={
+                "prompt": prompt, "max_tokens": args.gen, "temperature": 0})
+            wall_ms = 1e3 * (time.perf_counter() - t0)
+            r.raise_for_status()
+            return r.json()["timings"], wall_ms
+
+        def generate():
+            return json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                             check=True).stdout)
+        if rep % 2:
+            g = generate()
+            t, wall_ms = server()
+        else:
+            t, wall_ms = server()
+            g = generate()
         rows.append(dict(server_ttft_ms=t["ttft_ms"], server_cached=t["cache_n"],
                          server_tps=t["predicted_per_second"], tokens=t["predicted_n"],
                          http_overhead_ms=wall_ms - t["ttft_ms"] - t["predicted_ms"],
@@ -372,9 +385,11 @@ def main():
     print(f"the step alone, in-process: {out['steps']['ratio']:.2f}x")
     g = out["generate"]
     print(f"server vs generate: TTFT {statistics.median(x['server_ttft_ms'] for x in g):.1f} / "
-          f"{statistics.median(x['generate_ttft_ms'] for x in g):.1f} ms, tok/s "
-          f"{statistics.median(x['server_tps'] for x in g):.1f} / "
-          f"{statistics.median(x['generate_tps'] for x in g):.1f}")
+          f"{statistics.median(x['generate_ttft_ms'] for x in g):.1f} ms (paired difference: "
+          f"median {statistics.median(x['server_ttft_ms'] - x['generate_ttft_ms'] for x in g):+.1f}"
+          f" ms), tok/s {statistics.median(x['server_tps'] for x in g):.1f} / "
+          f"{statistics.median(x['generate_tps'] for x in g):.1f} (paired ratio: median "
+          f"{statistics.median(x['server_tps'] / x['generate_tps'] for x in g):.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
