@@ -57,6 +57,24 @@ def test_real_tokenizer_round_trips(smollm):
     assert tok.encode("2024") == [tok.tok.token_to_id(d) for d in "2024"]  # digits split (smollm)
 
 
+def test_stream_decoder_pieces_join_to_the_whole_decode(smollm):
+    """Token by token, with multi-byte characters split across tokens (held back until whole)
+    and special tokens (skipped): the pieces join to the decode of all the ids at once."""
+    from selfattn.model import StreamDecoder
+
+    _, tok = smollm
+    for text in ["naïve café – 東京 🙂 ½ and on", "<|im_start|>user\nhi 🙂<|im_end|>", " " * 3 + "x"]:
+        ids = tok.encode(text)
+        stream = StreamDecoder(tok)
+        pieces = [stream.push(i) for i in ids]
+        assert "".join(pieces) == tok.decode(ids, skip_special=True)
+        assert all("\ufffd" not in p for p in pieces)
+    emoji = tok.encode("🙂")
+    assert len(emoji) > 1  # spelled out over several byte tokens: nothing until the last
+    stream = StreamDecoder(tok)
+    assert [stream.push(i) for i in emoji] == [""] * (len(emoji) - 1) + ["🙂"]
+
+
 def test_cli_generate_json():
     r = subprocess.run([sys.executable, "-m", "selfattn.cli", "generate", "--chat",
                         "What is the capital of France?", "--max-tokens", "16", "--json"],

@@ -3,7 +3,7 @@
 import numpy as np
 from gguf import GGUFWriter
 
-from selfattn.model import Tokenizer
+from selfattn.model import StreamDecoder, Tokenizer
 from selfattn.model.gguf_file import open_gguf
 
 
@@ -42,3 +42,15 @@ def test_spm_tokenizer(tmp_path):
         assert tok.decode(tok.encode(text, add_bos=False)) == text
     # a character outside the vocabulary falls back to its UTF-8 bytes
     assert tok.encode("東", add_bos=False)[1:] == [3 + b for b in "東".encode()]
+
+
+def test_spm_stream_decoder(tmp_path):
+    """Token by token over a byte-fallback vocabulary: the pieces join to the whole decode
+    (the first word's leading space dropped once, a character's bytes held back until whole)."""
+    path = tmp_path / "spm.gguf"
+    write_spm_vocab(path)
+    tok = Tokenizer.from_gguf(open_gguf(path), path)
+    for text in ["hello world", "héllo wörld 東京", "  spaced  out ", "hello\nworld"]:
+        ids = tok.encode(text)
+        stream = StreamDecoder(tok)
+        assert "".join(stream.push(i) for i in ids) == tok.decode(ids, skip_special=True) == text

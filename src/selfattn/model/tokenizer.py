@@ -166,15 +166,15 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8."""
+    """Turns token ids, one at a time, into text pieces, holding back an incomplete UTF-8
+    character: tokenizers' DecodeStream, which decodes only the last few ids each step (decoding
+    every id so far each step made the n-th token of an answer cost O(n))."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special=True)
-        if text.endswith("\ufffd"):  # a multi-byte character still being spelled out
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self.stream.step(self.tokenizer.tok, int(token_id)) or ""
