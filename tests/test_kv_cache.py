@@ -303,3 +303,30 @@ def test_a_cache_is_resident_only_where_positions_were_written():
     assert cache.k.ctypes.data % 64 == 0 and cache.k.flags.writeable
     np.testing.assert_array_equal(cache.k[:, 0, :, :3], 1.0)
     assert not cache.k[:, 0, :, 3:].any()
+
+
+def test_copy_prefix_and_resident_bytes():
+    """copy_prefix takes a cache's first n positions (same bits); resident_bytes counts every
+    position ever written, also after the cache starts over from position 0."""
+    src = KVCache(2, 2, 32, 16, "q8_0")
+    rng = np.random.default_rng(3)
+    for layer in range(2):
+        src.write(layer, 0, rng.standard_normal((10, 2, 32)).astype(np.float32),
+                  rng.standard_normal((10, 2, 32)).astype(np.float32))
+    src.commit(0, 10)
+    per_position = src.nbytes // 16
+    assert src.resident_bytes == 10 * per_position
+    src.length = 0  # started over: its pages stay
+    src.commit(0, 3)
+    assert src.length == 3 and src.resident_bytes == 10 * per_position
+    src.commit(3, 7)
+    dst = KVCache(2, 2, 32, 16, "q8_0")
+    dst.copy_prefix(src, 6)
+    assert dst.length == 6 and dst.resident_bytes == 6 * per_position
+    assert np.array_equal(dst.k[:, :, :, :6], src.k[:, :, :, :6])
+    assert np.array_equal(dst.v[:, :, :, :6], src.v[:, :, :, :6])
+    assert not dst.k[:, :, :, 6:].any()
+    with pytest.raises(ValueError, match="copy_prefix"):
+        dst.copy_prefix(src, 11)  # more than src holds
+    with pytest.raises(ValueError, match="copy_prefix"):
+        dst.copy_prefix(KVCache(2, 2, 32, 16, "f16"), 0)  # another type

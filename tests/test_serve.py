@@ -418,3 +418,45 @@ def test_a_kept_prefix_survives_the_put_that_evicts_it(loaded):
         run(b)  # the engine still answers
     finally:
         engine.close()
+
+
+def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
+    """Another conversation in the one slot: the slot's cache object goes to the store as it is
+    (no copy while the new request waits) and comes back as the same object when its
+    conversation continues; a conversation sharing only a prefix gets those positions copied,
+    and the kept entry stays whole. Every answer is the one a fresh generate gives."""
+    model, tok = loaded
+    a = tok.encode("Owls hunt at night and sleep by day. " * 6)
+    b = tok.encode("Bees make honey from the nectar of flowers. " * 6)
+    engine = Engine(model, tok, CTX, slots=1)
+
+    def run(ids):
+        done, out = threading.Event(), []
+
+        def emit(kind, payload):
+            if kind != "token":
+                out.append((kind, payload))
+                done.set()
+        engine.submit(Request(ids, 3, Sampler(), emit))
+        assert done.wait(60), "no answer"
+        assert out[0][0] == "done", out
+        assert out[0][1].text == tok.decode(alone(model, tok, ids, 3), skip_special=True)
+        return out[0][1]
+    try:
+        run(a)
+        slot = engine.slots[0]
+        first = slot.cache
+        run(b)  # a's cache, the same object, into the store; a fresh one for b
+        assert slot.cache is not first
+        assert any(c is first for c in engine.store.entries.values())
+        assert engine.store.nbytes == sum(c.resident_bytes for c in engine.store.entries.values())
+        # a's conversation goes on (its answer, then more): a's cache moves back, all reused
+        answer = list(alone(model, tok, a, 3))
+        again = run(a + answer + tok.encode(" Why?"))
+        assert slot.cache is first and again.cached_tokens == len(a) + 2
+        shared = a[:len(a) // 2] + b  # only a's first half in common with what a slot holds
+        part = run(shared)
+        assert part.cached_tokens == len(a) // 2
+        assert any(len(key) >= len(a) for key in engine.store.entries)  # a's entry still whole
+    finally:
+        engine.close()

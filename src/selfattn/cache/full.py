@@ -31,6 +31,8 @@ class KVCache:
         self.max_len = max_len
         self.max_chunk = max_len  # tokens one forward call may add
         self.length = 0  # positions 0 .. length-1 hold valid K/V
+        self.written = 0  # positions ever written: their pages are resident (a cache started over
+        # from position 0 keeps the pages of its longest content)
 
     @classmethod
     def for_model(cls, args, max_len: int, kv_dtype: str = "f32") -> "KVCache":
@@ -39,6 +41,22 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the positions ever written (what the cache holds in memory)."""
+        return self.nbytes // self.max_len * self.written
+
+    def copy_prefix(self, src: "KVCache", n: int):
+        """Positions 0 .. n-1 of src (a cache of the same shape and type) into this one, which
+        then holds those n positions."""
+        if src.k.shape != self.k.shape or src.kv_dtype != self.kv_dtype or not 0 <= n <= src.length:
+            raise ValueError(f"copy_prefix: {n} positions of a {src.kv_dtype} cache "
+                             f"{src.k.shape} holding {src.length} into a {self.kv_dtype} one "
+                             f"{self.k.shape}")
+        self.k[:, :, :, :n] = src.k[:, :, :, :n]
+        self.v[:, :, :, :n] = src.v[:, :, :, :n]
+        self.length, self.written = n, max(self.written, n)
 
     def reserve(self, pos: int, T: int):
         if pos > self.length:
@@ -76,3 +94,4 @@ class KVCache:
 
     def commit(self, pos: int, T: int):
         self.length = pos + T
+        self.written = max(self.written, self.length)
