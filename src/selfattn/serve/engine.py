@@ -1,8 +1,8 @@
 """The server's engine: one worker thread owns the model and runs every request on it.
 
 K slots, each a KV cache of its own and the token ids that cache holds. A request goes to the
-free slot whose tokens share the longest prefix with its prompt (or to the slot a kept prefix is
-copied into, `PrefixStore`), and only the rest of the prompt is prefilled: a chat resends its
+free slot whose tokens share the longest prefix with its prompt (or to a slot given back a kept
+cache, `PrefixStore`), and only the rest of the prompt is prefilled: a chat resends its
 whole history every turn, and the history's K/V is already there. Reuse is exact: the cached
 positions hold what a fresh prefill writes, and the last prompt token always goes through the
 model, so the first token's logits come from a forward call as they do without reuse.
