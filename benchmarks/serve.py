@@ -226,7 +226,8 @@ def versus_generate(url, args):
                 "prompt": prompt, "max_tokens": args.gen, "temperature": 0})
             wall_ms = 1e3 * (time.perf_counter() - t0)
             r.raise_for_status()
-            return r.json()["timings"], wall_ms
+            body = r.json()
+            return {**body["timings"], "prompt_tokens": body["usage"]["prompt_tokens"]}, wall_ms
 
         def generate():
             return json.loads(subprocess.run(cmd, capture_output=True, text=True,
@@ -237,7 +238,9 @@ def versus_generate(url, args):
         else:
             t, wall_ms = server()
             g = generate()
-        rows.append(dict(server_ttft_ms=t["ttft_ms"], server_cached=t["cache_n"],
+        rows.append(dict(server_prompt_tokens=t["prompt_tokens"],
+                         generate_prompt_tokens=g["prompt_tokens"],
+                         server_ttft_ms=t["ttft_ms"], server_cached=t["cache_n"],
                          server_tps=t["predicted_per_second"], tokens=t["predicted_n"],
                          http_overhead_ms=wall_ms - t["ttft_ms"] - t["predicted_ms"],
                          generate_ttft_ms=1e3 * g["ttft_s"], generate_tps=g["decode_tps"],
