@@ -104,6 +104,46 @@ def test_a_batched_step_is_each_sequence_alone_bit_for_bit(tmp_path, quant):
         m.forward_batch([1, 2], [pairs[0][0], pairs[0][0]])
 
 
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K", "mixed"])
+def test_prompts_of_several_sequences_at_once_are_each_alone_bit_for_bit(tmp_path, quant):
+    """forward_prompts: three sequences' prompt chunks (one of them after cached tokens) in one
+    call; each row of logits and each cache is what `forward` of that chunk alone gives, where
+    prompts_join says so (matrices as blocks, every chunk past the one-token loops)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from selfattn import native
+    from selfattn.model.linear import FEW_PASSES
+
+    if not native.available():
+        pytest.skip("forward_prompts' bits need the compiled GEMM (BLAS rows depend on the call)")
+    w, cfg = make_weights(np.random.default_rng(5), dim=256, ffn=256, n_heads=4, n_kv_heads=2)
+    mats = [n for n in w if not n.endswith(("norm", ".bias"))]
+    types = {"Q8_0": [Q.Q8_0], "Q4_K": [Q.Q4_K], "mixed": [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.Q4_0]}[quant]
+    path = tmp_path / "prompts.gguf"
+    write_gguf(path, w, cfg, quant={n: types[i % len(types)] for i, n in enumerate(mats)})
+    m = Transformer.load(path)
+    few = FEW_PASSES * native.dot_rows()
+    rng = np.random.default_rng(6)
+    lengths = (few + 1, 23, few + 5)
+    chunks = [rng.integers(0, cfg["vocab"], n) for n in lengths]
+    assert m.prompts_join(lengths) and not m.prompts_join((few, 23))
+    joint, alone = [KVCache.for_model(m.args, 64) for _ in lengths], \
+        [KVCache.for_model(m.args, 64) for _ in lengths]
+    history = rng.integers(0, cfg["vocab"], 11)  # the second sequence already holds 11 tokens
+    m.forward(history, joint[1], 0)
+    m.forward(history, alone[1], 0)
+    logits = m.forward_prompts(chunks, joint)
+    for i, ids in enumerate(chunks):
+        np.testing.assert_array_equal(logits[i], m.forward(ids, alone[i], alone[i].length))
+        assert joint[i].length == alone[i].length
+        np.testing.assert_array_equal(joint[i].k, alone[i].k)
+        np.testing.assert_array_equal(joint[i].v, alone[i].v)
+    with pytest.raises(ValueError, match="cache of its own"):
+        m.forward_prompts(chunks[:2], [joint[0], joint[0]])
+    with pytest.raises(ValueError, match="at least one token"):
+        m.forward_prompts([chunks[0], []], [joint[0], joint[2]])
+
+
 def test_q8_0_tensors_dequantize(tmp_path):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize

@@ -24,6 +24,12 @@ from .. import native
 FEW_PASSES = 2
 
 
+def takes_gemm(T: int) -> bool:
+    """Whether T rows of x go through the GEMM (native.gemm, each row the bits it gets in any
+    other call of the GEMM) rather than the one-token loops."""
+    return T > FEW_PASSES * native.dot_rows()
+
+
 class Linear:
     def __init__(self, packed: "native.PackedMatrix | None" = None, f32: np.ndarray | None = None):
         if (packed is None) == (f32 is None):
@@ -46,7 +52,7 @@ class Linear:
                                    for i in range(0, x.shape[0], native.MAX_T)])
         if self.f32 is not None:
             return x @ self.f32.T
-        if x.shape[0] <= FEW_PASSES * native.dot_rows():
+        if not takes_gemm(x.shape[0]):
             return native.matvecs(x, self.packed)
         return native.gemm(x, self.packed)
 

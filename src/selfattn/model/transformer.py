@@ -34,7 +34,7 @@ from ..attention.decode import split_keys
 from ..errors import ModelError
 from .config import ModelArgs
 from .gguf_file import dequantize, open_gguf, tensor_index
-from .linear import Linear
+from .linear import Linear, takes_gemm
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class Transformer:
         self.args, self.weights, self.path = args, weights, str(path)
         self._rope_cache = {}
         self._step_layers = None
+        self._all_packed = None  # every layer matrix held as blocks (prompts_join)
         mats = [m for L in weights.layers for m in L.linears]
         self._layer_params = sum(m.shape[0] * m.shape[1] for m in mats)
         self._layer_bytes = sum(m.nbytes for m in mats)
@@ -318,16 +319,19 @@ class Transformer:
 
     # -- forward --------------------------------------------------------------------------------
 
-    def layers(self, x, segments, observe=None):
+    def layers(self, x, segments, observe=None, alone: bool | None = None):
         """x (T, dim) through every layer, one kernel call at a time (prompts, batched steps,
         and steps the compiled layer step does not take). segments: (cache, pos, n) per sequence,
         covering x's rows in order: n rows at positions pos .. pos+n-1 of that cache. The weight
-        matmuls take all T rows at once; RoPE and attention run per sequence. Returns x and the
-        seconds spent in attention, in the weight matmuls and in the other operations."""
+        matmuls take all T rows at once; RoPE and attention run per sequence. alone: each row
+        through the one-token loops, with the bits it gets alone (by default when there are
+        several sequences: a batched step). Returns x and the seconds spent in attention, in the
+        weight matmuls and in the other operations."""
         a = self.args
         T, H, H_kv, D = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
         q_dim, kv_dim = H * D, H_kv * D
-        alone = len(segments) > 1  # a batched step: each row gets the bits it gets alone
+        if alone is None:
+            alone = len(segments) > 1
         attn_s = mat_s = ops_s = 0.0
         clock = time.perf_counter
         for i, L in enumerate(self.weights.layers):
@@ -494,6 +498,67 @@ class Transformer:
             t.weight_bytes += self._layer_bytes + w.output.nbytes
             t.forward_calls += 1
         return logits if all_logits else logits[0]
+
+    def prompts_join(self, n_tokens) -> bool:
+        """Whether prompts of these token counts can go through `forward_prompts` together with
+        each one's result the bits `forward` gives it alone: every matrix held as blocks (the GEMM's
+        rows do not depend on the other rows of its call; BLAS's may) and every count past the
+        one-token loops' (there, alone, a prompt takes other arithmetic)."""
+        if self._all_packed is None:
+            self._all_packed = all(lin.packed is not None for L in self.weights.layers
+                                   for lin in L.linears)
+        return len(n_tokens) > 1 and self._all_packed and all(takes_gemm(n) for n in n_tokens)
+
+    def forward_prompts(self, chunks, caches, timings: Timings | None = None) -> np.ndarray:
+        """Prompt tokens of B sequences at once: chunks[b] (n_b,) at the next positions of
+        caches[b] (a cache each). The weight matmuls take every row in one call (each weight read
+        once for all of them); RoPE and attention run per sequence on its own cache. Returns the
+        logits (B, vocab) of each chunk's last token: row b is what `forward` of chunks[b] alone
+        on caches[b] gives, bit for bit, where `prompts_join` says so."""
+        a, w = self.args, self.weights
+        chunks = [np.asarray(c) for c in chunks]
+        B = len(chunks)
+        if B == 0 or len(caches) != B or len({id(c) for c in caches}) != B:
+            raise ValueError(f"forward_prompts needs a cache of its own for each of the {B} "
+                             f"chunks, got {len(caches)} caches")
+        for c, ids in zip(caches, chunks):
+            if ids.ndim != 1 or ids.shape[0] == 0:
+                raise ValueError("forward_prompts: each chunk needs at least one token")
+            if ids.min() < 0 or ids.max() >= a.vocab_size:
+                raise ValueError(f"token ids must be in 0 .. {a.vocab_size - 1}")
+            c.reserve(c.length, ids.shape[0])
+        clock = time.perf_counter
+        t_start = clock()
+        tokens = np.concatenate(chunks)
+        x = w.token_embd.rows(tokens)
+        if a.embed_scale != 1.0:
+            x *= np.float32(a.embed_scale)
+        segments = [(c, c.length, ids.shape[0]) for c, ids in zip(caches, chunks)]
+        x, attn_s, mat_s, ops_s = self.layers(x, segments, alone=False)
+        for c, pos, n in segments:
+            c.commit(pos, n)
+        last = np.cumsum([n for _, _, n in segments]) - 1
+        t1 = clock()
+        logits = w.output(self.rmsnorm(x[last], w.output_norm), True)
+        t2 = clock()
+        if a.final_softcap is not None:
+            c = np.float32(a.final_softcap)
+            logits = c * np.tanh(logits / c)
+        if timings is not None:
+            t = timings
+            elapsed = clock() - t_start
+            keys = sum(self.keys_read(c, np.arange(pos, pos + n)) for c, pos, n in segments)
+            t.forward_s += elapsed
+            t.attention_s += attn_s
+            t.matmul_s += mat_s + (t2 - t1)
+            t.ops_s += elapsed - attn_s - mat_s - (t2 - t1)
+            t.attention_pairs += a.n_heads * keys
+            t.attention_flops += 4.0 * a.head_dim * a.n_heads * keys
+            t.matmul_flops += 2.0 * (tokens.shape[0] * self._layer_params
+                                     + B * w.output.shape[0] * w.output.shape[1])
+            t.weight_bytes += self._layer_bytes + w.output.nbytes
+            t.forward_calls += 1
+        return logits
 
     def forward_batch(self, tokens, caches, timings: Timings | None = None) -> np.ndarray:
         """One new token for each of B sequences: tokens (B,), caches[b] the b-th one's cache, the
