@@ -460,3 +460,42 @@ def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
         assert any(len(key) >= len(a) for key in engine.store.entries)  # a's entry still whole
     finally:
         engine.close()
+
+
+def test_prompts_that_arrive_together_go_through_the_model_together(loaded):
+    """Three requests admitted in the same turn: their prompts go through one forward
+    (forward_prompts), and each answer is the one a fresh generate gives it alone."""
+    model, tok = loaded
+    prompts = [chat_ids(tok, [{"role": "user", "content": c}]) for c in
+               ("Name a red fruit.", "What is two plus two?", "Say hello in French.")]
+    engine = Engine(model, tok, CTX, slots=3)
+    calls = []
+    joint = model.forward_prompts
+
+    def spy(chunks, caches, timings=None):
+        calls.append([len(c) for c in chunks])
+        return joint(chunks, caches, timings)
+    model.forward_prompts = spy
+    done, results = threading.Event(), {}
+
+    def emit_for(i):
+        def emit(kind, payload):
+            if kind != "token":
+                results[i] = (kind, payload)
+                if len(results) == len(prompts):
+                    done.set()
+        return emit
+    try:
+        with engine.cond:  # the engine admits all three in one turn
+            for i, ids in enumerate(prompts):
+                engine.submit(Request(ids, 6, Sampler(), emit_for(i)))
+        assert done.wait(60), "no answer"
+    finally:
+        del model.forward_prompts
+        engine.close()
+    assert calls and calls[0] == [len(p) for p in prompts]
+    for i, ids in enumerate(prompts):
+        kind, result = results[i]
+        assert kind == "done", result
+        assert result.text == tok.decode(alone(model, tok, ids, 6), skip_special=True)
+        assert result.prompt_ms > 0

@@ -9,9 +9,11 @@ model, so the first token's logits come from a forward call as they do without r
 
 Each turn of the loop runs one decode step for every decoding slot, as one batched forward
 (`Transformer.forward_batch`: each weight read once for all of them, and each slot's logits the
-bits it gets alone), then one chunk of at most `PREFILL_STEP` prompt tokens of one prefilling slot
-(in arrival order), so one long prompt does not freeze the other streams. A request past the slots waits in a bounded queue. A request whose
-client left (`Request.cancel`) is dropped at its next step.
+bits it gets alone), then at most `PREFILL_STEP` prompt tokens (in arrival order: a chunk of the
+first waiting prompt, and of the next ones as one forward while they fit,
+`Transformer.forward_prompts`), so one long prompt does not freeze the other streams (when
+nothing decodes, up to the model's prefill chunk). A request past the slots waits in a bounded
+queue. A request whose client left (`Request.cancel`) is dropped at its next step.
 
 Events reach the request through its `emit` callback, called on the worker thread:
 ("token", text) for each piece of text (when it streams), then ("done", Result) or ("error",
@@ -281,11 +283,11 @@ class Engine:
             self._decode(decoding[0])
         elif decoding:
             self._decode_batch(decoding)
-        prefilling = [s for s in prefilling if s.req is not None]
+        prefilling = sorted((s for s in prefilling if s.req is not None),
+                            key=lambda s: s.req.arrived)
         if prefilling:
-            s = min(prefilling, key=lambda s: s.req.arrived)
             alone = not any(x.req is not None and not x.pending for x in self.slots)
-            self._prefill(s, self.model.prefill_chunk if alone else PREFILL_STEP)
+            self._prefill(prefilling, self.model.prefill_chunk if alone else PREFILL_STEP)
 
     def _forward(self, s: Slot, ids):
         try:
@@ -296,14 +298,45 @@ class Engine:
         s.tokens.extend(int(i) for i in ids)
         return True
 
-    def _prefill(self, s: Slot, n: int):
-        ids, s.pending = s.pending[:n], s.pending[n:]
+    def _prefill(self, slots, budget: int):
+        """A chunk of at most `budget` prompt tokens of the first waiting slot, with the chunks of
+        the others joined to it in one forward (each weight read once for all of them) while they
+        fit the budget and the model gives each the bits it gets alone (prompts_join)."""
+        take = [(slots[0], min(budget, len(slots[0].pending)))]
+        total = take[0][1]
+        for s in slots[1:]:
+            n = min(budget, len(s.pending))
+            if total + n <= budget and self.model.prompts_join([m for _, m in take] + [n]):
+                take.append((s, n))
+                total += n
         t0 = time.perf_counter()
-        if not self._forward(s, ids):
+        if len(take) == 1:
+            s, n = take[0]
+            ids, s.pending = s.pending[:n], s.pending[n:]
+            if not self._forward(s, ids):
+                return
+            s.prompt_s += time.perf_counter() - t0
+            if not s.pending:
+                self._sample(s)
             return
-        s.prompt_s += time.perf_counter() - t0
-        if not s.pending:
-            self._sample(s)
+        chunks = [s.pending[:n] for s, n in take]
+        t = Timings()
+        try:
+            logits = self.model.forward_prompts(chunks, [s.cache for s, _ in take], t)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the server goes on
+            for s, _ in take:
+                self._finish(s, f"{type(e).__name__}: {e}")
+            return
+        elapsed = time.perf_counter() - t0
+        for (s, n), ids, row in zip(take, chunks, logits):  # each its share, by tokens
+            s.pending = s.pending[n:]
+            s.tokens.extend(int(i) for i in ids)
+            s.prompt_s += elapsed * n / total
+            s.timings.forward_s += t.forward_s * n / total
+            s.timings.attention_s += t.attention_s * n / total
+            s.logits = row
+            if not s.pending:
+                self._sample(s)
 
     def _decode(self, s: Slot):
         if self._forward(s, [s.out_ids[-1]]):
