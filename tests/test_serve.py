@@ -464,7 +464,8 @@ def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
 
 def test_prompts_that_arrive_together_go_through_the_model_together(loaded):
     """Three requests admitted in the same turn: their prompts go through one forward
-    (forward_prompts), and each answer is the one a fresh generate gives it alone."""
+    (forward_prompts, where the model gives each the bits it gets alone), and each answer is the
+    one a fresh generate gives it alone."""
     model, tok = loaded
     prompts = [chat_ids(tok, [{"role": "user", "content": c}]) for c in
                ("Name a red fruit.", "What is two plus two?", "Say hello in French.")]
@@ -493,7 +494,10 @@ def test_prompts_that_arrive_together_go_through_the_model_together(loaded):
     finally:
         del model.forward_prompts
         engine.close()
-    assert calls and calls[0] == [len(p) for p in prompts]
+    if model.prompts_join([len(p) for p in prompts]):
+        assert calls and calls[0] == [len(p) for p in prompts]
+    else:  # without the compiled GEMM (BLAS's rows depend on the call): one prompt a turn
+        assert calls == []
     for i, ids in enumerate(prompts):
         kind, result = results[i]
         assert kind == "done", result
