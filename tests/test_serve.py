@@ -78,6 +78,21 @@ def alone(model, tok, ids, n):
     return [t for t in stats.token_ids if t not in eos]
 
 
+def answer(engine, ids, n):
+    """A greedy request of n tokens straight to the engine -> its Result (the engine must answer
+    within a minute: a stop is a failure)."""
+    done, out = threading.Event(), []
+
+    def emit(kind, payload):
+        if kind != "token":
+            out.append((kind, payload))
+            done.set()
+    engine.submit(Request(ids, n, Sampler(), emit))
+    assert done.wait(60), "no answer: the engine stopped"
+    assert out[0][0] == "done", out
+    return out[0][1]
+
+
 def chat_ids(tok, messages):
     return tok.encode(tok.render_chat(messages))
 
@@ -400,16 +415,7 @@ def test_a_kept_prefix_survives_the_put_that_evicts_it(loaded):
                     prefix_cache_bytes=int(1.5 * per_token * max(len(a), len(b)) + 4 * per_token))
 
     def run(ids):
-        done, out = threading.Event(), []
-
-        def emit(kind, payload):
-            if kind != "token":
-                out.append((kind, payload))
-                done.set()
-        engine.submit(Request(ids, 2, Sampler(), emit))
-        assert done.wait(60), "no answer: the engine stopped"
-        assert out[0][0] == "done", out
-        return out[0][1]
+        return answer(engine, ids, 2)
     try:
         run(a)
         run(b)  # a's K/V goes to the store
@@ -431,17 +437,9 @@ def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
     engine = Engine(model, tok, CTX, slots=1)
 
     def run(ids):
-        done, out = threading.Event(), []
-
-        def emit(kind, payload):
-            if kind != "token":
-                out.append((kind, payload))
-                done.set()
-        engine.submit(Request(ids, 3, Sampler(), emit))
-        assert done.wait(60), "no answer"
-        assert out[0][0] == "done", out
-        assert out[0][1].text == tok.decode(alone(model, tok, ids, 3), skip_special=True)
-        return out[0][1]
+        result = answer(engine, ids, 3)
+        assert result.text == tok.decode(alone(model, tok, ids, 3), skip_special=True)
+        return result
     try:
         run(a)
         slot = engine.slots[0]
@@ -451,8 +449,8 @@ def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
         assert any(c is first for c in engine.store.entries.values())
         assert engine.store.nbytes == sum(c.resident_bytes for c in engine.store.entries.values())
         # a's conversation goes on (its answer, then more): a's cache moves back, all reused
-        answer = list(alone(model, tok, a, 3))
-        again = run(a + answer + tok.encode(" Why?"))
+        reply = list(alone(model, tok, a, 3))
+        again = run(a + reply + tok.encode(" Why?"))
         assert slot.cache is first and again.cached_tokens == len(a) + 2
         shared = a[:len(a) // 2] + b  # only a's first half in common with what a slot holds
         part = run(shared)

@@ -539,25 +539,11 @@ class Transformer:
             c.commit(pos, n)
         last = np.cumsum([n for _, _, n in segments]) - 1
         t1 = clock()
-        logits = w.output(self.rmsnorm(x[last], w.output_norm), True)
-        t2 = clock()
-        if a.final_softcap is not None:
-            c = np.float32(a.final_softcap)
-            logits = c * np.tanh(logits / c)
+        logits = self._logits(x[last], True)
         if timings is not None:
-            t = timings
-            elapsed = clock() - t_start
             keys = sum(self.keys_read(c, np.arange(pos, pos + n)) for c, pos, n in segments)
-            t.forward_s += elapsed
-            t.attention_s += attn_s
-            t.matmul_s += mat_s + (t2 - t1)
-            t.ops_s += elapsed - attn_s - mat_s - (t2 - t1)
-            t.attention_pairs += a.n_heads * keys
-            t.attention_flops += 4.0 * a.head_dim * a.n_heads * keys
-            t.matmul_flops += 2.0 * (tokens.shape[0] * self._layer_params
-                                     + B * w.output.shape[0] * w.output.shape[1])
-            t.weight_bytes += self._layer_bytes + w.output.nbytes
-            t.forward_calls += 1
+            self._account(timings, clock() - t_start, attn_s, mat_s, clock() - t1, keys,
+                          tokens.shape[0], B)
         return logits
 
     def forward_batch(self, tokens, caches, timings: Timings | None = None) -> np.ndarray:
@@ -593,27 +579,42 @@ class Transformer:
         for c, pos, _ in segments:
             c.commit(pos, 1)
         t1 = clock()
-        logits = w.output(self.rmsnorm(x, w.output_norm), B > 1)
-        t2 = clock()
+        logits = self._logits(x, B > 1)
+        if timings is not None:  # keys each sequence's one query reads, over the layers
+            keys = [self.keys_read(c, np.array([pos])) for c, pos, _ in segments]
+            kv_bytes = sum(n * a.n_kv_heads * 2 * formats.BY_NAME[c.kv_dtype].row_bytes(
+                a.head_dim) for n, c in zip(keys, caches))
+            self._account(timings, clock() - t_start, attn_s, mat_s, clock() - t1, sum(keys),
+                          B, B, kv_bytes)
+        return logits
+
+    def _logits(self, x, alone: bool) -> np.ndarray:
+        """The head over rows x (n, dim) of the last layer: final norm, output matrix (alone: each
+        row the bits it gets alone), soft-cap."""
+        w, a = self.weights, self.args
+        logits = w.output(self.rmsnorm(x, w.output_norm), alone)
         if a.final_softcap is not None:
             c = np.float32(a.final_softcap)
             logits = c * np.tanh(logits / c)
-        if timings is not None:  # keys each sequence's one query reads, over the layers
-            elapsed = clock() - t_start
-            keys = [self.keys_read(c, np.array([pos])) for c, pos, _ in segments]
-            t = timings
-            t.forward_s += elapsed
-            t.attention_s += attn_s
-            t.matmul_s += mat_s + (t2 - t1)
-            t.ops_s += elapsed - attn_s - mat_s - (t2 - t1)
-            t.attention_pairs += a.n_heads * sum(keys)
-            t.attention_flops += 4.0 * a.head_dim * a.n_heads * sum(keys)
-            t.kv_bytes += sum(n * a.n_kv_heads * 2 * formats.BY_NAME[c.kv_dtype].row_bytes(
-                a.head_dim) for n, c in zip(keys, caches))
-            t.matmul_flops += 2.0 * B * (self._layer_params + w.output.shape[0] * w.output.shape[1])
-            t.weight_bytes += self._layer_bytes + w.output.nbytes
-            t.forward_calls += 1
         return logits
+
+    def _account(self, t: Timings, elapsed, attn_s, mat_s, head_s, keys, rows, head_rows,
+                 kv_bytes=0):
+        """A several-sequence forward's figures into t: its seconds (head_s: the output head's,
+        counted with the matmuls), the (query, key) pairs its attention scored, the weight
+        matmuls of `rows` tokens and the head's of head_rows."""
+        a, w = self.args, self.weights
+        t.forward_s += elapsed
+        t.attention_s += attn_s
+        t.matmul_s += mat_s + head_s
+        t.ops_s += elapsed - attn_s - mat_s - head_s
+        t.attention_pairs += a.n_heads * keys
+        t.attention_flops += 4.0 * a.head_dim * a.n_heads * keys
+        t.kv_bytes += kv_bytes
+        t.matmul_flops += 2.0 * (rows * self._layer_params
+                                 + head_rows * w.output.shape[0] * w.output.shape[1])
+        t.weight_bytes += self._layer_bytes + w.output.nbytes
+        t.forward_calls += 1
 
 
 def load_weights(ld: Loader, a: ModelArgs) -> Weights:
