@@ -18,6 +18,7 @@ import httpx  # noqa: E402  (openai's own dependency)
 import uvicorn  # noqa: E402
 
 from selfattn.cache import KVCache  # noqa: E402
+from selfattn.errors import ContextError  # noqa: E402
 from selfattn.model import Sampler, Tokenizer, Transformer, default_model_path, generate  # noqa: E402
 from selfattn.serve import Engine, QueueFull, Request, make_app  # noqa: E402
 
@@ -426,7 +427,7 @@ def test_a_kept_prefix_survives_the_put_that_evicts_it(loaded):
         engine.close()
 
 
-def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
+def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded, monkeypatch):
     """Another conversation in the one slot: the slot's cache object goes to the store as it is
     (no copy while the new request waits) and comes back as the same object when its
     conversation continues; a conversation sharing only a prefix gets those positions copied,
@@ -456,6 +457,16 @@ def test_a_slot_moves_its_cache_to_the_store_and_back_without_a_copy(loaded):
         part = run(shared)
         assert part.cached_tokens == len(a) // 2
         assert any(len(key) >= len(a) for key in engine.store.entries)  # a's entry still whole
+        # no memory for a fresh cache: the slot goes on with its own, nothing is kept
+        held, entries = slot.cache, dict(engine.store.entries)
+
+        def no_room(*args, **kwargs):
+            raise ContextError("no room")
+        other = tok.encode("Something else entirely, about rivers and the sea.")
+        want = tok.decode(alone(model, tok, other, 3), skip_special=True)
+        monkeypatch.setattr(KVCache, "for_model", no_room)
+        assert answer(engine, other, 3).text == want
+        assert slot.cache is held and dict(engine.store.entries) == entries
     finally:
         engine.close()
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cache import KVCache
+from ..errors import ContextError
 from ..model import Sampler, StreamDecoder, Timings
 
 PREFILL_STEP = 256  # prompt tokens per turn while other slots decode (when nothing else runs:
@@ -246,12 +247,14 @@ class Engine:
         n = common_prefix(slot.tokens, prompt)
         key, n_kept = self.store.best(prompt)
         if n_kept > n:
-            whole = n_kept == len(key)
-            kept = self.store.take(key) if whole else self.store.get(key)
-            self._keep(slot, 0)  # may evict `key`'s entry: `kept` is held
-            if whole:
+            if n_kept == len(key):
+                kept = self.store.take(key)
+                if slot.tokens:  # the slot's cache kept in turn (or dropped if it does not fit)
+                    self.store.put(slot.tokens, slot.cache)
                 slot.cache = kept
             else:
+                kept = self.store.get(key)
+                self._keep(slot, 0)  # may evict `key`'s entry: `kept` is held
                 slot.cache.copy_prefix(kept, n_kept)
             slot.tokens, n = list(key), n_kept
         elif n < len(slot.tokens):
@@ -266,10 +269,16 @@ class Engine:
 
     def _keep(self, slot: Slot, n: int):
         """The slot's cache into the store, and a fresh one in the slot holding its first n
-        positions; if the store does not take it, the slot goes on with it."""
-        if slot.tokens and self.store.put(slot.tokens, slot.cache):
-            kept, slot.cache = slot.cache, KVCache.for_model(self.model.args, self.ctx,
-                                                             self.kv_dtype)
+        positions; if the store does not take it, or the memory has no room for a fresh cache
+        now, the slot goes on with its own."""
+        if not slot.tokens:
+            return
+        try:
+            fresh = KVCache.for_model(self.model.args, self.ctx, self.kv_dtype)
+        except ContextError:
+            return
+        if self.store.put(slot.tokens, slot.cache):
+            kept, slot.cache = slot.cache, fresh
             slot.cache.copy_prefix(kept, n)
 
     def _turn(self):
