@@ -54,8 +54,9 @@ def built_at(ref: str) -> str:
         return found[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "src")
-        subprocess.run(f"git -C {ROOT} archive {commit} | tar -x -C {tmp}", shell=True,
-                       check=True)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", commit], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         print(f"building {ref} ({commit[:10]}) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=tmp,
                        check=True, capture_output=True)

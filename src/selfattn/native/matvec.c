@@ -41,7 +41,8 @@ typedef struct {
     const uint8_t *w;
     int64_t row_bytes, rows, cols, T, task_rows;
     int fmt;
-    const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block (AVX2) */
+    const float *x;  /* (T, cols), 64-byte aligned, q4_0 / q4_1: in NIBBLE_ORDER per block (AVX2);
+                        several rows through the first family's one-token loops: in x_at's order */
     const float *xs; /* sums of each row of x over each group of sa_sub(fmt) values (each) */
     float *y;
     int each;        /* every row of x through the one-token loop (T = 1, sa_matvecs) */
@@ -667,8 +668,9 @@ static int mv_run(const uint8_t *w, int fmt, int64_t rows, int64_t cols, int64_t
         row_bytes != sa_row_bytes(fmt, cols))
         return -1;
     /* x copied to a 64-byte aligned buffer (every 32-byte load of it within one cache line), in
-     * the order the integers are widened to (q4_0 / q4_1; the second family for one row of x);
-     * then the sums of its groups */
+     * the order the integers are widened to (q4_0 / q4_1; the second family for one row of x),
+     * several rows of the first family through the one-token loops block by block (x_at); then
+     * the sums of its groups */
     const int first = fmt == SA_F32 || fmt == SA_F16 || fmt == SA_BF16 || fmt == SA_Q4_0 ||
                       fmt == SA_Q4_1 || fmt == SA_Q8_0;
     each = each || T == 1;
