@@ -341,8 +341,7 @@ class Engine:
             s.pending = s.pending[n:]
             s.tokens.extend(int(i) for i in ids)
             s.prompt_s += elapsed * n / total
-            s.timings.forward_s += t.forward_s * n / total
-            s.timings.attention_s += t.attention_s * n / total
+            _charge(s, t, n / total)
             s.logits = row
             if not s.pending:
                 self._sample(s)
@@ -361,8 +360,7 @@ class Engine:
                 self._finish(s, f"{type(e).__name__}: {e}")
             return
         for s, i, row in zip(slots, ids, logits):  # each slot's share of the step's time
-            s.timings.forward_s += t.forward_s / len(slots)
-            s.timings.attention_s += t.attention_s / len(slots)
+            _charge(s, t, 1 / len(slots))
             s.tokens.append(i)
             s.logits = row
             self._sample(s)
@@ -412,6 +410,12 @@ class Engine:
         if self.on_finish:
             self.on_finish(result)
         _emit(req, "done", result)
+
+
+def _charge(s: Slot, t: Timings, share: float):
+    """share of a forward shared by several slots (its Timings t) into slot s's own."""
+    s.timings.forward_s += t.forward_s * share
+    s.timings.attention_s += t.attention_s * share
 
 
 def _emit(req: Request, kind, payload):
